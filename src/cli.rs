@@ -1,0 +1,222 @@
+//! The commands' bodies: what each subcommand does and prints. `main.rs` parses arguments and
+//! calls these; the work itself lives in the concept modules.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::client::{self, CatalogClient, ClientOptions};
+use crate::context::{Context, Home};
+use crate::index::{self, ProgressEvent};
+use crate::protocol::{self, CatalogEntry};
+use crate::server::{CatalogServer, ServerOptions};
+
+/// What every command needs: where state lives and which context to use.
+pub struct Globals {
+    pub home: Home,
+    pub context: String,
+    pub timeout: Duration,
+}
+
+impl Globals {
+    pub fn load_context(&self) -> Result<Context> {
+        Context::load(&self.home, &self.context)
+    }
+
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        self.load_context()?.connect(self.timeout).await
+    }
+}
+
+pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
+    if !(server.starts_with("nats://")
+        || server.starts_with("tls://")
+        || server.starts_with("ws://")
+        || server.starts_with("wss://"))
+        && server.contains("://")
+    {
+        bail!("server URL '{server}' has an unknown scheme; use nats://HOST:PORT");
+    }
+    let creds = match creds {
+        Some(c) => {
+            let c = std::fs::canonicalize(c)
+                .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
+            Some(c)
+        }
+        None => None,
+    };
+    let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
+    context.server = server.to_string();
+    context.creds = creds;
+    let path = context.save(&g.home, &g.context)?;
+    println!("context '{}' written to {}", g.context, path.display());
+    Ok(())
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>) -> Result<()> {
+    let started = Instant::now();
+    let progress = bar(0, "hashing");
+    let (catalog, report) = index::index_folder(&g.home, name, dir, description, &|event| match event {
+        ProgressEvent::Start { bytes } => progress.set_length(bytes),
+        ProgressEvent::Hashed(n) => progress.inc(n),
+        ProgressEvent::Done => progress.finish_and_clear(),
+    })?;
+    for skipped in &report.skipped {
+        eprintln!("skipped {skipped}");
+    }
+    println!(
+        "catalog '{}': {} files ({} hashed, {} unchanged, {} removed) from {} in {:.2}s",
+        catalog.name,
+        report.files,
+        report.hashed,
+        report.reused,
+        report.removed,
+        catalog.root_dir,
+        started.elapsed().as_secs_f64()
+    );
+    println!("written to {}", index::Catalog::file_path(&g.home, name).display());
+    Ok(())
+}
+
+pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions) -> Result<()> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let nats = g.connect().await?;
+    let server = CatalogServer::new(nats, g.home.clone(), name, options)?;
+    eprintln!("serving catalog '{name}'; Ctrl-C to stop");
+    server.run(shutdown_signal()).await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+pub fn client_options(g: &Globals) -> ClientOptions {
+    ClientOptions { request_timeout: g.timeout, ..ClientOptions::default() }
+}
+
+pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()> {
+    let nats = g.connect().await?;
+    let client = CatalogClient::new(nats, name, client_options(g))?;
+    let summary = client.get().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 4]> = summary
+        .entries
+        .iter()
+        .map(|e| [e.path.clone(), human_size(e.byte_size), e.mime_type.clone(), e.hash.clone()])
+        .collect();
+    print_table(["PATH", "SIZE", "MIME TYPE", "HASH"], &rows);
+    let bytes: u64 = summary.entries.iter().map(|e| e.byte_size).sum();
+    println!(
+        "{} files, {} — catalog '{}' revision {}",
+        summary.entries.len(),
+        human_size(bytes),
+        summary.name,
+        summary.revision
+    );
+    Ok(())
+}
+
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(header);
+    for row in rows {
+        line(std::array::from_fn(|i| row[i].as_str()));
+    }
+}
+
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Picks the entry a user named by hash or by path (with or without the leading `/`).
+fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a CatalogEntry> {
+    if protocol::is_sha256_hex(what) {
+        return entries.iter().find(|e| e.hash == what);
+    }
+    let wanted = format!("/{}", what.trim_start_matches('/'));
+    entries.iter().find(|e| e.path == wanted)
+}
+
+pub async fn catalog_download(g: &Globals, name: &str, what: &str, out: &Path, force: bool) -> Result<()> {
+    let nats = g.connect().await?;
+    let client = CatalogClient::new(nats, name, client_options(g))?;
+    let summary = client.get().await?;
+    let entry = find_entry(&summary.entries, what).with_context(|| {
+        format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
+    })?;
+    let out: PathBuf = if out.is_dir() {
+        let base = entry.path.rsplit('/').next().unwrap_or("download");
+        out.join(base)
+    } else {
+        out.to_path_buf()
+    };
+    if out.exists() && !force {
+        bail!("{} already exists; remove it or pass --force to replace it", out.display());
+    }
+    let started = Instant::now();
+    let progress = bar(entry.byte_size, "downloading");
+    let written =
+        client::download_to_file(&client, &entry.hash, entry.byte_size, &out, |n| progress.set_position(n)).await;
+    progress.finish_and_clear();
+    let written = written?;
+    let secs = started.elapsed().as_secs_f64().max(1e-6);
+    println!(
+        "{} ({}) → {} in {:.2}s, {}/s, sha256 verified",
+        entry.path,
+        human_size(written),
+        out.display(),
+        secs,
+        human_size((written as f64 / secs) as u64)
+    );
+    Ok(())
+}

@@ -1,0 +1,181 @@
+//! End-to-end encryption of media.
+//!
+//! v2: each side makes an ephemeral X25519 key (sent as an nkeys xkey string); the session key
+//! is HKDF-SHA256 over their shared secret, bound to the session id, catalog, file hash and both
+//! public keys. Each chunk is `nonce(24) || XChaCha20-Poly1305(plaintext)` with associated data
+//! binding session and chunk index, so a chunk cannot be replayed into another session or slot.
+//!
+//! v1: the original's nkeys xkey box (`xkv1` + nonce + XSalsa20-Poly1305), per chunk.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use rand::RngCore;
+use sha2::Sha256;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+pub const NONCE_LEN: usize = 24;
+pub const TAG_LEN: usize = 16;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CryptoError {
+    #[error("peer key is not a valid xkey public key")]
+    BadPeerKey,
+    #[error("key agreement produced a degenerate secret (peer sent a low-order key)")]
+    Degenerate,
+    #[error("chunk {0} failed authentication (tampered, truncated or from another session)")]
+    Authentication(u64),
+}
+
+/// An ephemeral X25519 key pair whose public half travels as an xkey string (`X…`).
+pub struct EphemeralKey {
+    secret: StaticSecret,
+    public_xkey: String,
+}
+
+impl EphemeralKey {
+    pub fn generate() -> Self {
+        let mut raw = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut raw);
+        let public_xkey = nkeys::XKey::new_from_raw(raw).public_key();
+        let secret = StaticSecret::from(raw);
+        raw.fill(0);
+        EphemeralKey { secret, public_xkey }
+    }
+
+    pub fn public_xkey(&self) -> &str {
+        &self.public_xkey
+    }
+
+    /// Derives the session key with the peer's public xkey.
+    pub fn agree(&self, peer_xkey: &str, binding: &SessionBinding<'_>) -> Result<SessionKey, CryptoError> {
+        let peer = decode_xkey(peer_xkey)?;
+        let shared = self.secret.diffie_hellman(&PublicKey::from(peer));
+        if !shared.was_contributory() {
+            return Err(CryptoError::Degenerate);
+        }
+        let hk = Hkdf::<Sha256>::new(Some(binding.session.as_bytes()), shared.as_bytes());
+        let mut info = Vec::with_capacity(256);
+        info.extend_from_slice(b"natster-mount v2 chunk key\0");
+        for part in [binding.catalog, binding.hash, binding.client_xkey, binding.server_xkey] {
+            info.extend_from_slice(part.as_bytes());
+            info.push(0);
+        }
+        let mut key = [0u8; 32];
+        // 32 bytes is always a valid HKDF-SHA256 output length.
+        hk.expand(&info, &mut key).map_err(|_| CryptoError::Degenerate)?;
+        let cipher = XChaCha20Poly1305::new((&key).into());
+        key.fill(0);
+        Ok(SessionKey { cipher, session: binding.session.as_bytes().to_vec() })
+    }
+}
+
+/// Everything the session key is bound to.
+pub struct SessionBinding<'a> {
+    pub session: &'a str,
+    pub catalog: &'a str,
+    pub hash: &'a str,
+    pub client_xkey: &'a str,
+    pub server_xkey: &'a str,
+}
+
+fn decode_xkey(xkey: &str) -> Result<[u8; 32], CryptoError> {
+    // XKey::from_public_key checks the curve prefix and checksum; from_public_key gives the raw bytes.
+    nkeys::XKey::from_public_key(xkey).map_err(|_| CryptoError::BadPeerKey)?;
+    nkeys::from_public_key(xkey).map(|(_, raw)| raw).map_err(|_| CryptoError::BadPeerKey)
+}
+
+/// A session's chunk cipher.
+pub struct SessionKey {
+    cipher: XChaCha20Poly1305,
+    session: Vec<u8>,
+}
+
+impl SessionKey {
+    fn aad(&self, index: u64) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(self.session.len() + 8);
+        aad.extend_from_slice(&self.session);
+        aad.extend_from_slice(&index.to_be_bytes());
+        aad
+    }
+
+    /// Seals chunk `index`: a fresh random nonce followed by the ciphertext and tag.
+    pub fn seal(&self, index: u64, plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let aad = self.aad(index);
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        // Encryption with a valid key cannot fail for inputs below the 256 GiB AEAD limit.
+        let sealed =
+            self.cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad }).unwrap_or_default();
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens chunk `index`; any modification, truncation or replay fails.
+    pub fn open(&self, index: u64, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Authentication(index));
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        let aad = self.aad(index);
+        self.cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: body, aad: &aad })
+            .map_err(|_| CryptoError::Authentication(index))
+    }
+}
+
+/// A random 128-bit session id in hex.
+pub fn new_session_id() -> String {
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    hex::encode(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (SessionKey, SessionKey) {
+        let client = EphemeralKey::generate();
+        let server = EphemeralKey::generate();
+        let binding = SessionBinding {
+            session: "00112233445566778899aabbccddeeff",
+            catalog: "c",
+            hash: "h",
+            client_xkey: client.public_xkey(),
+            server_xkey: server.public_xkey(),
+        };
+        let a = client.agree(server.public_xkey(), &binding).unwrap();
+        let b = server.agree(client.public_xkey(), &binding).unwrap();
+        (a, b)
+    }
+
+    #[test]
+    fn both_sides_derive_the_same_key() {
+        let (client, server) = pair();
+        let sealed = server.seal(7, b"hello");
+        assert_eq!(client.open(7, &sealed).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn tampering_and_replay_fail() {
+        let (client, server) = pair();
+        let mut sealed = server.seal(3, b"chunk bytes");
+        assert_eq!(client.open(4, &sealed), Err(CryptoError::Authentication(4)));
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        assert_eq!(client.open(3, &sealed), Err(CryptoError::Authentication(3)));
+        assert!(client.open(3, &sealed[..10]).is_err());
+    }
+
+    #[test]
+    fn foreign_keys_are_refused() {
+        let k = EphemeralKey::generate();
+        let account = nkeys::KeyPair::new_account().public_key();
+        let binding = SessionBinding { session: "s", catalog: "c", hash: "h", client_xkey: "", server_xkey: "" };
+        assert_eq!(k.agree(&account, &binding).err(), Some(CryptoError::BadPeerKey));
+        assert_eq!(k.agree("Xgarbage", &binding).err(), Some(CryptoError::BadPeerKey));
+    }
+}

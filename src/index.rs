@@ -1,0 +1,410 @@
+//! Catalog index: walks a folder and records, per file, its path, size, sha256 and mime type in
+//! `$NATSTER_HOME/<name>.json`, in the original Natster format (plus additive fields the
+//! original ignores). Re-indexing keeps the hash of every file whose size and mtime did not
+//! change, so an unchanged tree costs one `stat` per file.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::context::Home;
+use crate::protocol::{self, CatalogEntry, CatalogSummary};
+
+/// One indexed file, in the original's `MediaEntry` shape plus `mtime_ns`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    /// Path below the root, with a leading `/` and `/` separators.
+    pub path: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub mime_type: String,
+    pub hash: String,
+    pub byte_size: u64,
+    /// Modification time in nanoseconds since the epoch; with the size, decides whether a
+    /// file must be hashed again.
+    #[serde(default)]
+    pub mtime_ns: i64,
+}
+
+/// A catalog as stored on disk (the original's `MediaLibrary`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Catalog {
+    pub name: String,
+    pub root_dir: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default, rename = "image", skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub last_modified: i64,
+    #[serde(default)]
+    pub entries: Vec<IndexEntry>,
+}
+
+/// What a (re-)index did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IndexReport {
+    pub files: usize,
+    pub hashed: usize,
+    pub reused: usize,
+    pub removed: usize,
+    pub bytes_hashed: u64,
+    pub skipped: Vec<String>,
+}
+
+impl Catalog {
+    pub fn file_path(home: &Home, name: &str) -> PathBuf {
+        home.path().join(format!("{name}.json"))
+    }
+
+    /// Loads catalog `name` from `home`, with an error that says how to create it.
+    pub fn load(home: &Home, name: &str) -> Result<Catalog> {
+        protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+        let path = Self::file_path(home, name);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                "no catalog named '{name}' in {}; create it with `natster-mount catalog new {name} DIR`",
+                home.path().display()
+            ),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let catalog: Catalog = serde_json::from_slice(&bytes).with_context(|| {
+            format!("{} is not a valid catalog file; re-create it with `natster-mount catalog new`", path.display())
+        })?;
+        if catalog.name != name {
+            bail!("{} holds catalog '{}', not '{name}'; rename or re-create it", path.display(), catalog.name);
+        }
+        Ok(catalog)
+    }
+
+    /// Writes the catalog atomically (temporary file, then rename), so a reader or a crash
+    /// never sees half a file.
+    pub fn save(&self, home: &Home) -> Result<PathBuf> {
+        home.ensure()?;
+        let path = Self::file_path(home, &self.name);
+        let mut tmp = tempfile::NamedTempFile::new_in(home.path())
+            .with_context(|| format!("cannot write into {}", home.path().display()))?;
+        serde_json::to_writer_pretty(&mut tmp, self)?;
+        tmp.write_all(b"\n")?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(&path).with_context(|| format!("cannot replace {}", path.display()))?;
+        Ok(path)
+    }
+
+    pub fn find_by_hash(&self, hash: &str) -> Option<&IndexEntry> {
+        self.entries.iter().find(|e| e.hash == hash)
+    }
+
+    /// A digest of everything a reader sees; changes exactly when the listing changes.
+    pub fn revision(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [&self.name, &self.description] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        for e in &self.entries {
+            for part in [&e.path, &e.hash, &e.mime_type, &e.description] {
+                h.update(part.as_bytes());
+                h.update([0]);
+            }
+            h.update(e.byte_size.to_be_bytes());
+            h.update(e.mtime_ns.to_be_bytes());
+        }
+        hex::encode(&h.finalize()[..8])
+    }
+
+    /// The `get` reply for this catalog.
+    pub fn summary(&self) -> CatalogSummary {
+        CatalogSummary {
+            name: self.name.clone(),
+            description: self.description.clone(),
+            image: self.image.clone(),
+            entries: self
+                .entries
+                .iter()
+                .map(|e| CatalogEntry {
+                    path: e.path.clone(),
+                    description: e.description.clone(),
+                    mime_type: e.mime_type.clone(),
+                    hash: e.hash.clone(),
+                    byte_size: e.byte_size,
+                    mtime: e.mtime_ns.div_euclid(1_000_000_000),
+                })
+                .collect(),
+            revision: self.revision(),
+            protocol: protocol::PROTOCOL_VERSION,
+            total_entries: None,
+        }
+    }
+}
+
+/// A file found by the walk.
+struct Found {
+    rel: String,
+    abs: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+}
+
+/// Indexes `dir` as catalog `name`: creates it, or re-indexes incrementally when it exists.
+/// `progress` receives the number of bytes to hash, then each hashed amount.
+pub fn index_folder(
+    home: &Home,
+    name: &str,
+    dir: &Path,
+    description: Option<&str>,
+    progress: &(dyn Fn(ProgressEvent) + Sync),
+) -> Result<(Catalog, IndexReport)> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let root = fs::canonicalize(dir)
+        .with_context(|| format!("cannot open folder {}; check that it exists and is readable", dir.display()))?;
+    if !root.is_dir() {
+        bail!("{} is not a folder; give the folder to share", dir.display());
+    }
+    let root_str = root
+        .to_str()
+        .with_context(|| format!("folder path {} is not valid UTF-8; move or rename it", root.display()))?
+        .to_string();
+
+    let previous = if Catalog::file_path(home, name).exists() { Some(Catalog::load(home, name)?) } else { None };
+    let known: HashMap<&str, &IndexEntry> = match &previous {
+        Some(p) if p.root_dir == root_str => p.entries.iter().map(|e| (e.path.as_str(), e)).collect(),
+        _ => HashMap::new(),
+    };
+
+    let mut report = IndexReport::default();
+    let found = walk(&root, &mut report.skipped)?;
+
+    let mut entries: Vec<Option<IndexEntry>> = Vec::with_capacity(found.len());
+    let mut to_hash: Vec<usize> = Vec::new();
+    for (i, f) in found.iter().enumerate() {
+        match known.get(f.rel.as_str()) {
+            Some(old)
+                if old.byte_size == f.size && old.mtime_ns == f.mtime_ns && protocol::is_sha256_hex(&old.hash) =>
+            {
+                entries.push(Some(old.to_owned().clone()));
+                report.reused += 1;
+            }
+            _ => {
+                entries.push(None);
+                to_hash.push(i);
+            }
+        }
+    }
+    progress(ProgressEvent::Start { bytes: to_hash.iter().map(|&i| found[i].size).sum() });
+
+    let hashes = hash_files(&found, &to_hash, progress)?;
+    for (i, hash) in hashes {
+        let f = &found[i];
+        entries[i] = Some(IndexEntry {
+            path: f.rel.clone(),
+            description: String::new(),
+            mime_type: mime_guess::from_path(&f.rel).first_or_octet_stream().essence_str().to_string(),
+            hash,
+            byte_size: f.size,
+            mtime_ns: f.mtime_ns,
+        });
+        report.hashed += 1;
+        report.bytes_hashed += f.size;
+    }
+    progress(ProgressEvent::Done);
+
+    let entries: Vec<IndexEntry> = entries.into_iter().flatten().collect();
+    report.files = entries.len();
+    let present: std::collections::HashSet<&str> = found.iter().map(|f| f.rel.as_str()).collect();
+    report.removed = known.keys().filter(|p| !present.contains(*p)).count();
+
+    let description = match (description, &previous) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(p)) => p.description.clone(),
+        (None, None) => String::new(),
+    };
+    let mut catalog = Catalog {
+        name: name.to_string(),
+        root_dir: root_str,
+        description,
+        image: previous.as_ref().and_then(|p| p.image.clone()),
+        last_modified: previous.as_ref().map(|p| p.last_modified).unwrap_or(0),
+        entries,
+    };
+    let changed = previous.as_ref().map(|p| p.revision() != catalog.revision() || p.root_dir != catalog.root_dir);
+    if changed != Some(false) {
+        catalog.last_modified = unix_now();
+        catalog.save(home)?;
+    }
+    Ok((catalog, report))
+}
+
+pub enum ProgressEvent {
+    Start { bytes: u64 },
+    Hashed(u64),
+    Done,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+}
+
+/// Walks the tree in name order. Regular files are indexed; a symlink is indexed only when
+/// it resolves to a file inside the root (the server enforces the same rule when serving).
+/// Symlinked folders are not followed, which also rules out loops.
+fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
+    let mut found = Vec::new();
+    for item in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                skipped.push(format!("{e}"));
+                continue;
+            }
+        };
+        let ft = item.file_type();
+        if ft.is_dir() {
+            continue;
+        }
+        let abs = item.path().to_path_buf();
+        let Ok(rel_path) = abs.strip_prefix(root) else { continue };
+        let Some(rel) = rel_path.to_str() else {
+            skipped.push(format!("{} (name is not valid UTF-8)", abs.display()));
+            continue;
+        };
+        let meta = if ft.is_symlink() {
+            match fs::canonicalize(&abs) {
+                Ok(target) if target.starts_with(root) && target.is_file() => fs::metadata(&target)?,
+                _ => {
+                    skipped.push(format!("/{rel} (symlink leaves the folder or is broken)"));
+                    continue;
+                }
+            }
+        } else if ft.is_file() {
+            item.metadata().map_err(|e| anyhow::anyhow!("cannot stat {}: {e}", abs.display()))?
+        } else {
+            skipped.push(format!("/{rel} (not a regular file)"));
+            continue;
+        };
+        found.push(Found { rel: format!("/{rel}"), abs, size: meta.len(), mtime_ns: mtime_ns(&meta) });
+    }
+    Ok(found)
+}
+
+/// Hashes `found[i]` for every i in `which`, on one thread per core.
+fn hash_files(
+    found: &[Found],
+    which: &[usize],
+    progress: &(dyn Fn(ProgressEvent) + Sync),
+) -> Result<Vec<(usize, String)>> {
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(which.len()));
+    let first_error = Mutex::new(None);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(which.len().max(1));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&i) = which.get(k) else { break };
+                match sha256_file(&found[i].abs, progress) {
+                    Ok(h) => results.lock().unwrap_or_else(|p| p.into_inner()).push((i, h)),
+                    Err(e) => {
+                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// sha256 of a file in lowercase hex.
+pub fn sha256_file(path: &Path, progress: &(dyn Fn(ProgressEvent) + Sync)) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        progress(ProgressEvent::Hashed(n as u64));
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quiet(_: ProgressEvent) {}
+
+    #[test]
+    fn reindex_reuses_unchanged_hashes_and_sees_changes() {
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = Home::at(home_dir.path());
+        let tree = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tree.path().join("a/b")).unwrap();
+        fs::write(tree.path().join("a/b/one.txt"), b"one").unwrap();
+        fs::write(tree.path().join("two.mp4"), b"two").unwrap();
+
+        let (cat, r) = index_folder(&home, "c", tree.path(), Some("d"), &quiet).unwrap();
+        assert_eq!((r.files, r.hashed, r.reused), (2, 2, 0));
+        assert_eq!(cat.entries[0].path, "/a/b/one.txt");
+        assert_eq!(cat.entries[1].mime_type, "video/mp4");
+        assert_eq!(cat.entries[0].hash, hex::encode(Sha256::digest(b"one")));
+
+        let (cat2, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        assert_eq!((r.hashed, r.reused), (0, 2));
+        assert_eq!(cat2.revision(), cat.revision());
+        assert_eq!(cat2.description, "d");
+
+        fs::write(tree.path().join("two.mp4"), b"changed").unwrap();
+        fs::remove_file(tree.path().join("a/b/one.txt")).unwrap();
+        let (cat3, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        assert_eq!((r.files, r.hashed, r.removed), (1, 1, 1));
+        assert_ne!(cat3.revision(), cat.revision());
+        assert_eq!(Catalog::load(&home, "c").unwrap().entries, cat3.entries);
+    }
+
+    #[test]
+    fn symlinks_leaving_the_root_are_skipped() {
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = Home::at(home_dir.path());
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), b"s").unwrap();
+        let tree = tempfile::tempdir().unwrap();
+        fs::write(tree.path().join("in.txt"), b"i").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), tree.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink(tree.path().join("in.txt"), tree.path().join("alias")).unwrap();
+        let (cat, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        let paths: Vec<_> = cat.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/alias", "/in.txt"]);
+        assert_eq!(r.skipped.len(), 1);
+    }
+
+    #[test]
+    fn bad_names_and_folders_are_refused() {
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = Home::at(home_dir.path());
+        let err = index_folder(&home, "bad name", home_dir.path(), None, &quiet).unwrap_err();
+        assert!(err.to_string().contains("letters, digits"), "{err}");
+        let err = index_folder(&home, "ok", Path::new("/does/not/exist"), None, &quiet).unwrap_err();
+        assert!(err.to_string().contains("cannot open folder"), "{err}");
+    }
+}

@@ -1,0 +1,134 @@
+//! Command-line entry point: parses arguments and dispatches to `natster_mount::cli`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use natster_mount::cli::{self, Globals};
+use natster_mount::context::{Home, DEFAULT_CONTEXT};
+use natster_mount::server::{ServerOptions, DEFAULT_CHUNK_SIZE};
+
+#[derive(Parser)]
+#[command(
+    name = "natster-mount",
+    version,
+    about = "Share media folders over NATS and mount the catalogs shared with you"
+)]
+struct Args {
+    /// Context to use (a file $NATSTER_HOME/<context>.context).
+    #[arg(long, global = true, default_value = DEFAULT_CONTEXT, env = "NATSTER_CONTEXT")]
+    context: String,
+    /// Seconds to wait for any single request before giving up.
+    #[arg(long, global = true, default_value_t = 5.0)]
+    timeout: f64,
+    /// Log filter (error, warn, info, debug, or a tracing filter).
+    #[arg(long, global = true, env = "NATSTER_LOG")]
+    log: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a context: which NATS server to use and with which credentials.
+    Init {
+        /// NATS server URL, e.g. nats://127.0.0.1:4222.
+        #[arg(long)]
+        server: String,
+        /// Credentials file (JWT and seed) for that server.
+        #[arg(long)]
+        creds: Option<PathBuf>,
+    },
+    /// Create, serve and read catalogs.
+    #[command(subcommand)]
+    Catalog(CatalogCommand),
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Index a folder as catalog NAME (again: re-index only what changed).
+    New {
+        name: String,
+        dir: PathBuf,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Serve catalog NAME to its owner and to the accounts it is shared with.
+    Serve {
+        name: String,
+        /// Bytes per encrypted chunk (the unit of authentication).
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+        /// Serve EVERY account that imports the catalog, ignoring the share list.
+        #[arg(long)]
+        allow_all: bool,
+    },
+    /// List the files of catalog NAME.
+    Contents {
+        name: String,
+        /// Print the listing as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download one file of catalog NAME, by hash or path, verified against its sha256.
+    Download {
+        name: String,
+        /// The file's sha256 or its path in the catalog.
+        file: String,
+        /// Where to write it (a folder keeps the file's name).
+        out: PathBuf,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let default_level = match &args.command {
+        Command::Catalog(CatalogCommand::Serve { .. }) => "info",
+        _ => "warn",
+    };
+    let filter = args.log.clone().unwrap_or_else(|| default_level.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        anyhow::bail!("--timeout must be between 0 and 3600 seconds");
+    }
+    let globals =
+        Globals { home: Home::from_env()?, context: args.context, timeout: Duration::from_secs_f64(args.timeout) };
+    let runtime = tokio::runtime::Runtime::new()?;
+    match args.command {
+        Command::Init { server, creds } => cli::init(&globals, &server, creds.as_deref()),
+        Command::Catalog(c) => match c {
+            CatalogCommand::New { name, dir, description } => {
+                cli::catalog_new(&globals, &name, &dir, description.as_deref())
+            }
+            CatalogCommand::Serve { name, chunk_size, allow_all } => {
+                let options = ServerOptions { chunk_size, allow_all, ..ServerOptions::default() };
+                runtime.block_on(cli::catalog_serve(&globals, &name, options))
+            }
+            CatalogCommand::Contents { name, json } => runtime.block_on(cli::catalog_contents(&globals, &name, json)),
+            CatalogCommand::Download { name, file, out, force } => {
+                runtime.block_on(cli::catalog_download(&globals, &name, &file, &out, force))
+            }
+        },
+    }
+}

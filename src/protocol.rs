@@ -1,0 +1,330 @@
+//! Wire protocol: subjects, the original Natster reply envelope, request and response bodies
+//! for v1 (`get`, `download`) and v2 (`open`, `read`, `close`), and validation of every name
+//! and key that arrives from the network.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol generation advertised in `get` replies; readers use it to pick v2 over v1.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// v1 chunk size, fixed by the original Natster.
+pub const V1_CHUNK_SIZE: usize = 4096;
+
+/// Chunk headers. The first three are the original's; the v2 ones are additive.
+pub const HEADER_CHUNK_INDEX: &str = "x-natster-chunk-idx";
+pub const HEADER_SENDER_XKEY: &str = "x-natster-sender-xkey";
+pub const HEADER_TOTAL_CHUNKS: &str = "x-natster-total-chunks";
+
+/// Longest catalog name we accept; names become subject tokens and file names.
+pub const MAX_CATALOG_NAME: usize = 64;
+
+/// Largest number of chunks one v2 `read` may ask for: bounds the work a single request can
+/// cause on the server.
+pub const MAX_CHUNKS_PER_READ: u32 = 256;
+
+/// Catalog service operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Get,
+    Download,
+    Open,
+    Read,
+    Close,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Get => "get",
+            Operation::Download => "download",
+            Operation::Open => "open",
+            Operation::Read => "read",
+            Operation::Close => "close",
+        }
+    }
+
+    pub fn parse(token: &str) -> Option<Self> {
+        Some(match token {
+            "get" => Operation::Get,
+            "download" => Operation::Download,
+            "open" => Operation::Open,
+            "read" => Operation::Read,
+            "close" => Operation::Close,
+            _ => return None,
+        })
+    }
+}
+
+/// Subject a reader sends a catalog request to (its own view: no account token; an import
+/// maps it onto the owner's `<reader>.natster.catalog...`).
+pub fn catalog_subject(catalog: &str, op: Operation) -> String {
+    format!("natster.catalog.{catalog}.{}", op.as_str())
+}
+
+/// Subject a reader subscribes to for every chunk of a catalog (v1 hashes and v2 sessions).
+pub fn media_wildcard(catalog: &str) -> String {
+    format!("natster.media.{catalog}.*")
+}
+
+/// Subject the server publishes a chunk on: prefixed by the caller's account when the
+/// request came through an import, so the stream export routes it to that account only.
+pub fn media_subject(caller: &Caller, catalog: &str, stream_token: &str) -> String {
+    match caller {
+        Caller::Owner => format!("natster.media.{catalog}.{stream_token}"),
+        Caller::Account(account) => format!("{account}.natster.media.{catalog}.{stream_token}"),
+    }
+}
+
+/// Who sent a request, as the subject proves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The catalog owner's own account (subject without an account token).
+    Owner,
+    /// Another account, named by the first token that nats-server's token-position import
+    /// check guarantees.
+    Account(String),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Owner => f.write_str("owner"),
+            Caller::Account(a) => f.write_str(a),
+        }
+    }
+}
+
+/// Splits an incoming catalog request subject into caller and operation, for `catalog`.
+/// Returns None for anything that is not exactly one of the two shapes we subscribe to.
+pub fn parse_request_subject(subject: &str, catalog: &str) -> Option<(Caller, Operation)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    match tokens.as_slice() {
+        ["natster", "catalog", c, op] if *c == catalog => Some((Caller::Owner, Operation::parse(op)?)),
+        [acct, "natster", "catalog", c, op] if *c == catalog && is_account_key(acct) => {
+            Some((Caller::Account((*acct).to_string()), Operation::parse(op)?))
+        }
+        _ => None,
+    }
+}
+
+/// Catalog names: letters, digits, `_` and `-`, 1..=64 characters. They are subject tokens
+/// and file names, so nothing else is safe.
+pub fn validate_catalog_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("catalog name is empty; use letters, digits, '_' and '-'".into());
+    }
+    if name.len() > MAX_CATALOG_NAME {
+        return Err(format!(
+            "catalog name '{name}' is longer than {MAX_CATALOG_NAME} characters; choose a shorter one"
+        ));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
+        return Err(format!("catalog name '{name}' contains '{bad}'; use only letters, digits, '_' and '-'"));
+    }
+    Ok(())
+}
+
+/// A sha256 in lowercase hex, as catalogs carry it.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// An account public key: 56 base32 characters starting with 'A' and a valid checksum.
+pub fn is_account_key(s: &str) -> bool {
+    s.len() == 56 && s.starts_with('A') && nkeys::KeyPair::from_public_key(s).is_ok()
+}
+
+/// A v2 session id: 32 lowercase hex characters (128 random bits).
+pub fn is_session_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The original reply envelope: `{"code":200,"data":…}` or `{"code":4xx,"error":"…"}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<T> {
+    pub code: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub data: Option<T>,
+}
+
+fn none<T>() -> Option<T> {
+    None
+}
+
+impl<T: Serialize> Envelope<T> {
+    pub fn ok(data: T) -> Vec<u8> {
+        encode(&Envelope { code: 200, error: None, data: Some(data) })
+    }
+}
+
+/// An error reply; `code` follows HTTP (400, 403, 404, 409, 500, 503).
+pub fn error_reply(code: u16, message: &str) -> Vec<u8> {
+    encode(&Envelope::<()> { code, error: Some(message.to_string()), data: None })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serialising our own plain structs cannot fail; an empty body would be caught by the peer.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// One file of a catalog as `get` lists it (the original's `CatalogEntry`, plus `mtime`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    pub path: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub mime_type: String,
+    pub hash: String,
+    pub byte_size: u64,
+    /// Modification time, seconds since the epoch (additive; 0 when the peer has none).
+    #[serde(default)]
+    pub mtime: i64,
+}
+
+/// Reply to `get` (the original's `CatalogSummary`, plus `revision` and `protocol`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CatalogSummary {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default)]
+    pub entries: Vec<CatalogEntry>,
+    /// Changes whenever the listing changes; empty from original peers.
+    #[serde(default)]
+    pub revision: String,
+    /// 1 for original peers (field absent), 2 for peers that answer `open`/`read`.
+    #[serde(default = "v1")]
+    pub protocol: u32,
+    /// In a paged reply: how many entries the whole listing has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_entries: Option<u64>,
+}
+
+fn v1() -> u32 {
+    1
+}
+
+/// `get` request. The original sends an empty body and gets the whole listing; v2 readers ask
+/// for pages (`from` = first entry index) so that catalogs larger than one NATS message list.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GetRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+}
+
+/// v1 `download` request (the original's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadRequest {
+    pub hash: String,
+    #[serde(default)]
+    pub transcode: bool,
+    pub target_xkey: String,
+}
+
+/// v1 `download` reply (the original's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadResponse {
+    pub acknowledged: bool,
+    pub chunk_size: u64,
+    pub total_chunks: u64,
+    pub sender_xkey: String,
+    pub total_bytes: u64,
+}
+
+/// v2 `open`: start a ranged-read session on one file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenRequest {
+    pub hash: String,
+    pub client_xkey: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenResponse {
+    pub session: String,
+    pub server_xkey: String,
+    pub byte_size: u64,
+    pub chunk_size: u32,
+}
+
+/// v2 `read`: publish chunks `first_chunk .. first_chunk+count` on the session's media subject.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadRequest {
+    pub session: String,
+    pub first_chunk: u64,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadResponse {
+    pub first_chunk: u64,
+    /// How many chunks will be published (clipped at end of file).
+    pub count: u32,
+}
+
+/// v2 `close`: the reader is done with a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloseRequest {
+    pub session: String,
+}
+
+/// Number of chunks of `chunk_size` that hold `byte_size` bytes.
+pub fn chunk_count(byte_size: u64, chunk_size: u64) -> u64 {
+    if chunk_size == 0 {
+        return 0;
+    }
+    byte_size.div_ceil(chunk_size)
+}
+
+/// Exact plaintext length of chunk `index`; lets a reader reject a truncated chunk.
+pub fn chunk_len(byte_size: u64, chunk_size: u64, index: u64) -> u64 {
+    let start = index.saturating_mul(chunk_size);
+    byte_size.saturating_sub(start).min(chunk_size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_names() {
+        assert!(validate_catalog_name("movies_2024-hd").is_ok());
+        for bad in ["", "a.b", "a b", "a*", "a>", "ünï", &"x".repeat(65)] {
+            assert!(validate_catalog_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn subjects_parse_only_known_shapes() {
+        let acct = nkeys::KeyPair::new_account().public_key();
+        assert_eq!(parse_request_subject("natster.catalog.c.get", "c"), Some((Caller::Owner, Operation::Get)));
+        assert_eq!(
+            parse_request_subject(&format!("{acct}.natster.catalog.c.read"), "c"),
+            Some((Caller::Account(acct.clone()), Operation::Read))
+        );
+        assert_eq!(parse_request_subject("natster.catalog.other.get", "c"), None);
+        assert_eq!(parse_request_subject("natster.catalog.c.rm", "c"), None);
+        assert_eq!(parse_request_subject("NOTAKEY.natster.catalog.c.get", "c"), None);
+    }
+
+    #[test]
+    fn chunk_arithmetic() {
+        assert_eq!(chunk_count(0, 10), 0);
+        assert_eq!(chunk_count(10, 10), 1);
+        assert_eq!(chunk_count(11, 10), 2);
+        assert_eq!(chunk_len(11, 10, 1), 1);
+        assert_eq!(chunk_len(11, 10, 2), 0);
+    }
+
+    #[test]
+    fn envelope_shapes_match_the_original() {
+        let ok = String::from_utf8(Envelope::ok(5)).unwrap();
+        assert_eq!(ok, r#"{"code":200,"data":5}"#);
+        let err = String::from_utf8(error_reply(404, "nope")).unwrap();
+        assert_eq!(err, r#"{"code":404,"error":"nope"}"#);
+    }
+}
