@@ -187,9 +187,19 @@ fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a Catalog
     entries.iter().find(|e| e.path == wanted)
 }
 
-pub async fn catalog_download(g: &Globals, name: &str, what: &str, out: &Path, force: bool) -> Result<()> {
+pub async fn catalog_download(
+    g: &Globals,
+    name: &str,
+    what: &str,
+    out: &Path,
+    force: bool,
+    options: ClientOptions,
+) -> Result<()> {
+    if options.window == 0 || options.batch == 0 || options.batch > protocol::MAX_CHUNKS_PER_READ {
+        bail!("--window must be at least 1 and --batch 1..={}", protocol::MAX_CHUNKS_PER_READ);
+    }
     let nats = g.connect().await?;
-    let client = CatalogClient::new(nats, name, client_options(g))?;
+    let client = CatalogClient::new(nats, name, options)?;
     let summary = client.get().await?;
     let entry = find_entry(&summary.entries, what).with_context(|| {
         format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
@@ -218,5 +228,121 @@ pub async fn catalog_download(g: &Globals, name: &str, what: &str, out: &Path, f
         secs,
         human_size((written as f64 / secs) as u64)
     );
+    Ok(())
+}
+
+/// Parses a byte count: a plain number, or one with a K/M/G/T suffix (powers of 1024).
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 0),
+        Some((i, _)) => {
+            let shift = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 0,
+                "K" => 10,
+                "M" => 20,
+                "G" => 30,
+                "T" => 40,
+                other => return Err(format!("unknown size unit '{other}'; use K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 268435456, 256M or 1G"))?;
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+pub struct MountArgs {
+    pub mountpoint: PathBuf,
+    pub cache_size: u64,
+    pub read_timeout: Duration,
+    pub listing_ttl: Duration,
+    pub foreground: bool,
+}
+
+pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
+    if args.cache_size < 4 * 1024 * 1024 {
+        bail!("--cache-size must be at least 4M (one chunk per open file needs room)");
+    }
+    let context = g.load_context()?;
+    if !args.foreground {
+        return mount_in_background(g, &args);
+    }
+    // SAFETY: getuid/getgid cannot fail and touch no memory.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let options = crate::fs::mount::MountOptions {
+        fs: crate::fs::FsOptions {
+            cache_bytes: usize::try_from(args.cache_size).unwrap_or(usize::MAX),
+            read_timeout: args.read_timeout,
+            uid,
+            gid,
+            ..crate::fs::FsOptions::default()
+        },
+        listing_ttl: args.listing_ttl,
+        client: ClientOptions {
+            request_timeout: g.timeout.min(args.read_timeout),
+            chunk_timeout: (args.read_timeout / 4).max(Duration::from_millis(200)),
+            retries: 2,
+            ..ClientOptions::default()
+        },
+    };
+    crate::fs::mount::run(&g.home, &context, &args.mountpoint, options, g.timeout)
+}
+
+/// Re-runs this command with --foreground as a detached process, and returns once the mount
+/// is up (or says why it is not).
+fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mountpoint = crate::fs::mount::check_mountpoint(&args.mountpoint)?;
+    g.home.ensure()?;
+    let log_path = g.home.path().join("mount.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot write {}", log_path.display()))?;
+    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args(["--context", &g.context, "--timeout", &g.timeout.as_secs_f64().to_string(), "mount"])
+        .arg(&mountpoint)
+        .args(["--cache-size", &args.cache_size.to_string()])
+        .args(["--read-timeout", &args.read_timeout.as_secs_f64().to_string()])
+        .args(["--listing-ttl", &args.listing_ttl.as_secs_f64().to_string()])
+        .arg("--foreground")
+        .env("NATSTER_HOME", g.home.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the mount process")?;
+    let deadline = Instant::now() + g.timeout * 3 + Duration::from_secs(5);
+    loop {
+        if crate::fs::mount::is_mounted(&mountpoint) {
+            println!("mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`", mountpoint.display(), child.id(), log_path.display(), mountpoint.display());
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read(&log_path).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&text[(start_len as usize).min(text.len())..]).to_string();
+            let reason = tail.lines().rev().find(|l| l.starts_with("error:")).unwrap_or("see the log").to_string();
+            bail!("mount process exited ({status}): {}", reason.trim_start_matches("error: "));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("mount did not come up in time; see {}", log_path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    crate::fs::mount::umount(mountpoint)?;
+    println!("unmounted {}", mountpoint.display());
     Ok(())
 }

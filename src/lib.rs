@@ -9,3 +9,5 @@ pub mod index;
 pub mod protocol;
 pub mod server;
 pub mod shares;
+pub mod cache;
+pub mod fs;

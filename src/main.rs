@@ -43,6 +43,24 @@ enum Command {
     /// Create, serve and read catalogs.
     #[command(subcommand)]
     Catalog(CatalogCommand),
+    /// Mount every catalog this context can read as a read-only folder.
+    Mount {
+        mountpoint: PathBuf,
+        /// Memory for decrypted chunks (e.g. 256M, 1G).
+        #[arg(long, default_value = "256M", value_parser = cli::parse_size)]
+        cache_size: u64,
+        /// Seconds before a read that the network cannot serve fails with EIO.
+        #[arg(long, default_value_t = 10.0)]
+        read_timeout: f64,
+        /// Seconds between listing refreshes (heartbeats refresh sooner).
+        #[arg(long, default_value_t = 30.0)]
+        listing_ttl: f64,
+        /// Stay in the foreground (logs to stderr) instead of detaching.
+        #[arg(long, short = 'f')]
+        foreground: bool,
+    },
+    /// Unmount a natster-mount folder.
+    Umount { mountpoint: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -81,13 +99,19 @@ enum CatalogCommand {
         /// Replace OUT if it exists.
         #[arg(long)]
         force: bool,
+        /// Chunks in flight (flow-control window).
+        #[arg(long, default_value_t = natster_mount::client::ClientOptions::default().window)]
+        window: u32,
+        /// Chunks asked for per read request.
+        #[arg(long, default_value_t = natster_mount::client::ClientOptions::default().batch)]
+        batch: u32,
     },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let default_level = match &args.command {
-        Command::Catalog(CatalogCommand::Serve { .. }) => "info",
+        Command::Catalog(CatalogCommand::Serve { .. }) | Command::Mount { .. } => "natster_mount=info,warn",
         _ => "warn",
     };
     let filter = args.log.clone().unwrap_or_else(|| default_level.to_string());
@@ -97,6 +121,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     match run(args) {
@@ -117,6 +142,25 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Command::Init { server, creds } => cli::init(&globals, &server, creds.as_deref()),
+        Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground } => {
+            let seconds = |v: f64, what: &str| {
+                if v.is_finite() && v > 0.0 && v <= 86400.0 {
+                    Ok(Duration::from_secs_f64(v))
+                } else {
+                    Err(anyhow::anyhow!("--{what} must be between 0 and 86400 seconds"))
+                }
+            };
+            let args = cli::MountArgs {
+                mountpoint,
+                cache_size,
+                read_timeout: seconds(read_timeout, "read-timeout")?,
+                listing_ttl: seconds(listing_ttl, "listing-ttl")?,
+                foreground,
+            };
+            drop(runtime);
+            cli::mount(&globals, args)
+        }
+        Command::Umount { mountpoint } => cli::umount(&mountpoint),
         Command::Catalog(c) => match c {
             CatalogCommand::New { name, dir, description } => {
                 cli::catalog_new(&globals, &name, &dir, description.as_deref())
@@ -126,8 +170,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 runtime.block_on(cli::catalog_serve(&globals, &name, options))
             }
             CatalogCommand::Contents { name, json } => runtime.block_on(cli::catalog_contents(&globals, &name, json)),
-            CatalogCommand::Download { name, file, out, force } => {
-                runtime.block_on(cli::catalog_download(&globals, &name, &file, &out, force))
+            CatalogCommand::Download { name, file, out, force, window, batch } => {
+                let options = cli::client_options(&globals);
+                let options = natster_mount::client::ClientOptions { window, batch, ..options };
+                runtime.block_on(cli::catalog_download(&globals, &name, &file, &out, force, options))
             }
         },
     }

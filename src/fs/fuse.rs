@@ -1,0 +1,175 @@
+//! fuser callbacks: a thin layer that turns kernel requests into `NatsterFs` calls. Reads run
+//! as tasks on the tokio runtime and reply when done, so a slow catalog never blocks the FUSE
+//! threads. The mount is read-only (`ro`), so the kernel answers writes with EROFS itself.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+
+use super::{Attr, FsError, NatsterFs};
+
+/// How long the kernel may trust names and attributes; listing changes are pushed to it
+/// explicitly (see `mount.rs`), so this can be long.
+const TTL: Duration = Duration::from_secs(60);
+
+pub struct FuseAdapter {
+    pub fs: Arc<NatsterFs>,
+    pub runtime: tokio::runtime::Handle,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: if a.is_dir { FileType::Directory } else { FileType::RegularFile },
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 128 * 1024,
+        flags: 0,
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Let the kernel read ahead in large requests; our own read-ahead works past it.
+        let _ = config.set_max_readahead(1024 * 1024);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.attr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::from_i32(libc::EROFS));
+        }
+        match self.fs.open(ino.0) {
+            // A file's bytes never change while its hash does not; a new hash invalidates
+            // the inode's pages explicitly, so the page cache may keep them across opens.
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.runtime.spawn(async move {
+            match fs.read(fh.0, offset, size).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: fuser::LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(ino.0) {
+            Ok(entries) => {
+                for (i, (child, is_dir, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    let kind = if *is_dir { FileType::Directory } else { FileType::RegularFile };
+                    if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = match self.fs.xattrs(ino.0) {
+            Ok(attrs) => attrs.into_iter().find(|(k, _)| OsStr::new(k) == name).map(|(_, v)| v),
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match value {
+            None => reply.error(errno(&FsError::NoAttr)),
+            Some(v) => reply_sized(reply, size, v.as_bytes()),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.xattrs(ino.0) {
+            Ok(attrs) => {
+                let mut names = Vec::new();
+                for (k, _) in attrs {
+                    names.extend_from_slice(k.as_bytes());
+                    names.push(0);
+                }
+                reply_sized(reply, size, &names);
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 128 * 1024, 255, 128 * 1024);
+    }
+}
+
+/// xattr protocol: size 0 asks for the length; otherwise the value must fit.
+fn reply_sized(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() <= size as usize {
+        reply.data(value);
+    } else {
+        reply.error(errno(&FsError::Range));
+    }
+}

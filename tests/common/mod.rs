@@ -1,0 +1,465 @@
+//! Shared integration-test harness: a real `nats-server` on a random loopback port, a
+//! `NATSTER_HOME` in a temporary folder, the `natster-mount` binary run as a child process
+//! (one-shot commands and `catalog serve`), and library clients connected to the same server.
+//!
+//! Every wait is bounded and polls a condition; every child process is killed and reaped when
+//! its guard drops, and its log is printed if the test is failing.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use natster_mount::client::{CatalogClient, ClientOptions};
+use natster_mount::context::Home;
+use sha2::{Digest, Sha256};
+
+/// Interval between two checks of a condition.
+pub const POLL: Duration = Duration::from_millis(20);
+/// Bound on a nats-server becoming reachable.
+pub const NATS_START_DEADLINE: Duration = Duration::from_secs(10);
+/// Bound on a `catalog serve` child answering `get`.
+pub const SERVE_READY_DEADLINE: Duration = Duration::from_secs(20);
+/// Bound on any one-shot CLI command.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on a raw request/reply in tests.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_natster-mount")
+}
+
+/// `$NATS_SERVER_BIN`, else the Debian package's path, else `nats-server` from `PATH`.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
+        if Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    "nats-server".into()
+}
+
+/// A port that was free a moment ago (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("cannot bind a loopback port").port()
+}
+
+fn read_log(file: &tempfile::NamedTempFile) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = file.reopen() {
+        let _ = f.seek(SeekFrom::Start(0));
+        let _ = f.read_to_string(&mut text);
+    }
+    text
+}
+
+/// The last `n` lines of `text`, for failure messages.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn kill_and_reap(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+/// A `nats-server` on 127.0.0.1 and a random free port; killed when dropped.
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    log: tempfile::NamedTempFile,
+}
+
+impl NatsServer {
+    /// Starts the server and waits (at most 10 s) until it accepts TCP connections. Retries
+    /// with another port if the chosen one was taken in the meantime.
+    pub fn start() -> NatsServer {
+        let mut failures = Vec::new();
+        for _attempt in 0..5 {
+            let port = free_port();
+            let log = tempfile::NamedTempFile::new().expect("cannot create a temporary log file");
+            let stderr = log.reopen().expect("cannot open the temporary log file");
+            let mut child = Command::new(nats_server_bin())
+                .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run {}: {e}; install the nats-server package", nats_server_bin().display())
+                });
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = Instant::now() + NATS_START_DEADLINE;
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    failures.push(format!("port {port}: exited with {status}: {}", tail(&read_log(&log), 5)));
+                    break;
+                }
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return NatsServer { child, port, log };
+                }
+                if Instant::now() >= deadline {
+                    kill_and_reap(&mut child);
+                    failures.push(format!("port {port}: not reachable within {NATS_START_DEADLINE:?}"));
+                    break;
+                }
+                std::thread::sleep(POLL);
+            }
+        }
+        panic!("nats-server did not start: {}", failures.join("; "));
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("--- nats-server log (last lines) ---\n{}", tail(&self.log(), 30));
+        }
+    }
+}
+
+/// What a finished CLI command did.
+#[derive(Debug)]
+pub struct RunOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RunOutput {
+    /// Panics with the command's output unless it exited 0.
+    pub fn assert_success(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Panics unless the command failed (non-zero exit).
+    pub fn assert_failure(&self, what: &str) -> &Self {
+        assert!(
+            !self.status.success(),
+            "{what} should have failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// The non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr.lines().filter(|l| !l.trim().is_empty()).collect()
+    }
+}
+
+/// A temporary `NATSTER_HOME`, and the binary run against it.
+pub struct TestHome {
+    dir: tempfile::TempDir,
+}
+
+impl Default for TestHome {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestHome {
+    pub fn new() -> TestHome {
+        TestHome {
+            dir: tempfile::Builder::new().prefix("natster-home-").tempdir().expect("cannot create NATSTER_HOME"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The same folder as the library sees it.
+    pub fn home(&self) -> Home {
+        Home::at(self.dir.path())
+    }
+
+    /// The binary with `NATSTER_HOME` set and no inherited context or log settings.
+    pub fn command<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env("NATSTER_HOME", self.dir.path())
+            .env_remove("NATSTER_CONTEXT")
+            .env_remove("NATSTER_LOG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs the binary to completion (killed after 60 s, which fails the test).
+    pub fn run<I, S>(&self, args: I) -> RunOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        run_with_timeout(self.command(args), COMMAND_TIMEOUT)
+    }
+
+    /// [`TestHome::run`] off the async runtime's threads.
+    pub async fn run_async<I, S>(&self, args: I) -> RunOutput
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let cmd = self.command(args);
+        tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT))
+            .await
+            .expect("command thread panicked")
+    }
+
+    /// Writes the default context: this home talks to `url` without credentials.
+    pub async fn init(&self, url: &str) {
+        self.run_async(["init", "--server", url]).await.assert_success("natster-mount init");
+    }
+}
+
+/// Runs `cmd` with stdout and stderr captured in temporary files (no pipe can fill up),
+/// polling for its exit; kills it and panics after `timeout`.
+pub fn run_with_timeout(mut cmd: Command, timeout: Duration) -> RunOutput {
+    let out = tempfile::NamedTempFile::new().expect("temporary stdout");
+    let err = tempfile::NamedTempFile::new().expect("temporary stderr");
+    cmd.stdout(out.reopen().expect("stdout file")).stderr(err.reopen().expect("stderr file"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("cannot wait for child") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            kill_and_reap(&mut child);
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                tail(&read_log(&out), 20),
+                tail(&read_log(&err), 20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    RunOutput { status, stdout: read_log(&out), stderr: read_log(&err) }
+}
+
+/// Connects a plain NATS client to `url` (bounded).
+pub async fn connect(url: &str) -> async_nats::Client {
+    let options = async_nats::ConnectOptions::new()
+        .connection_timeout(REQUEST_TIMEOUT)
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        .subscription_capacity(64 * 1024);
+    tokio::time::timeout(REQUEST_TIMEOUT * 2, options.connect(url))
+        .await
+        .unwrap_or_else(|_| panic!("connecting to {url} timed out"))
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+}
+
+/// Client settings for tests: short bounds so that a failure shows quickly.
+pub fn test_options() -> ClientOptions {
+    ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        chunk_timeout: Duration::from_secs(1),
+        retries: 3,
+        ..ClientOptions::default()
+    }
+}
+
+/// A library client for `catalog` over `nats`, with [`test_options`].
+pub fn catalog_client(nats: &async_nats::Client, catalog: &str) -> CatalogClient {
+    CatalogClient::new(nats.clone(), catalog, test_options()).expect("valid catalog name")
+}
+
+/// `natster-mount catalog serve NAME` as a child process; killed when dropped.
+pub struct Served {
+    child: Child,
+    log: tempfile::NamedTempFile,
+    catalog: String,
+}
+
+impl Served {
+    /// Serves `catalog` of `home` with default options, and waits until it answers `get`.
+    pub async fn start(home: &TestHome, nats: &NatsServer, catalog: &str) -> Served {
+        Self::start_with(home, nats, catalog, &[]).await
+    }
+
+    /// Like [`Served::start`], with extra `catalog serve` arguments.
+    pub async fn start_with(home: &TestHome, nats: &NatsServer, catalog: &str, extra: &[&str]) -> Served {
+        let log = tempfile::NamedTempFile::new().expect("temporary serve log");
+        let child = home
+            .command(["catalog", "serve", catalog].iter().chain(extra))
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("serve log"))
+            .spawn()
+            .expect("cannot spawn natster-mount catalog serve");
+        let mut served = Served { child, log, catalog: catalog.to_string() };
+        served.wait_ready(&nats.url()).await;
+        served
+    }
+
+    /// Polls `get` through the library client until it succeeds (at most 20 s).
+    async fn wait_ready(&mut self, url: &str) {
+        let nats = connect(url).await;
+        let client = CatalogClient::new(
+            nats,
+            &self.catalog,
+            ClientOptions { request_timeout: Duration::from_secs(1), ..test_options() },
+        )
+        .expect("valid catalog name");
+        let deadline = Instant::now() + SERVE_READY_DEADLINE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("catalog serve {} exited with {status}:\n{}", self.catalog, tail(&self.log(), 20));
+            }
+            let last = match client.get().await {
+                Ok(_) => return,
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "catalog serve {} not ready within {SERVE_READY_DEADLINE:?} (last: {last}):\n{}",
+                    self.catalog,
+                    tail(&self.log(), 20)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn log(&self) -> String {
+        read_log(&self.log)
+    }
+
+    /// Panics if the serve process has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("catalog serve {} exited with {status}:\n{}", self.catalog, tail(&self.log(), 20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+        if std::thread::panicking() {
+            eprintln!("--- catalog serve {} log (last lines) ---\n{}", self.catalog, tail(&self.log(), 30));
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it yields a value; panics after `deadline`.
+pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() >= until {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Sends `payload` to `subject` and parses the reply as JSON (bounded).
+pub async fn raw_request(
+    nats: &async_nats::Client,
+    subject: &str,
+    payload: impl Into<bytes::Bytes>,
+) -> serde_json::Value {
+    let msg = tokio::time::timeout(REQUEST_TIMEOUT, nats.request(subject.to_string(), payload.into()))
+        .await
+        .unwrap_or_else(|_| panic!("request to {subject} timed out"))
+        .unwrap_or_else(|e| panic!("request to {subject} failed: {e}"));
+    serde_json::from_slice(&msg.payload).unwrap_or_else(|e| {
+        panic!("reply from {subject} is not JSON ({e}): {:?}", String::from_utf8_lossy(&msg.payload))
+    })
+}
+
+/// The `code` of a reply envelope.
+pub fn code(reply: &serde_json::Value) -> u64 {
+    reply["code"].as_u64().unwrap_or_else(|| panic!("reply has no code: {reply}"))
+}
+
+/// Deterministic, fast pseudo-random bytes (splitmix64), different for every `seed`.
+pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        out.extend_from_slice(&z.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Writes `bytes` at `root/rel`, creating parent folders.
+pub fn write_file(root: &Path, rel: &str, bytes: &[u8]) -> PathBuf {
+    let path = root.join(rel.trim_start_matches('/'));
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("cannot create folders");
+    }
+    std::fs::write(&path, bytes).expect("cannot write test file");
+    path
+}
+
+/// Names of the files in `dir` (not recursive).
+pub fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("cannot list folder")
+        .map(|e| e.expect("cannot read folder entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
