@@ -324,7 +324,13 @@ fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
     let deadline = Instant::now() + g.timeout * 3 + Duration::from_secs(5);
     loop {
         if crate::fs::mount::is_mounted(&mountpoint) {
-            println!("mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`", mountpoint.display(), child.id(), log_path.display(), mountpoint.display());
+            println!(
+                "mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`",
+                mountpoint.display(),
+                child.id(),
+                log_path.display(),
+                mountpoint.display()
+            );
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {

@@ -536,11 +536,11 @@ impl RemoteFile {
                     if !in_flight.remove(&index) {
                         continue;
                     }
-                    let chunk = key.open(index, &delivery.payload)?;
+                    let chunk = key.open_in_place(index, delivery.payload)?;
                     if chunk.len() as u64 != protocol::chunk_len(shared.byte_size, shared.chunk_size, index) {
                         return Err(CryptoError::Authentication(index).into());
                     }
-                    arrived.insert(index, Bytes::from(chunk));
+                    arrived.insert(index, chunk);
                     while let Some(chunk) = arrived.remove(&next_deliver) {
                         sink(next_deliver, chunk)?;
                         next_deliver += 1;

@@ -7,7 +7,7 @@
 //!
 //! v1: the original's nkeys xkey box (`xkv1` + nonce + XSalsa20-Poly1305), per chunk.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use rand::RngCore;
@@ -113,6 +113,39 @@ impl SessionKey {
         out
     }
 
+    /// Seals chunk `index` in place: `buf` holds `NONCE_LEN` spare bytes followed by the
+    /// plaintext, and becomes `nonce || ciphertext || tag` without another copy.
+    pub fn seal_in_place(&self, index: u64, buf: &mut Vec<u8>) {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
+        let aad = self.aad(index);
+        // Cannot fail below the AEAD's 256 GiB message limit.
+        if let Ok(tag) = self.cipher.encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut buf[NONCE_LEN..])
+        {
+            buf.extend_from_slice(&tag);
+        }
+    }
+
+    /// Opens chunk `index` in place, returning the plaintext without copying it.
+    pub fn open_in_place(&self, index: u64, sealed: bytes::Bytes) -> Result<bytes::Bytes, CryptoError> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(CryptoError::Authentication(index));
+        }
+        // Unique buffers (the usual case) convert without a copy.
+        let mut buf = sealed.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        let aad = self.aad(index);
+        let body_end = buf.len() - TAG_LEN;
+        let (head, tag) = buf.split_at_mut(body_end);
+        let (nonce, body) = head.split_at_mut(NONCE_LEN);
+        self.cipher
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), &aad, body, chacha20poly1305::Tag::from_slice(tag))
+            .map_err(|_| CryptoError::Authentication(index))?;
+        let mut plain = buf.freeze();
+        plain.truncate(body_end);
+        Ok(plain.slice(NONCE_LEN..))
+    }
+
     /// Opens chunk `index`; any modification, truncation or replay fails.
     pub fn open(&self, index: u64, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
@@ -157,6 +190,18 @@ mod tests {
         let (client, server) = pair();
         let sealed = server.seal(7, b"hello");
         assert_eq!(client.open(7, &sealed).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn in_place_variants_match() {
+        let (client, server) = pair();
+        let mut buf = vec![0u8; NONCE_LEN];
+        buf.extend_from_slice(b"in place");
+        server.seal_in_place(9, &mut buf);
+        assert_eq!(client.open(9, &buf).unwrap(), b"in place");
+        let sealed = server.seal(9, b"in place");
+        assert_eq!(&client.open_in_place(9, bytes::Bytes::from(sealed.clone())).unwrap()[..], b"in place");
+        assert!(client.open_in_place(8, bytes::Bytes::from(sealed)).is_err());
     }
 
     #[test]

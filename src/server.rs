@@ -540,9 +540,11 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Refusal> {
 
 fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> std::io::Result<(u64, Bytes)> {
     let len = protocol::chunk_len(session.byte_size, chunk_size, index) as usize;
-    let mut buf = vec![0u8; len];
-    session.file.read_exact_at(&mut buf, index * chunk_size)?;
-    Ok((index, Bytes::from(session.key.seal(index, &buf))))
+    let mut buf = Vec::with_capacity(crypto::NONCE_LEN + len + crypto::TAG_LEN);
+    buf.resize(crypto::NONCE_LEN + len, 0);
+    session.file.read_exact_at(&mut buf[crypto::NONCE_LEN..], index * chunk_size)?;
+    session.key.seal_in_place(index, &mut buf);
+    Ok((index, Bytes::from(buf)))
 }
 
 /// Opens `rel` (a catalog path) for reading only if it resolves to a regular file inside

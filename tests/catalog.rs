@@ -360,6 +360,13 @@ async fn v1_download_reassembles_byte_identical() {
     let sender = nkeys::XKey::from_public_key(reply["data"]["sender_xkey"].as_str().unwrap()).unwrap();
     assert!(nkeys::XKey::new().open(&first.payload, &sender).is_err(), "a stranger's key opened a chunk");
     assert!(!first.payload.windows(64).any(|w| w == &src.bytes[..64]), "chunk carries plaintext");
+    // Let that transfer finish before the next one on the same subject.
+    for received in 1..total {
+        tokio::time::timeout(CHUNK_WAIT, sub2.next())
+            .await
+            .unwrap_or_else(|_| panic!("second transfer stalled after {received} chunks"))
+            .expect("subscription");
+    }
     drop(sub2);
 
     // The library's v1 path.
@@ -379,6 +386,41 @@ async fn v1_download_reassembles_byte_identical() {
     let empty = fx.source("/empty").hash();
     let written = fx.client.download_v1(&empty, |_| panic!("data for an empty file")).await.expect("empty v1");
     assert_eq!(written, 0);
+}
+
+/// 4b. v1 chunks travel on a subject named by the file's hash, so two v1 transfers of the same
+/// file overlap on it; each reader must keep only its own transfer's chunks (the
+/// `x-natster-sender-xkey` header tells them apart) and neither may fail or hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_v1_downloads_of_one_file() {
+    let size = 1024 * protocol::V1_CHUNK_SIZE + 99;
+    let fx = Fixture::new(vec![("/shared-v1.bin", pseudo_random_bytes(42, size))]).await;
+    let src = fx.source("/shared-v1.bin");
+    let hash = src.hash();
+    let collect = |client: CatalogClient, hash: String| async move {
+        let mut bytes = Vec::new();
+        let written = client
+            .download_v1(&hash, |chunk| {
+                bytes.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await;
+        written.map(|_| bytes)
+    };
+
+    // Another reader of the same account (its own connection) downloads the same file at
+    // the same time: both receive both transfers' chunks.
+    let other = catalog_client(&connect(&fx.server.url()).await, CATALOG);
+    let (a, b) = tokio::join!(collect(fx.client.clone(), hash.clone()), collect(other, hash.clone()));
+    let a = a.unwrap_or_else(|e| panic!("first of two overlapping v1 downloads failed: {e}"));
+    let b = b.unwrap_or_else(|e| panic!("second of two overlapping v1 downloads failed: {e}"));
+    assert!(a == src.bytes && b == src.bytes, "overlapping v1 downloads differ");
+
+    // Two downloads of the same file through one client.
+    let (a, b) = tokio::join!(collect(fx.client.clone(), hash.clone()), collect(fx.client.clone(), hash.clone()));
+    let a = a.unwrap_or_else(|e| panic!("first of two v1 downloads on one client failed: {e}"));
+    let b = b.unwrap_or_else(|e| panic!("second of two v1 downloads on one client failed: {e}"));
+    assert!(a == src.bytes && b == src.bytes, "v1 downloads on one client differ");
 }
 
 /// 5. An unknown hash is a clear 404 everywhere, and the CLI leaves nothing behind.

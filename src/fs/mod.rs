@@ -113,7 +113,9 @@ impl Source {
             dir_name,
             owner,
             client,
-            sessions: tokio::sync::Mutex::new(lru::LruCache::new(std::num::NonZeroUsize::new(64).unwrap_or(std::num::NonZeroUsize::MIN))),
+            sessions: tokio::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(64).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
             chunk_sizes: Mutex::new(HashMap::new()),
             revision: Mutex::new(String::new()),
         }
@@ -286,12 +288,24 @@ impl NatsterFs {
             root_children.insert(source.dir_name.clone(), ino);
             tree.nodes.insert(
                 ino,
-                Node { ino, parent: ROOT_INO, name: source.dir_name.clone(), kind: NodeKind::Dir { children: BTreeMap::new() }, mtime: now },
+                Node {
+                    ino,
+                    parent: ROOT_INO,
+                    name: source.dir_name.clone(),
+                    kind: NodeKind::Dir { children: BTreeMap::new() },
+                    mtime: now,
+                },
             );
         }
         tree.nodes.insert(
             ROOT_INO,
-            Node { ino: ROOT_INO, parent: ROOT_INO, name: String::new(), kind: NodeKind::Dir { children: root_children }, mtime: now },
+            Node {
+                ino: ROOT_INO,
+                parent: ROOT_INO,
+                name: String::new(),
+                kind: NodeKind::Dir { children: root_children },
+                mtime: now,
+            },
         );
         let permits = (options.readahead_budget / (1 << 20)).clamp(1, u64::from(u32::MAX >> 4)) as usize;
         NatsterFs {
@@ -405,7 +419,16 @@ impl NatsterFs {
             NodeKind::Dir { children } => (0, true, 0o555, 2 + children.len() as u32),
             NodeKind::File { entry, .. } => (entry.byte_size, false, 0o444, 1),
         };
-        Attr { ino: node.ino, size, is_dir, mtime: node.mtime, perm, nlink, uid: self.options.uid, gid: self.options.gid }
+        Attr {
+            ino: node.ino,
+            size,
+            is_dir,
+            mtime: node.mtime,
+            perm,
+            nlink,
+            uid: self.options.uid,
+            gid: self.options.gid,
+        }
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, FsError> {
@@ -474,7 +497,8 @@ impl NatsterFs {
 
     /// Reads `size` bytes at `offset` of open file `fh`, bounded by the read timeout.
     pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        let file = self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let file =
+            self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(FsError::BadHandle)?;
         let end = offset.saturating_add(u64::from(size)).min(file.entry.byte_size);
         if offset >= end {
             return Ok(Bytes::new());

@@ -60,7 +60,12 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// The catalogs this context can read: its own (every catalog file in the home) and its
 /// imports. A name used by two owners becomes `<catalog>@<owner8>` for the imported ones.
-pub fn gather_sources(home: &Home, context: &Context, nats: &async_nats::Client, options: &ClientOptions) -> Result<Vec<(Source, Option<Catalog>)>> {
+pub fn gather_sources(
+    home: &Home,
+    context: &Context,
+    nats: &async_nats::Client,
+    options: &ClientOptions,
+) -> Result<Vec<(Source, Option<Catalog>)>> {
     let mut own = Vec::new();
     if let Ok(dir) = std::fs::read_dir(home.path()) {
         for item in dir.flatten() {
@@ -99,7 +104,13 @@ pub fn gather_sources(home: &Home, context: &Context, nats: &async_nats::Client,
 }
 
 /// Mounts and serves until unmounted or signalled. Blocks.
-pub fn run(home: &Home, context: &Context, mountpoint: &Path, options: MountOptions, connect_timeout: Duration) -> Result<()> {
+pub fn run(
+    home: &Home,
+    context: &Context,
+    mountpoint: &Path,
+    options: MountOptions,
+    connect_timeout: Duration,
+) -> Result<()> {
     let mountpoint = check_mountpoint(mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let nats = runtime.block_on(context.connect(connect_timeout))?;
@@ -137,8 +148,9 @@ pub fn run(home: &Home, context: &Context, mountpoint: &Path, options: MountOpti
         fuser::MountOption::NoSuid,
     ];
     config.n_threads = Some(2);
-    let mut session = fuser::Session::new(adapter, &mountpoint, &config)
-        .with_context(|| format!("cannot mount on {}; is /dev/fuse available and fusermount3 installed?", mountpoint.display()))?;
+    let mut session = fuser::Session::new(adapter, &mountpoint, &config).with_context(|| {
+        format!("cannot mount on {}; is /dev/fuse available and fusermount3 installed?", mountpoint.display())
+    })?;
     let notifier = session.notifier();
     let mut unmounter = session.unmount_callable();
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
