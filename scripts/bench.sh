@@ -226,7 +226,8 @@ SIZE=$(to_bytes "$BENCH_SIZE")
 
 log "setup (NATSTER_BENCH=1 scripts/setup.sh)"
 NATSTER_BENCH=1 timeout 900 scripts/setup.sh
-for tool in nats-server fusermount3 sshfs ssh ssh-keygen perl column; do
+[ "$(id -u)" -eq 0 ] || die "run as root: the sshfs comparison starts an sshd (needs /run/sshd) and cold reads drop the page cache"
+for tool in nats-server fusermount3 sshfs ssh ssh-keygen perl column ss; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)

@@ -96,7 +96,9 @@ type ChunkSender = mpsc::UnboundedSender<(Arc<SessionKey>, Delivery)>;
 
 enum Route {
     Session(Weak<FileShared>),
-    V1(mpsc::UnboundedSender<async_nats::Message>),
+    /// v1 chunks travel on the file's hash: every download of it on this client gets every
+    /// chunk and keeps those from its own sender.
+    V1(Vec<mpsc::UnboundedSender<async_nats::Message>>),
 }
 
 struct ClientInner {
@@ -149,7 +151,7 @@ impl CatalogClient {
             let mut summary: CatalogSummary = self.inner.request(Operation::Get, &GetRequest { from: Some(0) }).await?;
             let Some(total) = summary.total_entries else {
                 // An original peer ignores `from` and sends everything at once.
-                validate_listing(&summary.entries)?;
+                drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
                 return Ok(summary);
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
@@ -168,7 +170,7 @@ impl CatalogClient {
                 summary.entries.extend(page.entries);
             }
             summary.entries.truncate(total);
-            validate_listing(&summary.entries)?;
+            drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
             return Ok(summary);
         }
         Err(ClientError::Protocol("listing kept changing while it was read; try again".into()))
@@ -206,8 +208,11 @@ impl CatalogClient {
         let inner = &self.inner;
         inner.ensure_dispatcher().await?;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        inner.lock_routes().insert(hash.to_string(), Route::V1(tx));
-        let _unroute = Unroute { inner, token: hash.to_string() };
+        match inner.lock_routes().entry(hash.to_string()).or_insert_with(|| Route::V1(Vec::new())) {
+            Route::V1(receivers) => receivers.push(tx.clone()),
+            Route::Session(_) => return Err(ClientError::Protocol("hash collides with a session id".into())),
+        }
+        let _unroute = Unroute { inner, token: hash.to_string(), tx };
         let key = nkeys::XKey::new();
         let reply: DownloadResponse = inner
             .request(
@@ -229,6 +234,14 @@ impl CatalogClient {
                 Ok(Some(m)) => m,
                 _ => return Err(ClientError::Timeout(inner.catalog.clone())),
             };
+            let from_our_sender = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::HEADER_SENDER_XKEY))
+                .is_some_and(|v| v.as_str() == reply.sender_xkey);
+            if !from_our_sender {
+                continue; // another download of the same file
+            }
             let index = header_u64(&msg, protocol::HEADER_CHUNK_INDEX)?;
             if index >= reply.total_chunks || index < next || early.len() > 4096 {
                 continue;
@@ -248,15 +261,22 @@ impl CatalogClient {
     }
 }
 
-/// Removes a route when a v1 download ends, however it ends.
+/// Removes a v1 download's receiver when it ends, however it ends.
 struct Unroute<'a> {
     inner: &'a ClientInner,
     token: String,
+    tx: mpsc::UnboundedSender<async_nats::Message>,
 }
 
 impl Drop for Unroute<'_> {
     fn drop(&mut self) {
-        self.inner.lock_routes().remove(&self.token);
+        let mut routes = self.inner.lock_routes();
+        if let Some(Route::V1(receivers)) = routes.get_mut(&self.token) {
+            receivers.retain(|r| !r.same_channel(&self.tx));
+            if receivers.is_empty() {
+                routes.remove(&self.token);
+            }
+        }
     }
 }
 
@@ -268,18 +288,28 @@ fn header_u64(msg: &async_nats::Message, name: &str) -> Result<u64> {
         .ok_or_else(|| ClientError::Protocol(format!("chunk without a valid {name} header")))
 }
 
-/// Rejects listings that could confuse a filesystem built from them.
-fn validate_listing(entries: &[CatalogEntry]) -> Result<()> {
-    for e in entries {
-        if !protocol::is_sha256_hex(&e.hash) {
-            return Err(ClientError::Protocol(format!("entry {:?} has an invalid hash", e.path)));
-        }
-        let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
-        if rel.is_empty() || rel.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.contains('\0')) {
-            return Err(ClientError::Protocol(format!("entry path {:?} is not a clean relative path", e.path)));
-        }
+/// Why an entry could confuse a filesystem built from the listing, if it could.
+fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
+    if !protocol::is_sha256_hex(&e.hash) {
+        return Some("invalid hash");
     }
-    Ok(())
+    let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
+    if rel.is_empty() || rel.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.contains('\0')) {
+        return Some("path is not a clean relative path");
+    }
+    None
+}
+
+/// Drops (and logs) entries a peer should never have sent; one bad entry must not hide the
+/// rest of the catalog.
+fn drop_invalid_entries(catalog: &str, entries: &mut Vec<CatalogEntry>) {
+    entries.retain(|e| match invalid_entry(e) {
+        None => true,
+        Some(why) => {
+            tracing::warn!(catalog, path = ?e.path, "ignoring listing entry: {why}");
+            false
+        }
+    });
 }
 
 impl ClientInner {
@@ -335,8 +365,10 @@ impl ClientInner {
         let Some(token) = msg.subject.rsplit('.').next() else { return };
         let routes = self.lock_routes();
         match routes.get(token) {
-            Some(Route::V1(tx)) => {
-                let _ = tx.send(msg);
+            Some(Route::V1(receivers)) => {
+                for tx in receivers {
+                    let _ = tx.send(msg.clone());
+                }
             }
             Some(Route::Session(file)) => {
                 if let (Some(file), Ok(index)) = (file.upgrade(), header_u64(&msg, protocol::HEADER_CHUNK_INDEX)) {
@@ -562,7 +594,9 @@ impl RemoteFile {
                     }
                     Err(e) => return Err(e),
                 },
-                _ = tokio::time::sleep(options.chunk_timeout) => {
+                // Each round without progress waits longer before asking again, so a loaded
+                // machine is not flooded with duplicate chunks.
+                _ = tokio::time::sleep(options.chunk_timeout * (stalls + 1)) => {
                     stalls += 1;
                     if stalls > options.retries {
                         return Err(ClientError::Timeout(shared.client.catalog.clone()));
@@ -711,7 +745,7 @@ mod tests {
     }
 
     #[test]
-    fn listings_with_escaping_paths_are_refused() {
+    fn listings_drop_escaping_paths() {
         let entry = |path: &str| CatalogEntry {
             path: path.into(),
             description: String::new(),
@@ -720,9 +754,12 @@ mod tests {
             byte_size: 1,
             mtime: 0,
         };
-        assert!(validate_listing(&[entry("/a/b.mp4")]).is_ok());
+        assert!(invalid_entry(&entry("/a/b.mp4")).is_none());
         for bad in ["/../etc/passwd", "/a//b", "/", "/a/./b", "/a/.."] {
-            assert!(validate_listing(&[entry(bad)]).is_err(), "{bad} accepted");
+            assert!(invalid_entry(&entry(bad)).is_some(), "{bad} accepted");
         }
+        let mut listing = vec![entry("/ok.mp4"), entry("/../escape")];
+        drop_invalid_entries("c", &mut listing);
+        assert_eq!(listing.len(), 1);
     }
 }

@@ -93,6 +93,18 @@ impl Fixture {
         self.home.run_async(args).await
     }
 
+    /// A raw v2 `open` of `hash` with a fresh key, as any reader could send it.
+    async fn open_reply(&self, hash: &str) -> serde_json::Value {
+        let body = json!({"hash": hash, "client_xkey": EphemeralKey::generate().public_xkey()});
+        raw_request(&self.nats, &self.subject("open"), body.to_string()).await
+    }
+
+    /// A raw v1 `download` of `hash` for a fresh xkey (nobody listens to the chunks).
+    async fn download_reply(&self, hash: &str) -> serde_json::Value {
+        let body = json!({"hash": hash, "target_xkey": nkeys::XKey::new().public_key()});
+        raw_request(&self.nats, &self.subject("download"), body.to_string()).await
+    }
+
     fn catalog_file(&self) -> PathBuf {
         self.home.path().join(format!("{CATALOG}.json"))
     }
@@ -230,20 +242,22 @@ async fn ranged_reads_return_exact_bytes() {
         (0, size),
         (0, usize::MAX),
     ];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e61_7473_7465_72);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x006e_6174_7374_6572);
     for _ in 0..40 {
         let offset = rng.gen_range(0..s + 64);
         let len = if rng.gen_bool(0.5) { rng.gen_range(0..=4096) } else { rng.gen_range(1..=2 * CHUNK + 3) };
         cases.push((offset, len));
     }
     for (offset, len) in cases {
-        let got = file.read_range(offset, len).await.unwrap_or_else(|e| panic!("read_range({offset}, {len}): {e}"));
+        let got = within("read_range", file.read_range(offset, len))
+            .await
+            .unwrap_or_else(|e| panic!("read_range({offset}, {len}): {e}"));
         let want = expected(offset, len);
         assert!(got == want, "read_range({offset}, {len}) gave {} bytes, expected {}", got.len(), want.len());
     }
 
     // Whole chunks, as the mount asks for them.
-    let chunks = file.read_chunks(4, 10).await.expect("read_chunks");
+    let chunks = within("read_chunks", file.read_chunks(4, 10)).await.expect("read_chunks");
     assert_eq!(chunks.len(), 2, "chunks past the end are clipped");
     assert_eq!(&chunks[0][..], &src[4 * CHUNK..5 * CHUNK]);
     assert_eq!(&chunks[1][..], &src[5 * CHUNK..]);
@@ -256,7 +270,7 @@ async fn ranged_reads_return_exact_bytes() {
         })
         .collect();
     for (i, r) in reads.into_iter().enumerate() {
-        let got = r.await.expect("task").expect("concurrent read_range");
+        let got = within("concurrent read_range", r).await.expect("task").expect("concurrent read_range");
         assert!(got == expected(i as u64 * c + 100, CHUNK), "concurrent read {i} differs");
     }
 
@@ -289,7 +303,7 @@ async fn concurrent_downloads_of_the_big_file() {
         })
         .collect();
     for task in tasks {
-        let (target, written) = task.await.expect("download task");
+        let (target, written) = within("a concurrent download", task).await.expect("download task");
         assert_eq!(written, Ok(BIG as u64), "{}", target.display());
         let got = std::fs::read(&target).expect("downloaded file");
         assert!(got == big.bytes, "{} differs from the source", target.display());
@@ -370,54 +384,60 @@ async fn v1_download_reassembles_byte_identical() {
     drop(sub2);
 
     // The library's v1 path.
-    let mut via_lib = Vec::new();
-    let written = fx
-        .client
-        .download_v1(&hash, |chunk| {
-            via_lib.extend_from_slice(chunk);
-            Ok(())
-        })
-        .await
-        .expect("download_v1");
-    assert_eq!(written, size as u64);
-    assert!(via_lib == src.bytes, "download_v1 differs");
+    let via_lib = within("download_v1", collect_v1(fx.client.clone(), hash.clone())).await.expect("download_v1");
+    assert!(via_lib == src.bytes, "download_v1 differs ({} vs {size} bytes)", via_lib.len());
 
     // An empty file is zero chunks, and comes back empty.
     let empty = fx.source("/empty").hash();
-    let written = fx.client.download_v1(&empty, |_| panic!("data for an empty file")).await.expect("empty v1");
+    let written = within("empty v1", fx.client.download_v1(&empty, |_| panic!("data for an empty file")))
+        .await
+        .expect("empty v1");
     assert_eq!(written, 0);
 }
 
-/// 4b. v1 chunks travel on a subject named by the file's hash, so two v1 transfers of the same
-/// file overlap on it; each reader must keep only its own transfer's chunks (the
-/// `x-natster-sender-xkey` header tells them apart) and neither may fail or hang.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlapping_v1_downloads_of_one_file() {
-    let size = 1024 * protocol::V1_CHUNK_SIZE + 99;
-    let fx = Fixture::new(vec![("/shared-v1.bin", pseudo_random_bytes(42, size))]).await;
-    let src = fx.source("/shared-v1.bin");
-    let hash = src.hash();
-    let collect = |client: CatalogClient, hash: String| async move {
-        let mut bytes = Vec::new();
-        let written = client
-            .download_v1(&hash, |chunk| {
-                bytes.extend_from_slice(chunk);
-                Ok(())
-            })
-            .await;
-        written.map(|_| bytes)
-    };
+/// A v1 download of `hash` through `client`, collected in memory.
+async fn collect_v1(client: CatalogClient, hash: String) -> Result<Vec<u8>, ClientError> {
+    let mut bytes = Vec::new();
+    client
+        .download_v1(&hash, |chunk| {
+            bytes.extend_from_slice(chunk);
+            Ok(())
+        })
+        .await
+        .map(|_| bytes)
+}
 
-    // Another reader of the same account (its own connection) downloads the same file at
-    // the same time: both receive both transfers' chunks.
+/// A file of 1025 v1 chunks, served.
+async fn v1_fixture() -> Fixture {
+    Fixture::new(vec![("/shared-v1.bin", pseudo_random_bytes(42, 1024 * protocol::V1_CHUNK_SIZE + 99))]).await
+}
+
+/// 4b. v1 chunks travel on a subject named by the file's hash, so when two readers of one
+/// account download the same file at once, each receives both transfers' chunks. Each must
+/// keep only its own (the `x-natster-sender-xkey` header tells them apart), not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_v1_downloads_by_two_readers() {
+    let fx = v1_fixture().await;
+    let src = fx.source("/shared-v1.bin");
     let other = catalog_client(&connect(&fx.server.url()).await, CATALOG);
-    let (a, b) = tokio::join!(collect(fx.client.clone(), hash.clone()), collect(other, hash.clone()));
+    let (a, b) = within("two v1 downloads", async {
+        tokio::join!(collect_v1(fx.client.clone(), src.hash()), collect_v1(other, src.hash()))
+    })
+    .await;
     let a = a.unwrap_or_else(|e| panic!("first of two overlapping v1 downloads failed: {e}"));
     let b = b.unwrap_or_else(|e| panic!("second of two overlapping v1 downloads failed: {e}"));
     assert!(a == src.bytes && b == src.bytes, "overlapping v1 downloads differ");
+}
 
-    // Two downloads of the same file through one client.
-    let (a, b) = tokio::join!(collect(fx.client.clone(), hash.clone()), collect(fx.client.clone(), hash.clone()));
+/// 4c. Two v1 downloads of the same file through one client both complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_v1_downloads_on_one_client() {
+    let fx = v1_fixture().await;
+    let src = fx.source("/shared-v1.bin");
+    let (a, b) = within("two v1 downloads", async {
+        tokio::join!(collect_v1(fx.client.clone(), src.hash()), collect_v1(fx.client.clone(), src.hash()))
+    })
+    .await;
     let a = a.unwrap_or_else(|e| panic!("first of two v1 downloads on one client failed: {e}"));
     let b = b.unwrap_or_else(|e| panic!("second of two v1 downloads on one client failed: {e}"));
     assert!(a == src.bytes && b == src.bytes, "v1 downloads on one client differ");
@@ -433,16 +453,13 @@ async fn unknown_hash_is_not_found() {
     assert!(err.is_not_found(), "expected 404, got {err}");
     assert!(err.to_string().contains(&unknown), "message does not name the hash: {err}");
 
-    let reply = raw_request(
-        &fx.nats,
-        &fx.subject("download"),
-        json!({"hash": unknown, "target_xkey": nkeys::XKey::new().public_key()}).to_string(),
-    )
-    .await;
+    let reply = fx.open_reply(&unknown).await;
+    assert_eq!(code(&reply), 404, "{reply}");
+    let reply = fx.download_reply(&unknown).await;
     assert_eq!(code(&reply), 404, "{reply}");
     assert!(reply["error"].as_str().unwrap_or_default().contains(&unknown), "{reply}");
 
-    let err = fx.client.download_v1(&unknown, |_| Ok(())).await.err().expect("v1 of unknown hash");
+    let err = fx.client.download_v1(&unknown, |_| Ok(())).await.expect_err("v1 of unknown hash");
     assert!(err.is_not_found(), "{err}");
 
     let out = tempfile::tempdir().unwrap();
@@ -512,12 +529,11 @@ async fn malformed_requests_get_400_and_serving_goes_on() {
     assert_eq!(listing.entries.len(), 1);
     let file = fx.client.open(&hash, Some(CHUNK as u64 + 10)).await.expect("open after malformed requests");
     let mut all = Vec::new();
-    file.read_all(|c| {
+    let read = file.read_all(|c| {
         all.extend_from_slice(c);
         Ok(())
-    })
-    .await
-    .expect("read after malformed requests");
+    });
+    within("read_all", read).await.expect("read after malformed requests");
     assert!(all == fx.source("/f.bin").bytes);
 }
 
@@ -639,6 +655,18 @@ async fn unshared_account_is_refused_until_shared() {
     )
     .await;
     assert_eq!(code(&reply), 404, "an account used the owner's session: {reply}");
+
+    // Unsharing takes effect at once, for new requests and for the session already open.
+    ShareList { catalog: CATALOG.to_string(), accounts: Vec::new() }.save(&fx.home.home()).expect("save shares");
+    let reply = raw_request(&fx.nats, &as_account(&account, "get"), "").await;
+    assert_eq!(code(&reply), 403, "get after unsharing: {reply}");
+    let reply = raw_request(
+        &fx.nats,
+        &as_account(&account, "read"),
+        json!({"session": session, "first_chunk": 0, "count": 1}).to_string(),
+    )
+    .await;
+    assert_eq!(code(&reply), 403, "read on an open session after unsharing: {reply}");
 }
 
 /// Opens a raw v2 session with `key` and derives its session key.
@@ -795,12 +823,11 @@ async fn changed_files_are_refused() {
             Err(e) => panic!("{p}: expected 409, got {e}"),
             Ok(_) => panic!("{p}: changed file served under its old hash"),
         }
-        let body = json!({"hash": hash_of(p), "target_xkey": nkeys::XKey::new().public_key()}).to_string();
-        let reply = raw_request(&fx.nats, &fx.subject("download"), body).await;
+        let reply = fx.download_reply(&hash_of(p)).await;
         assert_eq!(code(&reply), 409, "v1 download of {p}: {reply}");
     }
     // A session opened before the change stops serving.
-    match open_early.read_range(CHUNK as u64, 10).await {
+    match within("read after change", open_early.read_range(CHUNK as u64, 10)).await {
         Err(ClientError::Refused { code: 409, .. }) => {}
         other => panic!("read on a session whose file changed: {:?}", other.map(|b| b.len())),
     }
@@ -815,12 +842,13 @@ async fn changed_files_are_refused() {
     // The server could not tell; the whole-file sha256 check does, and nothing is kept.
     let sneaky_src = fx.source("/sneaky.bin");
     let file = fx.client.open(&sneaky_src.hash(), None).await.expect("size and mtime match");
-    let err = file.read_all(|_| Ok(())).await.err().expect("modified bytes verified as the indexed hash");
+    let err =
+        within("read_all", file.read_all(|_| Ok(()))).await.expect_err("modified bytes verified as the indexed hash");
     assert!(matches!(err, ClientError::HashMismatch(_)), "{err}");
     let sneaky_target = out.path().join("sneaky.bin");
-    let result =
-        client::download_to_file(&fx.client, &sneaky_src.hash(), sneaky_src.bytes.len() as u64, &sneaky_target, |_| {})
-            .await;
+    let (sneaky_hash, sneaky_len) = (sneaky_src.hash(), sneaky_src.bytes.len() as u64);
+    let download = client::download_to_file(&fx.client, &sneaky_hash, sneaky_len, &sneaky_target, |_| {});
+    let result = within("sneaky download", download).await;
     assert!(result.is_err(), "sneaky download accepted");
     assert_eq!(file_names(out.path()), Vec::<String>::new(), "a failed download left files");
 
@@ -916,30 +944,20 @@ async fn paths_outside_the_root_are_not_served() {
 
     for (path, _, i) in &evil {
         let h = &secret_hashes[*i];
-        let reply = raw_request(
-            &fx.nats,
-            &fx.subject("open"),
-            json!({"hash": h, "client_xkey": EphemeralKey::generate().public_xkey()}).to_string(),
-        )
-        .await;
+        let reply = fx.open_reply(h).await;
         assert_eq!(code(&reply), 404, "{path} opened: {reply}");
-        let reply = raw_request(
-            &fx.nats,
-            &fx.subject("download"),
-            json!({"hash": h, "target_xkey": nkeys::XKey::new().public_key()}).to_string(),
-        )
-        .await;
+        // Refused for where it points, not for an unknown hash.
+        assert!(reply["error"].as_str().unwrap_or_default().contains("cannot be served"), "{path}: {reply}");
+        let reply = fx.download_reply(h).await;
         assert_eq!(code(&reply), 404, "{path} v1 download: {reply}");
         let err = fx.client.open(h, None).await.err().unwrap_or_else(|| panic!("{path} opened through the client"));
         assert!(err.is_not_found(), "{path}: {err}");
     }
-    let reply = raw_request(
-        &fx.nats,
-        &fx.subject("open"),
-        json!({"hash": swapped_hash, "client_xkey": EphemeralKey::generate().public_xkey()}).to_string(),
-    )
-    .await;
+    let reply = fx.open_reply(&swapped_hash).await;
     assert_eq!(code(&reply), 404, "a file swapped for an escaping symlink was served: {reply}");
+    assert!(reply["error"].as_str().unwrap_or_default().contains("cannot be served"), "{reply}");
+    let log = fx.served.log();
+    assert!(log.contains("refusing to serve"), "the server did not log its refusals:\n{}", tail(&log, 20));
 
     // The client never hands an escaping path to its caller.
     if let Ok(listing) = fx.client.get().await {

@@ -404,6 +404,17 @@ where
     }
 }
 
+/// Bound on a whole library operation (a download, a read of many chunks) in tests: the
+/// client has its own timeouts, this catches a hang in the client itself.
+pub const OPERATION_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Awaits `fut`, failing the test if it takes longer than [`OPERATION_DEADLINE`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(OPERATION_DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {OPERATION_DEADLINE:?}"))
+}
+
 /// Sends `payload` to `subject` and parses the reply as JSON (bounded).
 pub async fn raw_request(
     nats: &async_nats::Client,
