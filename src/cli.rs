@@ -210,8 +210,13 @@ pub async fn catalog_download(
     } else {
         out.to_path_buf()
     };
-    if out.exists() && !force {
-        bail!("{} already exists; remove it or pass --force to replace it", out.display());
+    if let Ok(meta) = std::fs::symlink_metadata(&out) {
+        if !meta.is_file() {
+            bail!("{} exists and is not a regular file; give a new file name or a folder", out.display());
+        }
+        if !force {
+            bail!("{} already exists; remove it or pass --force to replace it", out.display());
+        }
     }
     let started = Instant::now();
     let progress = bar(entry.byte_size, "downloading");
@@ -270,6 +275,7 @@ pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
     }
     // SAFETY: getuid/getgid cannot fail and touch no memory.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    limit_allocator_retention();
     let options = crate::fs::mount::MountOptions {
         fs: crate::fs::FsOptions {
             cache_bytes: usize::try_from(args.cache_size).unwrap_or(usize::MAX),
@@ -287,6 +293,18 @@ pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
         },
     };
     crate::fs::mount::run(&g.home, &context, &args.mountpoint, options, g.timeout)
+}
+
+/// Chunks are 256 KiB buffers that come and go at network speed. glibc's default raises its
+/// mmap threshold after such buffers are freed and then keeps them in per-thread arenas, so
+/// the process would hold far more than the cache budget. A fixed threshold gives every chunk
+/// its own mapping, returned to the system as soon as it is dropped.
+fn limit_allocator_retention() {
+    // SAFETY: mallopt only tunes the allocator; called before the runtime starts threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
 }
 
 /// Re-runs this command with --foreground as a detached process, and returns once the mount

@@ -48,8 +48,8 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(5),
             chunk_timeout: Duration::from_secs(2),
             retries: 3,
-            window: 32,
-            batch: 8,
+            window: 64,
+            batch: 16,
         }
     }
 }

@@ -132,8 +132,14 @@ impl SessionKey {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication(index));
         }
-        // Unique buffers (the usual case) convert without a copy.
-        let mut buf = sealed.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        // A unique, tight buffer is decrypted where it is. Anything else is copied first: a
+        // slice of a larger network buffer would otherwise pin all of it for as long as the
+        // chunk stays cached, and the cache's byte budget would not be the memory used.
+        let mut buf = match sealed.try_into_mut() {
+            Ok(own) if own.capacity() <= own.len() + own.len() / 16 + 64 => own,
+            Ok(own) => bytes::BytesMut::from(&own[..]),
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
         let aad = self.aad(index);
         let body_end = buf.len() - TAG_LEN;
         let (head, tag) = buf.split_at_mut(body_end);

@@ -1,6 +1,7 @@
 //! natster-mount: decentralized media sharing over NATS, with the reader's side as a FUSE
 //! filesystem. See `DESIGN.md` in the shared folder and the README.
 
+pub mod accounts;
 pub mod cache;
 pub mod cli;
 pub mod client;

@@ -446,7 +446,7 @@ fn peak_rss(pid: u32) -> u64 {
 
 /// Fixed overhead we allow on top of the cache budget: runtime, FUSE buffers, NATS client
 /// buffers, listings and the mount-wide read-ahead in flight (64 MiB).
-const RSS_OVERHEAD: u64 = 128 * 1024 * 1024;
+const RSS_OVERHEAD: u64 = 96 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_under_the_cache_budget_plus_fixed_overhead() {

@@ -162,15 +162,17 @@ pub fn run(
     eprintln!("mounted {} catalog(s) on {}", fs.sources.len(), mountpoint.display());
 
     let refresher = runtime.spawn(keep_fresh(fs.clone(), nats.clone(), notifier, options.listing_ttl));
-    runtime.block_on(async {
+    let signalled = runtime.block_on(async {
         tokio::select! {
-            _ = crate::cli::shutdown_signal() => tracing::info!("signal received; unmounting"),
-            _ = ended_rx => tracing::info!("unmounted externally"),
+            _ = crate::cli::shutdown_signal() => { tracing::info!("signal received; unmounting"); true }
+            _ = ended_rx => { tracing::info!("unmounted externally"); false }
         }
     });
     refresher.abort();
-    if let Err(e) = unmounter.unmount() {
-        tracing::debug!("unmount: {e}");
+    if signalled {
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+        }
     }
     match fuse_thread.join() {
         Ok(Ok(())) => {}

@@ -1,0 +1,1216 @@
+//! A self-hosted NATS operator: the operator, system account and per-person accounts with
+//! their nkeys, JWTs and creds files, kept under `$NATSTER_HOME/operator/`; the Natster
+//! exports and per-catalog imports in account JWTs; a `nats-server` configuration for operator
+//! mode with a full resolver; pushing updated account JWTs to a running server; and a local
+//! `nats-server` child process.
+//!
+//! Layout on disk (every file holding a seed is 0600, folders 0700):
+//! ```text
+//! operator/operator.nk          operator seed
+//! operator/operator.jwt         self-signed operator JWT (system_account set)
+//! operator/system/account.nk    system account seed ("SYS")
+//! operator/system/account.jwt
+//! operator/system/user.creds    system user creds (JWT + seed)
+//! operator/accounts/<name>/…    same three files per account
+//! ```
+//! The account JWT on disk is the source of truth for an account's imports.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write as _;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use nkeys::{KeyPair, KeyPairType};
+use serde::Deserialize;
+
+use crate::context::{set_mode, Home, ImportedCatalog};
+use crate::protocol::{is_account_key, validate_catalog_name};
+
+use self::jwt::{AccountLimits, AccountNats, Claims, Export, ExportType, Import, OperatorNats, UserNats};
+
+/// Name of the service export every Natster account carries.
+pub const CATALOG_EXPORT_NAME: &str = "natster_catalog";
+/// Subject of the catalog service export; token 1 is the caller's account.
+pub const CATALOG_EXPORT_SUBJECT: &str = "*.natster.catalog.>";
+/// Name of the stream export every Natster account carries.
+pub const MEDIA_EXPORT_NAME: &str = "natster_media";
+/// Subject of the media stream export; token 1 is the reader's account.
+pub const MEDIA_EXPORT_SUBJECT: &str = "*.natster.media.*.*";
+/// Name of the system account.
+pub const SYSTEM_ACCOUNT_NAME: &str = "SYS";
+/// Subject a full-resolver nats-server answers account JWT updates on (system account only).
+pub const CLAIMS_UPDATE_SUBJECT: &str = "$SYS.REQ.CLAIMS.UPDATE";
+/// Bound on one account JWT push.
+pub const PUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default bound on a local nats-server becoming reachable.
+pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+const OPERATOR_DIR: &str = "operator";
+const OPERATOR_SEED: &str = "operator.nk";
+const OPERATOR_JWT: &str = "operator.jwt";
+const SYSTEM_DIR: &str = "system";
+const ACCOUNTS_DIR: &str = "accounts";
+const ACCOUNT_SEED: &str = "account.nk";
+const ACCOUNT_JWT: &str = "account.jwt";
+const USER_CREDS: &str = "user.creds";
+const OPERATOR_NAME: &str = "natster";
+
+/// NATS JWTs (v2) as nats-server reads them: `base64url(header).base64url(claims).base64url(sig)`,
+/// header `{"typ":"JWT","alg":"ed25519-nkey"}`, signature by the issuer's nkey over
+/// `header.claims`. Only the fields Natster needs are modelled; unknown fields are ignored
+/// on decode (and therefore dropped when re-encoding).
+pub mod jwt {
+    use anyhow::{anyhow, bail, Context as _, Result};
+    use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
+    use nkeys::KeyPair;
+    use serde::de::DeserializeOwned;
+    use serde::{Deserialize, Serialize};
+    use sha2::{Digest, Sha512_256};
+
+    /// The JOSE header of every v2 NATS JWT.
+    pub const HEADER: &str = r#"{"typ":"JWT","alg":"ed25519-nkey"}"#;
+    /// Claims format version (`nats.version`).
+    pub const VERSION: u32 = 2;
+    pub const OPERATOR: &str = "operator";
+    pub const ACCOUNT: &str = "account";
+    pub const USER: &str = "user";
+
+    /// The standard claims plus the NATS-specific part `nats`.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Claims<N> {
+        /// Content hash: base32 (no padding) of SHA-512/256 over these claims serialised
+        /// with `jti` empty (the Go library hashes with SHA-512/256 too). Set by [`encode`].
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub jti: String,
+        /// Issued at, seconds since the epoch. Set by [`encode`].
+        #[serde(default)]
+        pub iat: i64,
+        /// Issuer public key. Set by [`encode`].
+        #[serde(default)]
+        pub iss: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub name: String,
+        /// Subject public key.
+        pub sub: String,
+        pub nats: N,
+    }
+
+    impl<N> Claims<N> {
+        pub fn new(name: &str, subject: &str, nats: N) -> Self {
+            Claims {
+                jti: String::new(),
+                iat: 0,
+                iss: String::new(),
+                name: name.to_string(),
+                sub: subject.to_string(),
+                nats,
+            }
+        }
+    }
+
+    /// `nats` of an operator JWT.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct OperatorNats {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub system_account: Option<String>,
+        #[serde(rename = "type")]
+        pub claim_type: String,
+        #[serde(default)]
+        pub version: u32,
+    }
+
+    /// Export and import kinds.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum ExportType {
+        Service,
+        Stream,
+    }
+
+    /// One export of an account.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Export {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub name: String,
+        pub subject: String,
+        #[serde(rename = "type")]
+        pub kind: ExportType,
+        /// 1-based subject token that must equal the importing account's key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub account_token_position: Option<u32>,
+    }
+
+    /// One import of an account. `subject` is the exporter's (remote) subject; `local_subject`
+    /// is what the importer's clients use. `to` is the older, deprecated mapping field.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Import {
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        pub name: String,
+        pub subject: String,
+        pub account: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub local_subject: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub to: Option<String>,
+        #[serde(rename = "type")]
+        pub kind: ExportType,
+    }
+
+    /// Account limits (the operator limits of an account JWT). -1 is unlimited; JetStream is
+    /// enabled when `mem_storage` or `disk_storage` is non-zero.
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    #[serde(default)]
+    pub struct AccountLimits {
+        pub subs: i64,
+        pub data: i64,
+        pub payload: i64,
+        pub imports: i64,
+        pub exports: i64,
+        pub wildcards: bool,
+        pub conn: i64,
+        pub leaf: i64,
+        pub mem_storage: i64,
+        pub disk_storage: i64,
+        pub streams: i64,
+        pub consumer: i64,
+    }
+
+    impl Default for AccountLimits {
+        fn default() -> Self {
+            AccountLimits::unlimited(false)
+        }
+    }
+
+    impl AccountLimits {
+        /// No limits; JetStream unlimited when `jetstream`, disabled otherwise.
+        pub fn unlimited(jetstream: bool) -> Self {
+            let js = if jetstream { -1 } else { 0 };
+            AccountLimits {
+                subs: -1,
+                data: -1,
+                payload: -1,
+                imports: -1,
+                exports: -1,
+                wildcards: true,
+                conn: -1,
+                leaf: -1,
+                mem_storage: js,
+                disk_storage: js,
+                streams: js,
+                consumer: js,
+            }
+        }
+    }
+
+    /// `nats` of an account JWT.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct AccountNats {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub imports: Vec<Import>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub exports: Vec<Export>,
+        #[serde(default)]
+        pub limits: AccountLimits,
+        #[serde(rename = "type")]
+        pub claim_type: String,
+        #[serde(default)]
+        pub version: u32,
+    }
+
+    /// Publish or subscribe permissions of a user.
+    #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Permission {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub allow: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub deny: Vec<String>,
+    }
+
+    /// `nats` of a user JWT.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct UserNats {
+        #[serde(rename = "pub", default)]
+        pub publish: Permission,
+        #[serde(rename = "sub", default)]
+        pub subscribe: Permission,
+        #[serde(default)]
+        pub subs: i64,
+        #[serde(default)]
+        pub data: i64,
+        #[serde(default)]
+        pub payload: i64,
+        /// Set only when a signing key (not the account key itself) issues the JWT.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub issuer_account: Option<String>,
+        #[serde(rename = "type")]
+        pub claim_type: String,
+        #[serde(default)]
+        pub version: u32,
+    }
+
+    impl UserNats {
+        /// A user without permission restrictions or limits.
+        pub fn unlimited() -> Self {
+            UserNats {
+                publish: Permission::default(),
+                subscribe: Permission::default(),
+                subs: -1,
+                data: -1,
+                payload: -1,
+                issuer_account: None,
+                claim_type: USER.into(),
+                version: VERSION,
+            }
+        }
+    }
+
+    fn now() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    }
+
+    /// Signs `claims` with `issuer` (which must hold a seed): sets `iss`, `iat` (now, never
+    /// earlier than the claims' previous `iat`, so a server keeps the newer JWT) and `jti`.
+    pub fn encode<N: Serialize>(claims: &mut Claims<N>, issuer: &KeyPair) -> Result<String> {
+        claims.iss = issuer.public_key();
+        claims.iat = now().max(claims.iat);
+        claims.jti.clear();
+        let unhashed = serde_json::to_vec(&*claims).context("cannot serialise JWT claims")?;
+        claims.jti = BASE32_NOPAD.encode(&Sha512_256::digest(&unhashed));
+        let payload = serde_json::to_vec(&*claims).context("cannot serialise JWT claims")?;
+        let signed = format!("{}.{}", BASE64URL_NOPAD.encode(HEADER.as_bytes()), BASE64URL_NOPAD.encode(&payload));
+        let signature = issuer.sign(signed.as_bytes()).map_err(|e| anyhow!("cannot sign JWT: {e}"))?;
+        Ok(format!("{signed}.{}", BASE64URL_NOPAD.encode(&signature)))
+    }
+
+    /// Decodes a JWT and checks its header and its signature by the `iss` key it names.
+    /// Whether that issuer is trusted is for the caller to check.
+    pub fn decode<N: DeserializeOwned>(token: &str) -> Result<Claims<N>> {
+        let token = token.trim();
+        let parts: Vec<&str> = token.split('.').collect();
+        let [header, payload, signature] = parts.as_slice() else {
+            bail!("not a JWT: expected three dot-separated parts, found {}", parts.len());
+        };
+        let header_json = BASE64URL_NOPAD.decode(header.as_bytes()).context("JWT header is not base64url")?;
+        let header_value: serde_json::Value = serde_json::from_slice(&header_json).context("JWT header is not JSON")?;
+        let alg = header_value.get("alg").and_then(|a| a.as_str()).unwrap_or_default();
+        let typ = header_value.get("typ").and_then(|a| a.as_str()).unwrap_or_default();
+        if alg != "ed25519-nkey" || !typ.eq_ignore_ascii_case("jwt") {
+            bail!("unsupported JWT header (typ {typ:?}, alg {alg:?}); expected a v2 NATS JWT");
+        }
+        let payload_json = BASE64URL_NOPAD.decode(payload.as_bytes()).context("JWT claims are not base64url")?;
+        let signature = BASE64URL_NOPAD.decode(signature.as_bytes()).context("JWT signature is not base64url")?;
+        let claims: Claims<N> =
+            serde_json::from_slice(&payload_json).context("JWT claims do not have the expected shape")?;
+        let issuer = KeyPair::from_public_key(&claims.iss)
+            .map_err(|e| anyhow!("JWT issuer {:?} is not a public nkey: {e}", claims.iss))?;
+        let signed_len = header.len() + 1 + payload.len();
+        issuer
+            .verify(&token.as_bytes()[..signed_len], &signature)
+            .map_err(|_| anyhow!("JWT signature does not verify against its issuer {}", claims.iss))?;
+        Ok(claims)
+    }
+}
+
+/// One account this operator manages, as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    pub name: String,
+    pub public_key: String,
+    /// Creds file of the account's user (JWT + seed, mode 0600).
+    pub creds: PathBuf,
+}
+
+struct AccountState {
+    name: String,
+    key: KeyPair,
+    claims: Claims<AccountNats>,
+    jwt: String,
+    dir: PathBuf,
+}
+
+impl AccountState {
+    fn record(&self) -> AccountRecord {
+        AccountRecord { name: self.name.clone(), public_key: self.key.public_key(), creds: self.dir.join(USER_CREDS) }
+    }
+}
+
+/// The operator and every account it manages. Holds seeds: its `Debug` shows public keys only.
+pub struct Operator {
+    dir: PathBuf,
+    key: KeyPair,
+    jwt: String,
+    system: AccountState,
+    accounts: BTreeMap<String, AccountState>,
+}
+
+impl std::fmt::Debug for Operator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Operator")
+            .field("dir", &self.dir)
+            .field("public_key", &self.key.public_key())
+            .field("system_account", &self.system.key.public_key())
+            .field("accounts", &self.accounts.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Account names: letters, digits, `_` and `-`, 1..=64 characters (they become folder names).
+pub fn validate_account_name(name: &str) -> Result<()> {
+    validate_catalog_name(name).map_err(|e| anyhow!("{}", e.replace("catalog name", "account name")))
+}
+
+fn check_account_key(key: &str, what: &str) -> Result<()> {
+    if !is_account_key(key) {
+        bail!("{what} '{key}' is not an account public key (56 characters starting with 'A', valid checksum)");
+    }
+    Ok(())
+}
+
+impl Operator {
+    /// `$NATSTER_HOME/operator`.
+    pub fn dir_in(home: &Home) -> PathBuf {
+        home.path().join(OPERATOR_DIR)
+    }
+
+    /// Loads the operator in `home`, creating it first (operator key and self-signed JWT,
+    /// system account "SYS" and its user) if there is none. Creation is atomic: a staging
+    /// folder is renamed into place, so an interrupted run leaves nothing half-made.
+    pub fn init(home: &Home) -> Result<Operator> {
+        let dir = Self::dir_in(home);
+        if dir.join(OPERATOR_JWT).exists() {
+            return Self::load(home);
+        }
+        if dir.exists() {
+            bail!(
+                "{} exists but holds no {OPERATOR_JWT}; move it away and run again to create a new operator",
+                dir.display()
+            );
+        }
+        home.ensure()?;
+        let staging = tempfile::Builder::new()
+            .prefix(".operator-new-")
+            .tempdir_in(home.path())
+            .with_context(|| format!("cannot create a staging folder in {}", home.path().display()))?;
+        set_mode(staging.path(), 0o700)?;
+
+        let operator = KeyPair::new_operator();
+        let system = KeyPair::new_account();
+        let mut claims = Claims::new(
+            OPERATOR_NAME,
+            &operator.public_key(),
+            OperatorNats {
+                system_account: Some(system.public_key()),
+                claim_type: jwt::OPERATOR.into(),
+                version: jwt::VERSION,
+            },
+        );
+        let operator_jwt = jwt::encode(&mut claims, &operator)?;
+        write_seed(&staging.path().join(OPERATOR_SEED), &operator)?;
+        write_public(&staging.path().join(OPERATOR_JWT), operator_jwt.as_bytes())?;
+        let system_claims = Claims::new(
+            SYSTEM_ACCOUNT_NAME,
+            &system.public_key(),
+            AccountNats {
+                imports: Vec::new(),
+                exports: Vec::new(),
+                limits: AccountLimits::unlimited(false),
+                claim_type: jwt::ACCOUNT.into(),
+                version: jwt::VERSION,
+            },
+        );
+        write_account_dir(&staging.path().join(SYSTEM_DIR), &operator, &system, system_claims, "sys")?;
+        create_private_dir(&staging.path().join(ACCOUNTS_DIR))?;
+
+        let staged = staging.keep();
+        if let Err(e) = fs::rename(&staged, &dir) {
+            let _ = fs::remove_dir_all(&staged);
+            if dir.join(OPERATOR_JWT).exists() {
+                // Someone else created it at the same moment: use theirs.
+                return Self::load(home);
+            }
+            return Err(e).with_context(|| format!("cannot create {}", dir.display()));
+        }
+        tracing::info!(operator = %operator.public_key(), "created NATS operator in {}", dir.display());
+        Self::load(home)
+    }
+
+    /// Loads an existing operator and all its accounts, checking every JWT's signature and
+    /// issuer and that every seed matches its JWT.
+    pub fn load(home: &Home) -> Result<Operator> {
+        let dir = Self::dir_in(home);
+        let jwt_path = dir.join(OPERATOR_JWT);
+        if !jwt_path.exists() {
+            bail!("no operator in {}; create one with `natster-mount operator init`", dir.display());
+        }
+        let key = read_seed(&dir.join(OPERATOR_SEED), KeyPairType::Operator)?;
+        let operator_jwt = read_text(&jwt_path)?;
+        let claims: Claims<OperatorNats> =
+            jwt::decode(&operator_jwt).with_context(|| format!("{} is not a valid JWT", jwt_path.display()))?;
+        if claims.nats.claim_type != jwt::OPERATOR || claims.sub != key.public_key() || claims.iss != claims.sub {
+            bail!("{} is not the self-signed operator JWT of the key in {OPERATOR_SEED}", jwt_path.display());
+        }
+        let system = load_account_dir(&dir.join(SYSTEM_DIR), SYSTEM_ACCOUNT_NAME, &key.public_key())?;
+        if claims.nats.system_account.as_deref() != Some(system.key.public_key().as_str()) {
+            bail!("the operator JWT's system_account is not the account in {}", dir.join(SYSTEM_DIR).display());
+        }
+        let mut accounts = BTreeMap::new();
+        let accounts_dir = dir.join(ACCOUNTS_DIR);
+        let entries = fs::read_dir(&accounts_dir).with_context(|| format!("cannot read {}", accounts_dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("cannot read {}", accounts_dir.display()))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else { continue };
+            if name.starts_with('.') || !entry.path().is_dir() {
+                continue; // staging leftovers of an interrupted add_account
+            }
+            validate_account_name(&name).with_context(|| format!("unexpected folder in {}", accounts_dir.display()))?;
+            let account = load_account_dir(&entry.path(), &name, &key.public_key())?;
+            accounts.insert(name, account);
+        }
+        Ok(Operator { dir, key, jwt: operator_jwt, system, accounts })
+    }
+
+    /// The operator public key.
+    pub fn public_key(&self) -> String {
+        self.key.public_key()
+    }
+
+    /// The self-signed operator JWT.
+    pub fn jwt(&self) -> &str {
+        &self.jwt
+    }
+
+    /// Path of the operator JWT file (what a nats-server config's `operator:` names).
+    pub fn jwt_path(&self) -> PathBuf {
+        self.dir.join(OPERATOR_JWT)
+    }
+
+    /// The operator's folder (`$NATSTER_HOME/operator`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn system_account_key(&self) -> String {
+        self.system.key.public_key()
+    }
+
+    pub fn system_account_jwt(&self) -> &str {
+        &self.system.jwt
+    }
+
+    /// Creds file of the system user: the identity `push_account_jwt` needs.
+    pub fn system_creds(&self) -> PathBuf {
+        self.system.dir.join(USER_CREDS)
+    }
+
+    /// Every account this operator manages (not the system account), by name.
+    pub fn accounts(&self) -> Vec<AccountRecord> {
+        self.accounts.values().map(AccountState::record).collect()
+    }
+
+    pub fn account_by_name(&self, name: &str) -> Option<AccountRecord> {
+        self.accounts.get(name).map(AccountState::record)
+    }
+
+    pub fn account_by_key(&self, public_key: &str) -> Option<AccountRecord> {
+        self.accounts.values().find(|a| a.key.public_key() == public_key).map(AccountState::record)
+    }
+
+    fn account(&self, name: &str) -> Result<&AccountState> {
+        self.accounts.get(name).ok_or_else(|| self.unknown_account(name))
+    }
+
+    fn unknown_account(&self, name: &str) -> anyhow::Error {
+        let known: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+        if known.is_empty() {
+            anyhow!("no account '{name}' in this operator (it has none yet; add one with `operator add-account`)")
+        } else {
+            anyhow!("no account '{name}' in this operator; known accounts: {}", known.join(", "))
+        }
+    }
+
+    /// The current JWT of a managed account.
+    pub fn account_jwt(&self, name: &str) -> Result<String> {
+        Ok(self.account(name)?.jwt.clone())
+    }
+
+    /// The current claims of a managed account (for inspection or hand-made variants; sign
+    /// them with [`Operator::sign_account`]).
+    pub fn account_claims(&self, name: &str) -> Result<Claims<AccountNats>> {
+        Ok(self.account(name)?.claims.clone())
+    }
+
+    /// Signs account claims with the operator key without storing them.
+    pub fn sign_account(&self, claims: &mut Claims<AccountNats>) -> Result<String> {
+        check_account_key(&claims.sub, "account JWT subject")?;
+        claims.nats.claim_type = jwt::ACCOUNT.into();
+        claims.nats.version = jwt::VERSION;
+        jwt::encode(claims, &self.key)
+    }
+
+    /// Decodes an account JWT and checks that this operator signed it.
+    pub fn verify_account_jwt(&self, token: &str) -> Result<Claims<AccountNats>> {
+        let claims: Claims<AccountNats> = jwt::decode(token)?;
+        if claims.nats.claim_type != jwt::ACCOUNT || !is_account_key(&claims.sub) {
+            bail!("not an account JWT (type {:?})", claims.nats.claim_type);
+        }
+        if claims.iss != self.key.public_key() {
+            bail!(
+                "account JWT for {} is signed by {}, not by this operator {}",
+                claims.sub,
+                claims.iss,
+                self.public_key()
+            );
+        }
+        Ok(claims)
+    }
+
+    /// Pushes the stored JWT of account `name` to a running server (see [`push_account_jwt`]).
+    pub async fn push_account(&self, sys: &async_nats::Client, name: &str) -> Result<()> {
+        let token = self.account_jwt(name)?;
+        push_account_jwt(sys, &token).await.with_context(|| format!("cannot update account '{name}' on the server"))
+    }
+
+    /// Creates account `name` with the two Natster exports, its user and creds file (0600).
+    pub fn add_account(&mut self, name: &str) -> Result<AccountRecord> {
+        validate_account_name(name)?;
+        if name == SYSTEM_ACCOUNT_NAME {
+            bail!("account name '{SYSTEM_ACCOUNT_NAME}' is reserved for the system account; choose another name");
+        }
+        let accounts_dir = self.dir.join(ACCOUNTS_DIR);
+        let target = accounts_dir.join(name);
+        if let Some(existing) = self.accounts.get(name) {
+            bail!("account '{name}' already exists (key {}); choose another name", existing.key.public_key());
+        }
+        if target.exists() {
+            bail!("account '{name}' already exists in {}; choose another name", accounts_dir.display());
+        }
+        let staging = tempfile::Builder::new()
+            .prefix(&format!(".new-{name}-"))
+            .tempdir_in(&accounts_dir)
+            .with_context(|| format!("cannot create a staging folder in {}", accounts_dir.display()))?;
+        let account = KeyPair::new_account();
+        let claims = Claims::new(
+            name,
+            &account.public_key(),
+            AccountNats {
+                imports: Vec::new(),
+                exports: natster_exports(),
+                limits: AccountLimits::unlimited(true),
+                claim_type: jwt::ACCOUNT.into(),
+                version: jwt::VERSION,
+            },
+        );
+        write_account_dir(staging.path(), &self.key, &account, claims, name)?;
+        let staged = staging.keep();
+        if let Err(e) = fs::rename(&staged, &target) {
+            let _ = fs::remove_dir_all(&staged);
+            return Err(e).with_context(|| format!("cannot create account folder {}", target.display()));
+        }
+        let state = load_account_dir(&target, name, &self.key.public_key())?;
+        let record = state.record();
+        self.accounts.insert(name.to_string(), state);
+        tracing::info!(account = %record.public_key, "added account {name}");
+        Ok(record)
+    }
+
+    /// Catalogs account `name` imports, from its JWT.
+    pub fn catalog_imports(&self, name: &str) -> Result<Vec<ImportedCatalog>> {
+        let account = self.account(name)?;
+        let mut out = Vec::new();
+        for import in &account.claims.nats.imports {
+            if import.kind != ExportType::Service {
+                continue;
+            }
+            if let Some(catalog) = import.name.strip_prefix("natster_") {
+                if validate_catalog_name(catalog).is_ok() {
+                    out.push(ImportedCatalog { catalog: catalog.to_string(), owner: import.account.clone() });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds to `importer`'s account JWT the two imports of catalog `catalog` from account
+    /// `owner_key`, stores the re-signed JWT and returns it (push it with
+    /// [`push_account_jwt`]). Nothing changes on error.
+    pub fn add_catalog_import(&mut self, importer: &str, catalog: &str, owner_key: &str) -> Result<String> {
+        validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
+        let account = self.account(importer)?;
+        check_account_key(owner_key, "owner account key")?;
+        let importer_key = account.key.public_key();
+        if owner_key == importer_key {
+            bail!("account '{importer}' owns {owner_key}: an account reads its own catalogs without an import");
+        }
+        let [service, stream] = catalog_imports(&importer_key, catalog, owner_key)?;
+        for existing in &account.claims.nats.imports {
+            if existing.name == service.name || existing.name == stream.name {
+                if existing.account == owner_key {
+                    bail!("account '{importer}' already imports catalog '{catalog}' from {owner_key}");
+                }
+                bail!(
+                    "account '{importer}' already imports a catalog '{catalog}' from {}; two imports of the same \
+                     catalog name would share the local subjects natster.catalog.{catalog}.> — remove that one first",
+                    existing.account
+                );
+            }
+            if existing.local_subject == service.local_subject || existing.local_subject == stream.local_subject {
+                bail!("account '{importer}' already has an import named '{}' on the local subjects of catalog '{catalog}'", existing.name);
+            }
+        }
+        let mut claims = account.claims.clone();
+        claims.nats.imports.push(service);
+        claims.nats.imports.push(stream);
+        self.store_account_claims(importer, claims)
+    }
+
+    /// Removes the two imports of catalog `catalog` from `owner_key` from `importer`'s account
+    /// JWT, stores and returns the re-signed JWT. Nothing changes on error.
+    pub fn remove_catalog_import(&mut self, importer: &str, catalog: &str, owner_key: &str) -> Result<String> {
+        validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
+        let account = self.account(importer)?;
+        check_account_key(owner_key, "owner account key")?;
+        let names = [format!("natster_{catalog}"), format!("natster_{catalog}_media")];
+        let mut claims = account.claims.clone();
+        let before = claims.nats.imports.len();
+        claims.nats.imports.retain(|i| !(i.account == owner_key && names.contains(&i.name)));
+        if claims.nats.imports.len() == before {
+            bail!("account '{importer}' does not import catalog '{catalog}' from {owner_key}");
+        }
+        self.store_account_claims(importer, claims)
+    }
+
+    fn store_account_claims(&mut self, name: &str, mut claims: Claims<AccountNats>) -> Result<String> {
+        let token = self.sign_account(&mut claims)?;
+        let account = self.accounts.get_mut(name).ok_or_else(|| anyhow!("no account '{name}'"))?;
+        write_public(&account.dir.join(ACCOUNT_JWT), token.as_bytes())?;
+        account.claims = claims;
+        account.jwt = token.clone();
+        Ok(token)
+    }
+
+    /// A nats-server configuration for this operator: loopback `port`, operator mode, full
+    /// resolver under `<store_dir>/jwt` preloaded with every account JWT (a JWT the resolver
+    /// already holds in a newer version is kept), JetStream under `store_dir`.
+    pub fn server_config(&self, port: u16, store_dir: &Path) -> String {
+        let mut conf = String::new();
+        conf.push_str("# Written by natster-mount; regenerated on every start.\n");
+        conf.push_str(&format!("listen: \"127.0.0.1:{port}\"\n"));
+        conf.push_str(&format!("server_name: \"natster-{port}\"\n"));
+        conf.push_str(&format!("operator: {}\n", conf_quote(&self.jwt_path().to_string_lossy())));
+        conf.push_str(&format!("system_account: {}\n", self.system_account_key()));
+        conf.push_str("resolver: {\n  type: full\n");
+        conf.push_str(&format!("  dir: {}\n", conf_quote(&store_dir.join("jwt").to_string_lossy())));
+        conf.push_str("  allow_delete: false\n  interval: \"2m\"\n}\n");
+        conf.push_str("resolver_preload: {\n");
+        conf.push_str(&format!("  {}: {}\n", self.system_account_key(), conf_quote(&self.system.jwt)));
+        for account in self.accounts.values() {
+            conf.push_str(&format!("  {}: {}\n", account.key.public_key(), conf_quote(&account.jwt)));
+        }
+        conf.push_str("}\n");
+        conf.push_str(&format!("jetstream: {{\n  store_dir: {}\n}}\n", conf_quote(&store_dir.to_string_lossy())));
+        conf
+    }
+}
+
+/// The two exports every Natster account carries.
+pub fn natster_exports() -> Vec<Export> {
+    vec![
+        Export {
+            name: CATALOG_EXPORT_NAME.into(),
+            subject: CATALOG_EXPORT_SUBJECT.into(),
+            kind: ExportType::Service,
+            account_token_position: Some(1),
+        },
+        Export {
+            name: MEDIA_EXPORT_NAME.into(),
+            subject: MEDIA_EXPORT_SUBJECT.into(),
+            kind: ExportType::Stream,
+            account_token_position: Some(1),
+        },
+    ]
+}
+
+/// The two imports that let account `importer_key` read catalog `catalog` of `owner_key`:
+/// service `natster_<C>` and stream `natster_<C>_media`.
+pub fn catalog_imports(importer_key: &str, catalog: &str, owner_key: &str) -> Result<[Import; 2]> {
+    validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
+    check_account_key(importer_key, "importing account key")?;
+    check_account_key(owner_key, "owner account key")?;
+    Ok([
+        Import {
+            name: format!("natster_{catalog}"),
+            subject: format!("{importer_key}.natster.catalog.{catalog}.>"),
+            account: owner_key.to_string(),
+            local_subject: Some(format!("natster.catalog.{catalog}.>")),
+            to: None,
+            kind: ExportType::Service,
+        },
+        Import {
+            name: format!("natster_{catalog}_media"),
+            subject: format!("{importer_key}.natster.media.{catalog}.*"),
+            account: owner_key.to_string(),
+            local_subject: Some(format!("natster.media.{catalog}.*")),
+            to: None,
+            kind: ExportType::Stream,
+        },
+    ])
+}
+
+/// For an account this operator does not manage (an `nsc` operator's): the two
+/// `nsc add import` command lines that add the imports of catalog `catalog` from `owner_key`.
+pub fn nsc_import_commands(
+    account_name: &str,
+    account_key: &str,
+    catalog: &str,
+    owner_key: &str,
+) -> Result<Vec<String>> {
+    if owner_key == account_key {
+        bail!("account {account_key} owns catalog '{catalog}': it needs no import");
+    }
+    let imports = catalog_imports(account_key, catalog, owner_key)?;
+    Ok(imports
+        .iter()
+        .map(|i| {
+            let mut line = format!(
+                "nsc add import --account {} --name {} --src-account {} --remote-subject {} --local-subject {}",
+                sh_quote(account_name),
+                sh_quote(&i.name),
+                i.account,
+                sh_quote(&i.subject),
+                sh_quote(i.local_subject.as_deref().unwrap_or(&i.subject)),
+            );
+            if i.kind == ExportType::Service {
+                line.push_str(" --service");
+            }
+            line
+        })
+        .collect())
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn conf_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Standard NATS creds file text (user JWT and user seed blocks).
+pub fn format_creds(user_jwt: &str, user_seed: &str) -> String {
+    format!(
+        "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\
+         NKEYs are sensitive and should be treated as secrets.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{user_seed}\n------END USER NKEY SEED------\n\n\
+         *************************************************************\n"
+    )
+}
+
+/// The user JWT in a creds file's text.
+pub fn creds_jwt(creds: &str) -> Option<&str> {
+    let start = creds.find("-----BEGIN NATS USER JWT-----")?;
+    let rest = &creds[start..];
+    let body = rest.lines().nth(1)?.trim();
+    (!body.is_empty() && !body.starts_with("---")).then_some(body)
+}
+
+fn create_private_dir(path: &Path) -> Result<()> {
+    fs::create_dir(path).with_context(|| format!("cannot create {}", path.display()))?;
+    set_mode(path, 0o700)
+}
+
+/// Atomic write, mode 0600, fsynced: for anything holding a seed.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes, 0o600)
+}
+
+fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes, 0o644)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let parent = path.parent().ok_or_else(|| anyhow!("{} has no parent folder", path.display()))?;
+    // NamedTempFile is created 0600, so a seed is never readable by others, even briefly.
+    let mut tmp =
+        tempfile::NamedTempFile::new_in(parent).with_context(|| format!("cannot write in {}", parent.display()))?;
+    tmp.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.as_file().sync_all().with_context(|| format!("cannot write {}", path.display()))?;
+    set_mode(tmp.path(), mode)?;
+    tmp.persist(path).map_err(|e| e.error).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn write_seed(path: &Path, key: &KeyPair) -> Result<()> {
+    let seed = key.seed().map_err(|e| anyhow!("key has no seed: {e}"))?;
+    write_private(path, format!("{seed}\n").as_bytes())
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn read_seed(path: &Path, kind: KeyPairType) -> Result<KeyPair> {
+    let text = read_text(path)?;
+    // The error of from_seed never contains the seed; ours names only the file.
+    let key =
+        KeyPair::from_seed(text.trim()).map_err(|_| anyhow!("{} does not hold a valid nkey seed", path.display()))?;
+    if key.key_pair_type() != kind {
+        bail!("{} holds a {:?} seed, expected {kind:?}", path.display(), key.key_pair_type());
+    }
+    Ok(key)
+}
+
+/// Writes `account.nk`, `account.jwt` (signed by `operator`) and `user.creds` into `dir`
+/// (created if missing, 0700).
+fn write_account_dir(
+    dir: &Path,
+    operator: &KeyPair,
+    account: &KeyPair,
+    mut claims: Claims<AccountNats>,
+    user_name: &str,
+) -> Result<()> {
+    if !dir.exists() {
+        create_private_dir(dir)?;
+    }
+    set_mode(dir, 0o700)?;
+    let account_jwt = jwt::encode(&mut claims, operator)?;
+    let user = KeyPair::new_user();
+    let mut user_claims = Claims::new(user_name, &user.public_key(), UserNats::unlimited());
+    let user_jwt = jwt::encode(&mut user_claims, account)?;
+    let user_seed = user.seed().map_err(|e| anyhow!("user key has no seed: {e}"))?;
+    write_seed(&dir.join(ACCOUNT_SEED), account)?;
+    write_public(&dir.join(ACCOUNT_JWT), account_jwt.as_bytes())?;
+    write_private(&dir.join(USER_CREDS), format_creds(&user_jwt, &user_seed).as_bytes())?;
+    Ok(())
+}
+
+fn load_account_dir(dir: &Path, name: &str, operator_key: &str) -> Result<AccountState> {
+    let key = read_seed(&dir.join(ACCOUNT_SEED), KeyPairType::Account)?;
+    let jwt_path = dir.join(ACCOUNT_JWT);
+    let token = read_text(&jwt_path)?.trim().to_string();
+    let claims: Claims<AccountNats> =
+        jwt::decode(&token).with_context(|| format!("{} is not a valid account JWT", jwt_path.display()))?;
+    if claims.nats.claim_type != jwt::ACCOUNT || claims.sub != key.public_key() {
+        bail!("{} is not the account JWT of the key in {ACCOUNT_SEED}", jwt_path.display());
+    }
+    if claims.iss != operator_key {
+        bail!("{} is signed by {}, not by this operator", jwt_path.display(), claims.iss);
+    }
+    let creds = dir.join(USER_CREDS);
+    if !creds.is_file() {
+        bail!("account '{name}' has no creds file {}", creds.display());
+    }
+    Ok(AccountState { name: name.to_string(), key, claims, jwt: token, dir: dir.to_path_buf() })
+}
+
+/// Connects to `url` as the user of `creds`, bounded by `timeout`.
+pub async fn connect(url: &str, creds: &Path, timeout: Duration) -> Result<async_nats::Client> {
+    let options = async_nats::ConnectOptions::with_credentials_file(creds.to_path_buf())
+        .await
+        .with_context(|| format!("cannot use creds file {}", creds.display()))?
+        .name("natster-mount")
+        .connection_timeout(timeout)
+        .request_timeout(Some(timeout));
+    match tokio::time::timeout(timeout, async_nats::connect_with_options(url, options)).await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(anyhow!("cannot connect to {url} with {}: {e}", creds.display())),
+        Err(_) => Err(anyhow!("cannot connect to {url} with {}: timed out after {timeout:?}", creds.display())),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ClaimsUpdateReply {
+    #[serde(default)]
+    data: Option<ClaimsUpdateData>,
+    #[serde(default)]
+    error: Option<ClaimsUpdateError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClaimsUpdateData {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClaimsUpdateError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+/// Sends an updated account JWT to `$SYS.REQ.CLAIMS.UPDATE` over `sys` (a connection of the
+/// system user) and checks the server's answer, within [`PUSH_TIMEOUT`]. A full-resolver
+/// nats-server stores the JWT and applies it to connected clients without a restart.
+///
+/// The JWT is first checked locally (a signed account JWT), but not for its issuer: this
+/// function does not know the operator. nats-server 2.9.10 does not check it either: it stores
+/// and acknowledges an account JWT signed by an untrusted key, after which the account's new
+/// connections are refused until a trusted JWT is pushed. Prefer [`Operator::push_account`],
+/// or check with [`Operator::verify_account_jwt`] first.
+pub async fn push_account_jwt(sys: &async_nats::Client, jwt: &str) -> Result<()> {
+    let claims: Claims<AccountNats> = jwt::decode(jwt).context("refusing to push an invalid account JWT")?;
+    if claims.nats.claim_type != jwt::ACCOUNT || !is_account_key(&claims.sub) {
+        bail!("refusing to push a JWT that is not an account JWT (type {:?})", claims.nats.claim_type);
+    }
+    let request = sys.request(CLAIMS_UPDATE_SUBJECT, jwt.trim().to_string().into());
+    let reply = match tokio::time::timeout(PUSH_TIMEOUT, request).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => bail!(
+            "no nats-server answered {CLAIMS_UPDATE_SUBJECT}; the connection must be the system user's and \
+             the server must run in operator mode with a full resolver"
+        ),
+        Ok(Err(e)) => bail!("pushing the account JWT failed: {e}"),
+        Err(_) => bail!("pushing the account JWT timed out after {PUSH_TIMEOUT:?}"),
+    };
+    let parsed: ClaimsUpdateReply = serde_json::from_slice(&reply.payload).with_context(|| {
+        format!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(&reply.payload))
+    })?;
+    match (parsed.data, parsed.error) {
+        (_, Some(error)) => bail!("nats-server refused the account JWT ({}): {}", error.code, error.description),
+        (Some(data), None) if data.code == 200 => Ok(()),
+        (Some(data), None) => bail!("nats-server did not take the account JWT ({}): {}", data.code, data.message),
+        (None, None) => {
+            bail!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(&reply.payload))
+        }
+    }
+}
+
+/// How to run a [`LocalServer`].
+#[derive(Debug, Clone)]
+pub struct LocalServerOptions {
+    /// Loopback port; 0 picks a free one.
+    pub port: u16,
+    /// Folder for the config, the log, the resolver's JWTs and JetStream.
+    pub store_dir: PathBuf,
+    /// The nats-server binary; default `$NATS_SERVER_BIN`, else the Debian path, else `PATH`.
+    pub binary: Option<PathBuf>,
+    /// Run with `-DV` (debug and protocol trace).
+    pub trace: bool,
+    /// Log file; default `<store_dir>/nats-server.log`.
+    pub log_file: Option<PathBuf>,
+    /// Bound on the server becoming reachable.
+    pub ready_timeout: Duration,
+}
+
+impl LocalServerOptions {
+    pub fn new(store_dir: impl Into<PathBuf>) -> Self {
+        LocalServerOptions {
+            port: 0,
+            store_dir: store_dir.into(),
+            binary: None,
+            trace: false,
+            log_file: None,
+            ready_timeout: SERVER_READY_TIMEOUT,
+        }
+    }
+}
+
+/// `$NATS_SERVER_BIN`, else the Debian package's path, else `nats-server` from `PATH`.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
+        return p.into();
+    }
+    for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
+        if Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    "nats-server".into()
+}
+
+/// A `nats-server -c <config>` child process for an operator, on loopback. Killed and reaped
+/// when dropped.
+#[derive(Debug)]
+pub struct LocalServer {
+    child: Child,
+    port: u16,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl LocalServer {
+    /// Writes the config into the store folder, starts nats-server and waits (bounded, by
+    /// polling TCP) until it accepts connections.
+    pub async fn start(operator: &Operator, options: LocalServerOptions) -> Result<LocalServer> {
+        let store = &options.store_dir;
+        if store.to_str().is_none() {
+            bail!("the store folder {} is not valid UTF-8; nats-server cannot be configured with it", store.display());
+        }
+        fs::create_dir_all(store).with_context(|| format!("cannot create {}", store.display()))?;
+        set_mode(store, 0o700)?;
+        let port = match options.port {
+            0 => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|l| l.local_addr())
+                .context("cannot find a free loopback port")?
+                .port(),
+            p => p,
+        };
+        let config = store.join("nats-server.conf");
+        write_private(&config, operator.server_config(port, store).as_bytes())?;
+        let log = options.log_file.clone().unwrap_or_else(|| store.join("nats-server.log"));
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("cannot open log file {}", log.display()))?;
+        let log_err = log_file.try_clone().with_context(|| format!("cannot open log file {}", log.display()))?;
+        let binary = options.binary.clone().unwrap_or_else(nats_server_binary);
+        let mut command = Command::new(&binary);
+        command.arg("-c").arg(&config);
+        if options.trace {
+            command.arg("-DV");
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(log_err));
+        let child = command.spawn().with_context(|| {
+            format!("cannot run {}; install the nats-server package or set NATS_SERVER_BIN", binary.display())
+        })?;
+        let mut server = LocalServer { child, port, config, log };
+        server.wait_ready(options.ready_timeout).await?;
+        Ok(server)
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("nats-server exited ({status}) before accepting connections:\n{}", self.log_tail(20));
+            }
+            let attempt = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await;
+            if let Ok(Ok(_)) = attempt {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("nats-server did not accept connections on {addr} within {timeout:?}:\n{}", self.log_tail(20));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `lines` lines of the server log (empty if unreadable).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Kills the server and waits for it to exit.
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jwt::*;
+    use super::*;
+
+    #[test]
+    fn jwt_round_trip_and_tamper() {
+        let operator = KeyPair::new_operator();
+        let account = KeyPair::new_account();
+        let mut claims = Claims::new(
+            "a",
+            &account.public_key(),
+            AccountNats {
+                imports: Vec::new(),
+                exports: natster_exports(),
+                limits: AccountLimits::unlimited(true),
+                claim_type: ACCOUNT.into(),
+                version: VERSION,
+            },
+        );
+        let token = encode(&mut claims, &operator).expect("encode");
+        let back: Claims<AccountNats> = decode(&token).expect("decode");
+        assert_eq!(back, claims);
+        assert_eq!(back.iss, operator.public_key());
+        assert_eq!(back.jti.len(), 52);
+        // jti is the hash of the claims without jti.
+        let mut unhashed = back.clone();
+        unhashed.jti.clear();
+        let digest = sha2::Sha512_256::digest(serde_json::to_vec(&unhashed).expect("json"));
+        use sha2::Digest as _;
+        assert_eq!(back.jti, data_encoding::BASE32_NOPAD.encode(&digest));
+
+        let parts: Vec<&str> = token.split('.').collect();
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&data_encoding::BASE64URL_NOPAD.decode(parts[1].as_bytes()).expect("b64"))
+                .expect("json");
+        json["name"] = "b".into();
+        let forged_payload = data_encoding::BASE64URL_NOPAD.encode(&serde_json::to_vec(&json).expect("json"));
+        let forged = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
+        assert!(decode::<AccountNats>(&forged).is_err());
+        assert!(decode::<AccountNats>("a.b").is_err());
+    }
+
+    #[test]
+    fn creds_format() {
+        let text = format_creds("eyJhbGc.x.y", "SUAAAA");
+        assert_eq!(creds_jwt(&text), Some("eyJhbGc.x.y"));
+        assert!(text.contains("-----BEGIN USER NKEY SEED-----\nSUAAAA\n------END USER NKEY SEED------"));
+    }
+
+    #[test]
+    fn config_quoting() {
+        assert_eq!(conf_quote(r#"a"b\c"#), r#""a\"b\\c""#);
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+    }
+}
