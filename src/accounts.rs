@@ -447,10 +447,10 @@ impl Operator {
         let dir = Self::dir_in(home);
         let jwt_path = dir.join(OPERATOR_JWT);
         if !jwt_path.exists() {
-            bail!("no operator in {}; create one with `natster-mount operator init`", dir.display());
+            bail!("no operator in {}; run `natster-mount operator up` first", dir.display());
         }
         let key = read_seed(&dir.join(OPERATOR_SEED), KeyPairType::Operator)?;
-        let operator_jwt = read_text(&jwt_path)?;
+        let operator_jwt = read_text(&jwt_path)?.trim().to_string();
         let claims: Claims<OperatorNats> =
             jwt::decode(&operator_jwt).with_context(|| format!("{} is not a valid JWT", jwt_path.display()))?;
         if claims.nats.claim_type != jwt::OPERATOR || claims.sub != key.public_key() || claims.iss != claims.sub {
@@ -623,45 +623,48 @@ impl Operator {
     /// Catalogs account `name` imports, from its JWT.
     pub fn catalog_imports(&self, name: &str) -> Result<Vec<ImportedCatalog>> {
         let account = self.account(name)?;
-        let mut out = Vec::new();
-        for import in &account.claims.nats.imports {
-            if import.kind != ExportType::Service {
-                continue;
-            }
-            if let Some(catalog) = import.name.strip_prefix("natster_") {
-                if validate_catalog_name(catalog).is_ok() {
-                    out.push(ImportedCatalog { catalog: catalog.to_string(), owner: import.account.clone() });
-                }
-            }
-        }
-        Ok(out)
+        let me = account.key.public_key();
+        Ok(account
+            .claims
+            .nats
+            .imports
+            .iter()
+            .filter(|i| i.kind == ExportType::Service)
+            .filter_map(|i| {
+                imported_catalog(i, &me).map(|c| ImportedCatalog { catalog: c.to_string(), owner: i.account.clone() })
+            })
+            .collect())
     }
 
     /// Adds to `importer`'s account JWT the two imports of catalog `catalog` from account
     /// `owner_key`, stores the re-signed JWT and returns it (push it with
-    /// [`push_account_jwt`]). Nothing changes on error.
+    /// [`Operator::push_account`]). Nothing changes on error.
     pub fn add_catalog_import(&mut self, importer: &str, catalog: &str, owner_key: &str) -> Result<String> {
         validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
         let account = self.account(importer)?;
         check_account_key(owner_key, "owner account key")?;
-        let importer_key = account.key.public_key();
-        if owner_key == importer_key {
+        let me = account.key.public_key();
+        if owner_key == me {
             bail!("account '{importer}' owns {owner_key}: an account reads its own catalogs without an import");
         }
-        let [service, stream] = catalog_imports(&importer_key, catalog, owner_key)?;
+        let [service, stream] = catalog_imports(&me, catalog, owner_key)?;
         for existing in &account.claims.nats.imports {
-            if existing.name == service.name || existing.name == stream.name {
+            if imported_catalog(existing, &me) == Some(catalog) {
                 if existing.account == owner_key {
                     bail!("account '{importer}' already imports catalog '{catalog}' from {owner_key}");
                 }
                 bail!(
-                    "account '{importer}' already imports a catalog '{catalog}' from {}; two imports of the same \
-                     catalog name would share the local subjects natster.catalog.{catalog}.> — remove that one first",
+                    "account '{importer}' already imports a catalog '{catalog}' from {}, and both imports would \
+                     use the local subjects of '{catalog}'; remove that one first",
                     existing.account
                 );
             }
-            if existing.local_subject == service.local_subject || existing.local_subject == stream.local_subject {
-                bail!("account '{importer}' already has an import named '{}' on the local subjects of catalog '{catalog}'", existing.name);
+            let local = existing.local_subject.as_ref().or(existing.to.as_ref()).unwrap_or(&existing.subject);
+            if Some(local) == service.local_subject.as_ref() || Some(local) == stream.local_subject.as_ref() {
+                bail!(
+                    "account '{importer}' already has import '{}' on local subject {local}; remove it first",
+                    existing.name
+                );
             }
         }
         let mut claims = account.claims.clone();
@@ -676,10 +679,10 @@ impl Operator {
         validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
         let account = self.account(importer)?;
         check_account_key(owner_key, "owner account key")?;
-        let names = [format!("natster_{catalog}"), format!("natster_{catalog}_media")];
+        let me = account.key.public_key();
         let mut claims = account.claims.clone();
         let before = claims.nats.imports.len();
-        claims.nats.imports.retain(|i| !(i.account == owner_key && names.contains(&i.name)));
+        claims.nats.imports.retain(|i| !(i.account == owner_key && imported_catalog(i, &me) == Some(catalog)));
         if claims.nats.imports.len() == before {
             bail!("account '{importer}' does not import catalog '{catalog}' from {owner_key}");
         }
@@ -699,10 +702,14 @@ impl Operator {
     /// resolver under `<store_dir>/jwt` preloaded with every account JWT (a JWT the resolver
     /// already holds in a newer version is kept), JetStream under `store_dir`.
     pub fn server_config(&self, port: u16, store_dir: &Path) -> String {
+        self.server_config_named(port, store_dir, &format!("natster-{port}"))
+    }
+
+    fn server_config_named(&self, port: u16, store_dir: &Path, server_name: &str) -> String {
         let mut conf = String::new();
         conf.push_str("# Written by natster-mount; regenerated on every start.\n");
         conf.push_str(&format!("listen: \"127.0.0.1:{port}\"\n"));
-        conf.push_str(&format!("server_name: \"natster-{port}\"\n"));
+        conf.push_str(&format!("server_name: {}\n", conf_quote(server_name)));
         conf.push_str(&format!("operator: {}\n", conf_quote(&self.jwt_path().to_string_lossy())));
         conf.push_str(&format!("system_account: {}\n", self.system_account_key()));
         conf.push_str("resolver: {\n  type: full\n");
@@ -717,6 +724,18 @@ impl Operator {
         conf.push_str(&format!("jetstream: {{\n  store_dir: {}\n}}\n", conf_quote(&store_dir.to_string_lossy())));
         conf
     }
+}
+
+/// The catalog a Natster import of account `importer_key` is for, recognised by its remote
+/// subject (`<ME>.natster.catalog.<C>.>` for the service, `<ME>.natster.media.<C>.*` for the
+/// stream) rather than by its name, which `nsc` users choose freely.
+fn imported_catalog<'a>(import: &'a Import, importer_key: &str) -> Option<&'a str> {
+    let rest = import.subject.strip_prefix(importer_key)?.strip_prefix('.')?;
+    let catalog = match import.kind {
+        ExportType::Service => rest.strip_prefix("natster.catalog.")?.strip_suffix(".>")?,
+        ExportType::Stream => rest.strip_prefix("natster.media.")?.strip_suffix(".*")?,
+    };
+    validate_catalog_name(catalog).is_ok().then_some(catalog)
 }
 
 /// The two exports every Natster account carries.
@@ -1042,19 +1061,36 @@ pub fn nats_server_binary() -> PathBuf {
     "nats-server".into()
 }
 
+#[derive(Debug, Deserialize)]
+struct ServerInfo {
+    #[serde(default)]
+    server_name: String,
+}
+
+/// Connects to `addr` and reads the server's first protocol line, `INFO {…}`.
+async fn read_info(addr: SocketAddr) -> Option<ServerInfo> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(stream).take(64 * 1024).read_line(&mut line).await.ok()?;
+    serde_json::from_str(line.trim().strip_prefix("INFO")?.trim()).ok()
+}
+
 /// A `nats-server -c <config>` child process for an operator, on loopback. Killed and reaped
 /// when dropped.
 #[derive(Debug)]
 pub struct LocalServer {
     child: Child,
     port: u16,
+    name: String,
     config: PathBuf,
     log: PathBuf,
 }
 
 impl LocalServer {
-    /// Writes the config into the store folder, starts nats-server and waits (bounded, by
-    /// polling TCP) until it accepts connections.
+    /// Writes the config into the store folder (regenerated from the operator's current
+    /// JWTs), starts nats-server and waits, bounded, until it accepts connections and its INFO
+    /// carries the unique server name it was given.
     pub async fn start(operator: &Operator, options: LocalServerOptions) -> Result<LocalServer> {
         let store = &options.store_dir;
         if store.to_str().is_none() {
@@ -1069,8 +1105,11 @@ impl LocalServer {
                 .port(),
             p => p,
         };
+        // A name of its own, checked in the server's INFO: readiness is never mistaken for
+        // another server that happens to hold the port.
+        let name = format!("natster-{port}-{:016x}", rand::random::<u64>());
         let config = store.join("nats-server.conf");
-        write_private(&config, operator.server_config(port, store).as_bytes())?;
+        write_private(&config, operator.server_config_named(port, store, &name).as_bytes())?;
         let log = options.log_file.clone().unwrap_or_else(|| store.join("nats-server.log"));
         let log_file = fs::OpenOptions::new()
             .create(true)
@@ -1088,7 +1127,7 @@ impl LocalServer {
         let child = command.spawn().with_context(|| {
             format!("cannot run {}; install the nats-server package or set NATS_SERVER_BIN", binary.display())
         })?;
-        let mut server = LocalServer { child, port, config, log };
+        let mut server = LocalServer { child, port, name, config, log };
         server.wait_ready(options.ready_timeout).await?;
         Ok(server)
     }
@@ -1100,15 +1139,23 @@ impl LocalServer {
             if let Ok(Some(status)) = self.child.try_wait() {
                 bail!("nats-server exited ({status}) before accepting connections:\n{}", self.log_tail(20));
             }
-            let attempt = tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await;
-            if let Ok(Ok(_)) = attempt {
-                return Ok(());
+            match tokio::time::timeout(Duration::from_millis(500), read_info(addr)).await {
+                Ok(Some(info)) if info.server_name == self.name => return Ok(()),
+                Ok(Some(info)) => {
+                    bail!("another nats-server ({}) answers on {addr}; choose another port", info.server_name)
+                }
+                _ => {}
             }
             if Instant::now() >= deadline {
                 bail!("nats-server did not accept connections on {addr} within {timeout:?}:\n{}", self.log_tail(20));
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// The unique `server_name` this server was configured with.
+    pub fn server_name(&self) -> &str {
+        &self.name
     }
 
     /// `nats://127.0.0.1:<port>`.

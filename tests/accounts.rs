@@ -149,10 +149,12 @@ async fn operator_mode_end_to_end() {
     assert_eq!(mode(&op.system_creds()), 0o600);
 
     let log = tmp.path().join("nats-server.log");
-    let mut options = LocalServerOptions::new(tmp.path().join("store"));
+    let store = tmp.path().join("store");
+    let mut options = LocalServerOptions::new(&store);
     options.trace = true;
     options.log_file = Some(log.clone());
-    let server = Guard(LocalServer::start(&op, options).await.expect("nats-server starts with the generated config"));
+    let server =
+        Guard(LocalServer::start(&op, options.clone()).await.expect("nats-server starts with the generated config"));
     let url = server.0.url();
 
     let a = connect(&url, &alice.creds, STEP).await.expect("alice connects");
@@ -202,7 +204,9 @@ async fn operator_mode_end_to_end() {
 
     // Media alice publishes for bob arrives on bob's local subject.
     let mut bob_media = b.subscribe("natster.media.c.*").await.expect("subscribe");
-    b.flush().await.expect("flush");
+    // A round trip on bob's connection: the server has processed his SUB before alice publishes.
+    request(&b, "natster.catalog.c.get", "from-bob-2").await.expect("round trip");
+    assert_eq!(seen_rx.recv().await.map(|s| s.1), Some("from-bob-2".into()));
     a.publish(format!("{}.natster.media.c.x", bob.public_key), "chunk".into()).await.expect("publish");
     a.flush().await.expect("flush");
     let msg = next_message(&mut bob_media, STEP).await.expect("bob receives alice's media");
@@ -246,7 +250,7 @@ async fn operator_mode_end_to_end() {
     .await;
     assert_eq!(reply, format!("{}.natster.catalog.d.get", eve.public_key));
     let mut eve_media = e.subscribe("natster.media.c.*").await.expect("subscribe");
-    e.flush().await.expect("flush");
+    request(&e, "natster.catalog.d.get", "eve-d").await.expect("round trip after SUB");
     assert_eq!(
         request(&e, "natster.catalog.c.get", "from-eve").await,
         Err(async_nats::RequestErrorKind::NoResponders),
@@ -266,7 +270,7 @@ async fn operator_mode_end_to_end() {
     }
     assert_eq!(
         seen,
-        vec![(format!("{}.natster.catalog.d.get", eve.public_key), "eve-d".to_string())],
+        vec![(format!("{}.natster.catalog.d.get", eve.public_key), "eve-d".to_string()); 2],
         "alice saw only eve's honest request, never one carrying bob's key"
     );
 
@@ -279,21 +283,74 @@ async fn operator_mode_end_to_end() {
     })
     .await;
 
-    // A JWT not signed by the operator is refused, and a user connection cannot push at all.
+    // Claims the server's validation rejects: an account token position that is not a `*`.
+    let mut invalid = op.account_claims("eve").expect("claims");
+    invalid.nats.exports[0].account_token_position = Some(2);
+    let invalid_jwt = op.sign_account(&mut invalid).expect("sign");
+    let err = push_account_jwt(&sys, &invalid_jwt).await.expect_err("invalid claims");
+    assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    // Only the system user can push; garbage never leaves the process.
+    let err = push_account_jwt(&b, &bob_jwt).await.expect_err("a user account cannot push");
+    assert!(format!("{err:#}").contains("no nats-server answered"), "{err:#}");
+    assert!(push_account_jwt(&sys, "not.a.jwt").await.is_err());
+
+    // A JWT signed by another operator: ours refuses it. nats-server 2.9.10 acknowledges it and
+    // writes it to the resolver store without checking the issuer; the live account is kept
+    // (its verification fails), but the poisoned store would refuse the account whenever it is
+    // loaded again. Pushing the trusted JWT repairs the store.
     let rogue = nkeys::KeyPair::new_operator();
     let mut claims = op.account_claims("eve").expect("claims");
     let rogue_jwt = jwt::encode(&mut claims, &rogue).expect("encode");
-    let err = push_account_jwt(&sys, &rogue_jwt).await.expect_err("untrusted issuer");
-    assert!(err.to_string().contains("refused"), "{err:#}");
-    let err = push_account_jwt(&b, &bob_jwt).await.expect_err("a user account cannot push");
-    assert!(err.to_string().contains("no nats-server answered"), "{err:#}");
+    let err = op.verify_account_jwt(&rogue_jwt).expect_err("untrusted issuer");
+    assert!(format!("{err:#}").contains("not by this operator"), "{err:#}");
+    let eve_jwt = op.account_jwt("eve").expect("jwt");
+    op.verify_account_jwt(&eve_jwt).expect("our own JWT verifies");
+    let stored_eve = || std::fs::read_to_string(store.join("jwt").join(format!("{}.jwt", eve.public_key)));
+    match push_account_jwt(&sys, &rogue_jwt).await {
+        Err(err) => assert!(format!("{err:#}").contains("refused"), "{err:#}"),
+        Ok(()) => {
+            assert_eq!(stored_eve().expect("resolver file").trim(), rogue_jwt, "2.9.10 stores it");
+            let reply = request(&e, "natster.catalog.d.get", "eve-live").await.expect("live account unchanged");
+            assert_eq!(reply, format!("{}.natster.catalog.d.get", eve.public_key));
+            op.push_account(&sys, "eve").await.expect("push the trusted JWT again");
+            assert_eq!(stored_eve().expect("resolver file").trim(), eve_jwt, "the trusted JWT is back");
+        }
+    }
+
+    // A restart on the same store: the config's resolver_preload carries bob's newer JWT (an
+    // import that was never pushed), which replaces the older one in the resolver folder.
+    op.add_catalog_import("bob", "c", &alice.public_key).expect("import again");
+    for client in [&a, &b, &e, &sys] {
+        let _ = client.drain().await;
+    }
+    drop(server);
+    let server = Guard(LocalServer::start(&op, options).await.expect("restart"));
+    let url = server.0.url();
+    let a = connect(&url, &alice.creds, STEP).await.expect("alice reconnects");
+    let b = connect(&url, &bob.creds, STEP).await.expect("bob reconnects");
+    let mut sub = a.subscribe("*.natster.catalog.c.get").await.expect("subscribe");
+    let a2 = a.clone();
+    tokio::spawn(async move {
+        use futures::StreamExt as _;
+        while let Some(msg) = sub.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = a2.publish(reply, msg.subject.to_string().into()).await;
+            }
+        }
+    });
+    a.flush().await.expect("flush");
+    let reply = eventually("bob's preloaded import works after a restart", APPLY, || async {
+        request(&b, "natster.catalog.c.get", "after-restart").await.ok()
+    })
+    .await;
+    assert_eq!(reply, format!("{}.natster.catalog.c.get", bob.public_key));
 
     // No seed in the server log (which traced every CONNECT) nor in any JWT.
     let seeds = seeds_on_disk(op.dir());
-    assert_eq!(seeds.len(), 2 + 4 * 2, "operator + (account, user) x (SYS, alice, bob, eve)");
+    assert_eq!(seeds.len(), 1 + 4 * 2, "operator + (account, user) x (SYS, alice, bob, eve)");
     let log_text = std::fs::read_to_string(&log).expect("log");
     assert!(log_text.contains("CONNECT"), "the log is a protocol trace");
-    let mut jwts = vec![op.jwt().to_string(), op.system_account_jwt().to_string(), forged_jwt, rogue_jwt];
+    let mut jwts = vec![op.jwt().to_string(), op.system_account_jwt().to_string(), forged_jwt, invalid_jwt, rogue_jwt];
     for account in op.accounts() {
         jwts.push(op.account_jwt(&account.name).expect("jwt"));
         let creds = std::fs::read_to_string(&account.creds).expect("creds");
@@ -362,6 +419,17 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert!(e.contains("remove that one first"), "same catalog name from a second owner: {e}");
     assert_eq!(snapshot(op.dir()), after_carol);
     assert_eq!(after_carol.len(), after_import.len() + 3);
+
+    // Catalog names that look like each other's import names stay apart ("x" has a stream
+    // import named natster_x_media; catalog "x_media" has a service import of that name).
+    op.add_catalog_import("bob", "x", &alice.public_key).expect("x");
+    op.add_catalog_import("bob", "x_media", &alice.public_key).expect("x_media");
+    op.remove_catalog_import("bob", "x_media", &alice.public_key).expect("remove x_media");
+    let names: Vec<String> =
+        op.account_claims("bob").expect("claims").nats.imports.iter().map(|i| i.name.clone()).collect();
+    assert_eq!(names, ["natster_c", "natster_c_media", "natster_x", "natster_x_media"]);
+    op.remove_catalog_import("bob", "x", &alice.public_key).expect("remove x");
+    let jwt = op.account_jwt("bob").expect("jwt");
 
     // Everything survives a reload from disk.
     let loaded = Operator::load(&home).expect("load");
