@@ -12,3 +12,4 @@ pub mod index;
 pub mod protocol;
 pub mod server;
 pub mod shares;
+pub mod sharing;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use natster_mount::cli::{self, Globals};
 use natster_mount::context::{Home, DEFAULT_CONTEXT};
 use natster_mount::server::{ServerOptions, DEFAULT_CHUNK_SIZE};
+use natster_mount::sharing;
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,31 @@ enum Command {
     },
     /// Unmount a natster-mount folder.
     Umount { mountpoint: PathBuf },
+    /// A NATS operator of your own: accounts, JWTs and an operator-mode nats-server.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
+    /// Show this context's account, server and credentials.
+    Whoami,
+}
+
+#[derive(Subcommand)]
+enum OperatorCommand {
+    /// Create the operator and its system account (once; again does nothing).
+    Init {
+        /// Loopback port for the local nats-server (default 4222 if free).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Run nats-server in operator mode (full resolver, JetStream) until Ctrl-C.
+    Up {
+        #[arg(long)]
+        port: Option<u16>,
+        /// Log every protocol message (for audits: no seed ever appears).
+        #[arg(long, hide = true)]
+        trace: bool,
+    },
+    /// Create an account with the Natster exports and write its context and creds.
+    AddAccount { name: String },
 }
 
 #[derive(Subcommand)]
@@ -82,6 +108,20 @@ enum CatalogCommand {
         #[arg(long)]
         allow_all: bool,
     },
+    /// Share catalog NAME with an account (public key, or a local operator account's name).
+    Share { name: String, account: String },
+    /// Stop sharing catalog NAME with an account.
+    Unshare { name: String, account: String },
+    /// Import catalog NAME from its owner's account, so this account can read it.
+    Import {
+        name: String,
+        owner: String,
+        /// Only record it: the imports were added outside this operator (nsc, Synadia Cloud).
+        #[arg(long)]
+        external: bool,
+    },
+    /// List catalogs shared by me and imported by me.
+    Ls,
     /// List the files of catalog NAME.
     Contents {
         name: String,
@@ -111,7 +151,9 @@ enum CatalogCommand {
 fn main() -> ExitCode {
     let args = Args::parse();
     let default_level = match &args.command {
-        Command::Catalog(CatalogCommand::Serve { .. }) | Command::Mount { .. } => "natster_mount=info,warn",
+        Command::Catalog(CatalogCommand::Serve { .. })
+        | Command::Mount { .. }
+        | Command::Operator(OperatorCommand::Up { .. }) => "natster_mount=info,warn",
         _ => "warn",
     };
     let filter = args.log.clone().unwrap_or_else(|| default_level.to_string());
@@ -161,6 +203,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             cli::mount(&globals, args)
         }
         Command::Umount { mountpoint } => cli::umount(&mountpoint),
+        Command::Whoami => runtime.block_on(sharing::whoami(&globals)),
+        Command::Operator(o) => match o {
+            OperatorCommand::Init { port } => sharing::operator_init(&globals, port),
+            OperatorCommand::Up { port, trace } => runtime.block_on(sharing::operator_up(&globals, port, trace)),
+            OperatorCommand::AddAccount { name } => runtime.block_on(sharing::operator_add_account(&globals, &name)),
+        },
         Command::Catalog(c) => match c {
             CatalogCommand::New { name, dir, description } => {
                 cli::catalog_new(&globals, &name, &dir, description.as_deref())
@@ -169,6 +217,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let options = ServerOptions { chunk_size, allow_all, ..ServerOptions::default() };
                 runtime.block_on(cli::catalog_serve(&globals, &name, options))
             }
+            CatalogCommand::Share { name, account } => sharing::catalog_share(&globals, &name, &account, true),
+            CatalogCommand::Unshare { name, account } => sharing::catalog_share(&globals, &name, &account, false),
+            CatalogCommand::Import { name, owner, external } => {
+                runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external))
+            }
+            CatalogCommand::Ls => sharing::catalog_ls(&globals),
             CatalogCommand::Contents { name, json } => runtime.block_on(cli::catalog_contents(&globals, &name, json)),
             CatalogCommand::Download { name, file, out, force, window, batch } => {
                 let options = cli::client_options(&globals);

@@ -1,0 +1,279 @@
+//! The people side of the product: the local operator's commands (`operator init|up|add-account`),
+//! sharing (`catalog share|unshare`), importing (`catalog import`), `whoami` and `catalog ls`.
+//! The security itself is NATS': account JWTs, token-position exports and imports.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::{self, LocalServer, LocalServerOptions, Operator};
+use crate::cli::Globals;
+use crate::context::{Context, Home, ImportedCatalog};
+use crate::index::Catalog;
+use crate::protocol;
+use crate::shares::ShareList;
+
+/// Where the local operator keeps its state: `$NATSTER_OPERATOR_HOME`, else `$NATSTER_HOME`.
+pub fn operator_home(g: &Globals) -> Home {
+    match std::env::var_os("NATSTER_OPERATOR_HOME").filter(|h| !h.is_empty()) {
+        Some(h) => Home::at(PathBuf::from(h)),
+        None => g.home.clone(),
+    }
+}
+
+/// The local server's port, chosen once (4222 if free, else any free port) and kept, so
+/// contexts written before `operator up` point at the right place.
+#[derive(Serialize, Deserialize)]
+struct LocalServerSettings {
+    port: u16,
+}
+
+fn settings_path(op: &Home) -> PathBuf {
+    Operator::dir_in(op).join("local-server.json")
+}
+
+fn local_port(op: &Home, wanted: Option<u16>) -> Result<u16> {
+    let path = settings_path(op);
+    let stored: Option<LocalServerSettings> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let port = match (wanted, &stored) {
+        (Some(p), _) => p,
+        (None, Some(s)) => return Ok(s.port),
+        (None, None) => {
+            let free =
+                |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).and_then(|l| l.local_addr()).map(|a| a.port());
+            free(4222).or_else(|_| free(0)).context("cannot find a free loopback port")?
+        }
+    };
+    if stored.as_ref().map(|s| s.port) != Some(port) {
+        std::fs::write(&path, serde_json::to_vec(&LocalServerSettings { port })?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(port)
+}
+
+fn local_url(port: u16) -> String {
+    format!("nats://127.0.0.1:{port}")
+}
+
+pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
+    let op_home = operator_home(g);
+    op_home.ensure()?;
+    let operator = Operator::init(&op_home)?;
+    let port = local_port(&op_home, port)?;
+    println!("operator {} in {}", operator.public_key(), operator.dir().display());
+    println!("system account {}", operator.system_account_key());
+    println!("local server will listen on {}", local_url(port));
+    Ok(())
+}
+
+pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<()> {
+    let op_home = operator_home(g);
+    op_home.ensure()?;
+    let operator = Operator::init(&op_home)?;
+    let port = local_port(&op_home, port)?;
+    let mut options = LocalServerOptions::new(operator.dir().join("server"));
+    options.port = port;
+    options.trace = trace;
+    let server = LocalServer::start(&operator, options).await?;
+    println!(
+        "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
+        server.url(),
+        operator.accounts().len(),
+        server.log_path().display()
+    );
+    crate::cli::shutdown_signal().await;
+    server.stop();
+    println!("nats-server stopped");
+    Ok(())
+}
+
+/// Connects as the system user to push claims; None when the server is not running.
+async fn system_connection(operator: &Operator, url: &str) -> Option<async_nats::Client> {
+    accounts::connect(url, &operator.system_creds(), Duration::from_secs(2)).await.ok()
+}
+
+pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
+    let op_home = operator_home(g);
+    op_home.ensure()?;
+    let mut operator = Operator::init(&op_home)?;
+    let port = local_port(&op_home, None)?;
+    if Context::load(&g.home, &g.context).is_ok_and(|c| c.account_public_key.is_some()) {
+        bail!(
+            "context '{}' in {} already belongs to an account; use another --context or NATSTER_HOME",
+            g.context,
+            g.home.path().display()
+        );
+    }
+    let record = operator.add_account(name)?;
+    let url = local_url(port);
+    match system_connection(&operator, &url).await {
+        Some(sys) => operator.push_account(&sys, name).await?,
+        None => eprintln!("note: the local server is not running; it loads account '{name}' at `operator up`"),
+    }
+    let context = Context {
+        server: url,
+        creds: Some(record.creds.clone()),
+        account_public_key: Some(record.public_key.clone()),
+        account_name: Some(name.to_string()),
+        imports: Vec::new(),
+    };
+    let path = context.save(&g.home, &g.context)?;
+    println!("account '{name}' {}", record.public_key);
+    println!("creds {} (mode 0600)", record.creds.display());
+    println!("context '{}' written to {}", g.context, path.display());
+    Ok(())
+}
+
+/// An account named by public key, or by name among the local operator's accounts.
+fn resolve_account(g: &Globals, who: &str) -> Result<String> {
+    if who.len() == 56 && who.starts_with('A') {
+        if protocol::is_account_key(who) {
+            return Ok(who.to_string());
+        }
+        bail!("'{who}' is not a valid account public key (bad checksum); copy it again");
+    }
+    let known = Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_name(who));
+    match known {
+        Some(record) => Ok(record.public_key),
+        None => bail!(
+            "'{who}' is neither an account public key (56 characters starting with A) nor an account of the local operator"
+        ),
+    }
+}
+
+fn account_label(g: &Globals, key: &str) -> String {
+    match Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_key(key)) {
+        Some(r) => format!("{key} ({})", r.name),
+        None => key.to_string(),
+    }
+}
+
+pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Result<()> {
+    Catalog::load(&g.home, catalog)?;
+    let key = resolve_account(g, who)?;
+    let context = g.load_context().ok();
+    if context.as_ref().and_then(|c| c.account_public_key.as_deref()) == Some(key.as_str()) {
+        bail!("{who} is your own account: it can always read your catalogs");
+    }
+    let mut list = ShareList::load(&g.home, catalog)?;
+    if share {
+        if list.allows(&key) {
+            println!("catalog '{catalog}' is already shared with {}", account_label(g, &key));
+            return Ok(());
+        }
+        list.accounts.push(key.clone());
+        list.save(&g.home)?;
+        println!("catalog '{catalog}' shared with {}", account_label(g, &key));
+        println!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+    } else {
+        if !list.allows(&key) {
+            bail!("catalog '{catalog}' is not shared with {}; nothing to undo", account_label(g, &key));
+        }
+        list.accounts.retain(|a| a != &key);
+        list.save(&g.home)?;
+        println!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
+    }
+    Ok(())
+}
+
+fn own_key_hint(context: Option<&Context>) -> String {
+    context.and_then(|c| c.account_public_key.clone()).unwrap_or_else(|| "<your account key>".into())
+}
+
+pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: bool) -> Result<()> {
+    protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
+    let owner_key = resolve_account(g, owner)?;
+    let mut context = g.load_context()?;
+    let (Some(my_key), Some(my_name)) = (context.account_public_key.clone(), context.account_name.clone()) else {
+        bail!("context '{}' names no account; create one with `natster-mount operator add-account NAME`", g.context);
+    };
+    if owner_key == my_key {
+        bail!("catalog '{catalog}' is your own; it needs no import");
+    }
+    if context.imports.iter().any(|i| i.catalog == catalog && i.owner == owner_key) {
+        bail!("catalog '{catalog}' of {} is already imported", account_label(g, &owner_key));
+    }
+    if context.imports.iter().any(|i| i.catalog == catalog) || Catalog::file_path(&g.home, catalog).exists() {
+        bail!("you already have a catalog named '{catalog}' (own or imported); its subjects would clash");
+    }
+    let record = ImportedCatalog { catalog: catalog.to_string(), owner: owner_key.clone() };
+    if !external {
+        let op_home = operator_home(g);
+        let managed = Operator::load(&op_home).ok().filter(|op| op.account_by_key(&my_key).is_some());
+        let Some(mut operator) = managed else {
+            for line in accounts::nsc_import_commands(&my_name, &my_key, catalog, &owner_key)? {
+                println!("{line}");
+            }
+            bail!(
+                "account {my_key} is not managed by this machine's operator: add the two imports above with nsc \
+                 (or in Synadia Cloud), then run `natster-mount catalog import {catalog} {owner_key} --external`"
+            );
+        };
+        operator.add_catalog_import(&my_name, catalog, &owner_key)?;
+        match system_connection(&operator, &context.server).await {
+            Some(sys) => operator.push_account(&sys, &my_name).await?,
+            None => eprintln!("note: the local server is not running; the import takes effect at `operator up`"),
+        }
+    }
+    context.imports.push(record);
+    context.save(&g.home, &g.context)?;
+    println!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
+    Ok(())
+}
+
+pub async fn whoami(g: &Globals) -> Result<()> {
+    let context = g.load_context()?;
+    println!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
+    println!("server:   {}", context.server);
+    match (&context.account_name, &context.account_public_key) {
+        (Some(name), Some(key)) => println!("account:  {name} {key}"),
+        (None, Some(key)) => println!("account:  {key}"),
+        _ => println!("account:  (none recorded; the server's default account)"),
+    }
+    println!(
+        "creds:    {}",
+        context.creds.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "(none)".into())
+    );
+    let reachable = context.connect(g.timeout.min(Duration::from_secs(3))).await.is_ok();
+    println!("status:   {}", if reachable { "connected" } else { "server not reachable" });
+    Ok(())
+}
+
+pub fn catalog_ls(g: &Globals) -> Result<()> {
+    let context = g.load_context()?;
+    println!("shared by me:");
+    let mut own = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(g.home.path()) {
+        for item in dir.flatten() {
+            let name = item.file_name().to_string_lossy().to_string();
+            if let Some(stem) = name.strip_suffix(".json") {
+                if !stem.ends_with(".shares") && protocol::validate_catalog_name(stem).is_ok() {
+                    own.push(stem.to_string());
+                }
+            }
+        }
+    }
+    own.sort();
+    if own.is_empty() {
+        println!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
+    }
+    for catalog in &own {
+        let list = ShareList::load(&g.home, catalog)?;
+        if list.accounts.is_empty() {
+            println!("  {catalog}: only you");
+        }
+        for key in &list.accounts {
+            println!("  {catalog}: {}", account_label(g, key));
+        }
+    }
+    println!("imported (shared with me):");
+    if context.imports.is_empty() {
+        println!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
+    }
+    for import in &context.imports {
+        println!("  {} from {}", import.catalog, account_label(g, &import.owner));
+    }
+    Ok(())
+}
