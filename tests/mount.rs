@@ -5,111 +5,15 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::mounted::{fuse_available, Mounted, UNMOUNT_DEADLINE};
 use common::*;
 use futures::StreamExt;
 use natster_mount::fs::mount::is_mounted;
-
-const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
-const UNMOUNT_DEADLINE: Duration = Duration::from_secs(10);
-
-fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists()
-        && Command::new("fusermount3").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    if !ok {
-        eprintln!("skipping: /dev/fuse or fusermount3 is missing (scripts/setup.sh installs fuse3)");
-    }
-    ok
-}
-
-/// `natster-mount mount --foreground` as a child; Drop sends SIGTERM, waits (bounded), and
-/// falls back to a lazy unmount and SIGKILL, so no stale mount survives a failing test.
-struct Mounted {
-    child: Child,
-    dir: tempfile::TempDir,
-    log: tempfile::NamedTempFile,
-}
-
-impl Mounted {
-    fn start(home: &TestHome, extra: &[&str]) -> Mounted {
-        let dir = tempfile::Builder::new().prefix("natster-mnt-").tempdir().expect("mountpoint");
-        let log = tempfile::NamedTempFile::new().expect("mount log");
-        let mnt = dir.path().to_str().expect("utf-8 temp path").to_string();
-        let mut args = vec!["mount", mnt.as_str(), "--foreground"];
-        args.extend_from_slice(extra);
-        let child = home
-            .command(&args)
-            .env("NATSTER_LOG", "natster_mount=debug,warn")
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .expect("spawn mount");
-        let mut m = Mounted { child, dir, log };
-        let until = Instant::now() + MOUNT_DEADLINE;
-        while !is_mounted(m.dir.path()) {
-            if let Ok(Some(status)) = m.child.try_wait() {
-                panic!("mount exited with {status}:\n{}", m.log());
-            }
-            assert!(Instant::now() < until, "mount not up within {MOUNT_DEADLINE:?}:\n{}", m.log());
-            std::thread::sleep(POLL);
-        }
-        m
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Unmounts with SIGTERM and checks the process exits cleanly and the mount is gone.
-    fn stop(mut self) {
-        let status = self.terminate().expect("mount process did not exit after SIGTERM");
-        assert!(status.success(), "mount exited with {status}:\n{}", self.log());
-        assert!(!is_mounted(self.dir.path()), "still mounted after SIGTERM");
-    }
-
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let until = Instant::now() + UNMOUNT_DEADLINE;
-        while Instant::now() < until {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(POLL);
-        }
-        None
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if self.terminate().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if is_mounted(self.dir.path()) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(self.dir.path()).status();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- mount log (last lines) ---\n{}", tail(&self.log(), 40));
-        }
-    }
-}
 
 /// Runs a program with a bound; returns (success, stdout, stderr).
 fn sh(program: &str, args: &[&str]) -> (bool, String, String) {

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod mounted;
+
 use std::ffi::OsStr;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};

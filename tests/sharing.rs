@@ -1,0 +1,326 @@
+//! Accounts and sharing end to end through the CLI, on a real operator-mode nats-server run by
+//! `natster-mount operator up`: alice serves and shares with bob, bob imports and reads (CLI and
+//! mount), eve imports without a share and is refused, unsharing cuts bob off, no seed leaks.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mounted::{fuse_available, Mounted};
+use common::*;
+use futures::StreamExt;
+use natster_mount::client::{CatalogClient, ClientError};
+use natster_mount::context::Context;
+
+/// `natster-mount operator up --trace`; Drop stops it.
+struct OperatorUp {
+    child: Child,
+    out: tempfile::NamedTempFile,
+    operator_home: PathBuf,
+}
+
+impl OperatorUp {
+    fn start(operator_home: &Path) -> OperatorUp {
+        let out = tempfile::NamedTempFile::new().expect("log");
+        let child = std::process::Command::new(bin())
+            .args(["operator", "up", "--trace"])
+            .env("NATSTER_HOME", operator_home)
+            .env("NATSTER_OPERATOR_HOME", operator_home)
+            .stdin(Stdio::null())
+            .stdout(out.reopen().expect("out"))
+            .stderr(out.reopen().expect("err"))
+            .spawn()
+            .expect("spawn operator up");
+        let mut up = OperatorUp { child, out, operator_home: operator_home.to_path_buf() };
+        let until = Instant::now() + Duration::from_secs(20);
+        while !up.output().contains("Ctrl-C to stop") {
+            if let Ok(Some(status)) = up.child.try_wait() {
+                panic!("operator up exited with {status}:\n{}", up.output());
+            }
+            assert!(Instant::now() < until, "operator up not ready:\n{}", up.output());
+            std::thread::sleep(POLL);
+        }
+        up
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.out.path()).unwrap_or_default()
+    }
+
+    /// nats-server's own log (with --trace: every protocol line).
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(self.operator_home.join("operator/server/nats-server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for OperatorUp {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One person: a NATSTER_HOME of their own, sharing the machine's operator.
+struct Person {
+    home: TestHome,
+    operator_home: PathBuf,
+}
+
+impl Person {
+    fn new(operator_home: &Path) -> Person {
+        Person { home: TestHome::new(), operator_home: operator_home.to_path_buf() }
+    }
+
+    async fn run(&self, args: &[&str]) -> RunOutput {
+        let mut cmd = self.home.command(args);
+        cmd.env("NATSTER_OPERATOR_HOME", &self.operator_home);
+        tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT)).await.expect("command thread")
+    }
+
+    fn context(&self) -> Context {
+        Context::load(&self.home.home(), "default").expect("context")
+    }
+
+    fn key(&self) -> String {
+        self.context().account_public_key.expect("account key")
+    }
+
+    async fn nats(&self) -> async_nats::Client {
+        self.context().connect(Duration::from_secs(5)).await.expect("connect with creds")
+    }
+
+    async fn client(&self, catalog: &str) -> CatalogClient {
+        CatalogClient::new(self.nats().await, catalog, test_options()).expect("client")
+    }
+}
+
+/// `catalog serve` as alice; Drop stops it.
+struct Serve(Child, tempfile::NamedTempFile);
+
+impl Serve {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.1.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        if std::thread::panicking() {
+            eprintln!("--- catalog serve log ---\n{}", tail(&self.log(), 30));
+        }
+    }
+}
+
+struct World {
+    up: OperatorUp,
+    _operator_dir: tempfile::TempDir,
+    alice: Person,
+    bob: Person,
+    eve: Person,
+    tree: tempfile::TempDir,
+    serve: Option<Serve>,
+}
+
+async fn world() -> World {
+    let operator_dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let op = operator_dir.path().to_path_buf();
+    let port = free_port().to_string();
+    let init = std::process::Command::new(bin())
+        .args(["operator", "init", "--port", &port])
+        .env("NATSTER_HOME", &op)
+        .env("NATSTER_OPERATOR_HOME", &op)
+        .output()
+        .expect("operator init");
+    assert!(init.status.success(), "operator init: {}", String::from_utf8_lossy(&init.stderr));
+    let up = OperatorUp::start(&op);
+    let (alice, bob, eve) = (Person::new(&op), Person::new(&op), Person::new(&op));
+    for (p, name) in [(&alice, "alice"), (&bob, "bob"), (&eve, "eve")] {
+        p.run(&["operator", "add-account", name]).await.assert_success("add-account");
+    }
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    write_file(tree.path(), "films/clip.bin", &pseudo_random_bytes(11, 3 * 1024 * 1024 + 5));
+    write_file(tree.path(), "notes/read me.txt", b"hello bob\n");
+    alice.run(&["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
+
+    let log = tempfile::NamedTempFile::new().expect("serve log");
+    let child = alice
+        .home
+        .command(["catalog", "serve", "media"])
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("serve");
+    let serve = Serve(child, log);
+    let own = alice.client("media").await;
+    wait_for("alice's catalog server", Duration::from_secs(20), || {
+        let own = own.clone();
+        async move { own.get().await.ok().map(|_| ()) }
+    })
+    .await;
+    World { up, _operator_dir: operator_dir, alice, bob, eve, tree, serve: Some(serve) }
+}
+
+fn seed_of(creds: &Path) -> String {
+    let text = std::fs::read_to_string(creds).expect("creds");
+    text.lines().find(|l| l.starts_with("SU")).expect("seed line").to_string()
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_import_read_refuse_and_unshare() {
+    let mut w = world().await;
+    let bob_key = w.bob.key();
+    let alice_key = w.alice.key();
+
+    // Before sharing, bob's import gives him nothing but 403s.
+    w.bob.run(&["catalog", "import", "media", "alice"]).await.assert_success("import");
+    let refused = w.bob.client("media").await.get().await;
+    assert!(matches!(refused, Err(ClientError::Refused { code: 403, .. })), "{refused:?}");
+
+    w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
+    let ls = w.alice.run(&["catalog", "ls"]).await;
+    assert!(ls.stdout.contains(&bob_key) && ls.stdout.contains("(bob)"), "{}", ls.stdout);
+
+    // Bob lists and downloads byte-identical through the CLI.
+    let contents = w.bob.run(&["catalog", "contents", "media"]).await;
+    contents.assert_success("contents");
+    assert!(contents.stdout.contains("/films/clip.bin") && contents.stdout.contains("/notes/read me.txt"));
+    let out = w.bob.home.path().join("clip.bin");
+    w.bob.run(&["catalog", "download", "media", "/films/clip.bin", out.to_str().unwrap()]).await.assert_success("dl");
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(w.tree.path().join("films/clip.bin")).unwrap());
+    let bob_ls = w.bob.run(&["catalog", "ls"]).await;
+    assert!(bob_ls.stdout.contains(&format!("media from {alice_key} (alice)")), "{}", bob_ls.stdout);
+    let who = w.bob.run(&["whoami"]).await;
+    assert!(who.stdout.contains(&bob_key) && who.stdout.contains("connected"), "{}", who.stdout);
+
+    // ... and through the mount.
+    if fuse_available() {
+        let m = Mounted::start(&w.bob.home, &[]);
+        let mounted = m.path().join("media/films/clip.bin");
+        assert_eq!(std::fs::read(&mounted).unwrap(), std::fs::read(w.tree.path().join("films/clip.bin")).unwrap());
+        assert_eq!(std::fs::read(m.path().join("media/notes/read me.txt")).unwrap(), b"hello bob\n");
+        m.stop();
+    }
+
+    // Eve imports without a share: get, open and read are refused, and no media reaches her.
+    w.eve.run(&["catalog", "import", "media", &alice_key]).await.assert_success("eve import");
+    let eve_nats = w.eve.nats().await;
+    let mut eve_media = eve_nats.subscribe("natster.media.>").await.unwrap();
+    eve_nats.flush().await.unwrap();
+    let eve = CatalogClient::new(eve_nats.clone(), "media", test_options()).unwrap();
+    assert!(matches!(eve.get().await, Err(ClientError::Refused { code: 403, .. })));
+    let hash = sha256_hex(&std::fs::read(w.tree.path().join("films/clip.bin")).unwrap());
+    let open = eve.open(&hash, None).await;
+    assert!(matches!(open, Err(ClientError::Refused { code: 403, .. })), "{:?}", open.err());
+    let read = raw_request(
+        &eve_nats,
+        "natster.catalog.media.read",
+        format!(r#"{{"session":"{}","first_chunk":0,"count":4}}"#, "0".repeat(32)),
+    )
+    .await;
+    assert_eq!(code(&read), 403);
+    let v1 = raw_request(
+        &eve_nats,
+        "natster.catalog.media.download",
+        format!(r#"{{"hash":"{hash}","target_xkey":"{}"}}"#, nkeys::XKey::new().public_key()),
+    )
+    .await;
+    assert_eq!(code(&v1), 403);
+    // Absence of media can only be checked by waiting a bounded moment.
+    let stray = tokio::time::timeout(Duration::from_millis(500), eve_media.next()).await;
+    assert!(stray.is_err(), "media reached eve: {:?}", stray.ok().flatten().map(|m| m.subject));
+
+    // After unshare, bob's next open is refused.
+    let bob = w.bob.client("media").await;
+    assert!(bob.open(&hash, None).await.is_ok());
+    w.alice.run(&["catalog", "unshare", "media", "bob"]).await.assert_success("unshare");
+    let after = bob.open(&hash, None).await;
+    assert!(matches!(after, Err(ClientError::Refused { code: 403, .. })), "{:?}", after.err());
+
+    // No seed in any log or on the wire (nats-server traced every protocol line), creds 0600.
+    let serve_log = w.serve.take().map(|s| s.log()).unwrap_or_default();
+    assert!(serve_log.contains("serving"), "serve log: {serve_log}");
+    let wire = w.up.server_log();
+    assert!(wire.contains("CONNECT"), "the server trace should show the wire protocol");
+    for person in [&w.alice, &w.bob, &w.eve] {
+        let creds = person.context().creds.expect("creds path");
+        assert_eq!(mode(&creds), 0o600, "{}", creds.display());
+        let seed = seed_of(&creds);
+        assert!(!wire.contains(&seed), "a user seed appears in the nats-server trace");
+        assert!(!w.up.output().contains(&seed) && !serve_log.contains(&seed));
+    }
+    for dir in std::fs::read_dir(w.up.operator_home.join("operator/accounts")).unwrap() {
+        let nk = dir.unwrap().path().join("account.nk");
+        let seed = std::fs::read_to_string(&nk).unwrap();
+        assert_eq!(mode(&nk), 0o600);
+        assert!(!wire.contains(seed.trim()), "an account seed appears in the nats-server trace");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_changes_nothing() {
+    let w = world().await;
+    let context_before = std::fs::read(w.bob.home.context_path()).unwrap();
+    let shares = w.alice.home.path().join("media.shares.json");
+
+    let unknown = w.alice.run(&["catalog", "share", "media", "mallory"]).await;
+    unknown.assert_failure("share with an unknown account");
+    assert!(unknown.stderr.contains("neither an account public key"), "{}", unknown.stderr);
+
+    let mut bad_key = w.bob.key();
+    bad_key.replace_range(10..11, if &bad_key[10..11] == "A" { "B" } else { "A" });
+    let malformed = w.alice.run(&["catalog", "share", "media", &bad_key]).await;
+    malformed.assert_failure("share with a malformed key");
+    assert!(malformed.stderr.contains("not a valid account public key"), "{}", malformed.stderr);
+
+    let missing = w.alice.run(&["catalog", "share", "nosuch", "bob"]).await;
+    missing.assert_failure("share a catalog that does not exist");
+    assert!(missing.stderr.contains("no catalog named 'nosuch'"), "{}", missing.stderr);
+    assert!(!shares.exists(), "a failed share wrote a share list");
+
+    let not_shared = w.alice.run(&["catalog", "unshare", "media", "bob"]).await;
+    not_shared.assert_failure("unshare what was not shared");
+
+    w.bob.run(&["catalog", "import", "media", "alice"]).await.assert_success("import");
+    let after_first = std::fs::read(w.bob.home.context_path()).unwrap();
+    assert_ne!(after_first, context_before);
+    let twice = w.bob.run(&["catalog", "import", "media", "alice"]).await;
+    twice.assert_failure("import twice");
+    assert!(twice.stderr.contains("already imported"), "{}", twice.stderr);
+    assert_eq!(std::fs::read(w.bob.home.context_path()).unwrap(), after_first, "a failed import changed the context");
+
+    let self_import = w.alice.run(&["catalog", "import", "media", "alice"]).await;
+    self_import.assert_failure("import your own catalog");
+    let bad_name = w.bob.run(&["catalog", "import", "bad.name", "alice"]).await;
+    bad_name.assert_failure("import a bad catalog name");
+    for out in [&unknown, &malformed, &missing, &twice] {
+        assert_eq!(out.stderr_lines().len(), 1, "one line: {}", out.stderr);
+    }
+}
+
+trait ContextPath {
+    fn context_path(&self) -> PathBuf;
+}
+
+impl ContextPath for TestHome {
+    fn context_path(&self) -> PathBuf {
+        self.home().context_path("default")
+    }
+}
