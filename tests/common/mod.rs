@@ -37,17 +37,9 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_natster-mount")
 }
 
-/// `$NATS_SERVER_BIN`, else the Debian package's path, else `nats-server` from `PATH`.
+/// The nats-server binary, found as the product finds it.
 pub fn nats_server_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
-        return p.into();
-    }
-    for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
-        if Path::new(candidate).exists() {
-            return candidate.into();
-        }
-    }
-    "nats-server".into()
+    natster_mount::accounts::nats_server_binary()
 }
 
 /// A port that was free a moment ago (bind to port 0, read it, release it).
