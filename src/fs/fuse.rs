@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 
 use super::{Attr, FsError, NatsterFs};
@@ -50,6 +51,9 @@ impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Let the kernel read ahead in large requests; our own read-ahead works past it.
         let _ = config.set_max_readahead(1024 * 1024);
+        // Names and attributes in one reply: `ls -l` of a fresh folder needs no lookup per entry.
+        let _ =
+            config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
         Ok(())
     }
 
@@ -124,6 +128,21 @@ impl Filesystem for FuseAdapter {
                 for (i, (child, is_dir, name)) in entries.iter().enumerate().skip(offset as usize) {
                     let kind = if *is_dir { FileType::Directory } else { FileType::RegularFile };
                     if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.fs.readdir(ino.0) {
+            Ok(entries) => {
+                for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    let Ok(attr) = self.fs.attr(*child) else { continue };
+                    if reply.add(INodeNo(*child), (i + 1) as u64, name, &TTL, &file_attr(&attr), Generation(0)) {
                         break;
                     }
                 }
