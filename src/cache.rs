@@ -9,8 +9,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+/// A chunk's identity. `scope` is the owner who vouched for it: a peer could list the hash of
+/// someone else's file and serve other bytes under it, and ranged reads are not checked against
+/// the whole file's sha256, so chunks are shared only between catalogs of the same owner.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ChunkKey {
+    pub scope: Arc<str>,
     pub hash: Arc<str>,
     pub chunk_size: u64,
     pub index: u64,
@@ -137,7 +141,7 @@ mod tests {
     use super::*;
 
     fn key(i: u64) -> ChunkKey {
-        ChunkKey { hash: Arc::from("h"), chunk_size: 4, index: i }
+        ChunkKey { scope: Arc::from("owner"), hash: Arc::from("h"), chunk_size: 4, index: i }
     }
 
     #[test]

@@ -27,6 +27,12 @@ use crate::protocol::{
 
 /// Most entries a listing may have; bounds what a peer can make us hold.
 pub const MAX_ENTRIES: usize = 5_000_000;
+/// Most bytes of entry text a listing may have, for the same reason.
+pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
+
+fn listing_bytes(entries: &[CatalogEntry]) -> usize {
+    entries.iter().map(|e| e.path.len() + e.description.len() + e.mime_type.len() + 128).sum()
+}
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -62,7 +68,9 @@ pub enum ClientError {
     NoResponders(String),
     #[error("catalog server refused: {message} ({code})")]
     Refused { code: u16, message: String },
-    #[error("catalog server speaks only the original v1 protocol (no ranged reads)")]
+    #[error(
+        "catalog server speaks only the original v1 protocol (no ranged reads); use `natster-mount catalog download`"
+    )]
     V1Only,
     #[error("invalid reply from catalog server: {0}")]
     Protocol(String),
@@ -168,6 +176,9 @@ impl CatalogClient {
                     return Err(ClientError::Protocol("listing page was empty before the end".into()));
                 }
                 summary.entries.extend(page.entries);
+                if listing_bytes(&summary.entries) > MAX_LISTING_BYTES {
+                    return Err(ClientError::Protocol(format!("listing is larger than {MAX_LISTING_BYTES} bytes")));
+                }
             }
             summary.entries.truncate(total);
             drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
@@ -243,7 +254,7 @@ impl CatalogClient {
                 continue; // another download of the same file
             }
             let index = header_u64(&msg, protocol::HEADER_CHUNK_INDEX)?;
-            if index >= reply.total_chunks || index < next || early.len() > 4096 {
+            if index >= reply.total_chunks || index < next || (index != next && early.len() > 4096) {
                 continue;
             }
             let plain = key.open(&msg.payload, &sender).map_err(|_| CryptoError::Authentication(index))?;
@@ -292,6 +303,9 @@ fn header_u64(msg: &async_nats::Message, name: &str) -> Result<u64> {
 fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
     if !protocol::is_sha256_hex(&e.hash) {
         return Some("invalid hash");
+    }
+    if e.path.len() > 4096 || e.description.len() > 64 * 1024 || e.mime_type.len() > 255 {
+        return Some("oversized field");
     }
     let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
     if rel.is_empty() || rel.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.contains('\0')) {
@@ -363,20 +377,24 @@ impl ClientInner {
 
     fn dispatch(&self, msg: async_nats::Message) {
         let Some(token) = msg.subject.rsplit('.').next() else { return };
-        let routes = self.lock_routes();
-        match routes.get(token) {
-            Some(Route::V1(receivers)) => {
-                for tx in receivers {
-                    let _ = tx.send(msg.clone());
+        // The routes lock is released before upgrading: dropping the last reference to a
+        // file session takes that lock again (FileShared::drop).
+        let session = {
+            let routes = self.lock_routes();
+            match routes.get(token) {
+                Some(Route::V1(receivers)) => {
+                    for tx in receivers {
+                        let _ = tx.send(msg.clone());
+                    }
+                    return;
                 }
+                Some(Route::Session(file)) => file.clone(),
+                None => return,
             }
-            Some(Route::Session(file)) => {
-                if let (Some(file), Ok(index)) = (file.upgrade(), header_u64(&msg, protocol::HEADER_CHUNK_INDEX)) {
-                    drop(routes);
-                    file.deliver(token, Delivery { index, payload: msg.payload });
-                }
-            }
-            None => {}
+        };
+        let Ok(index) = header_u64(&msg, protocol::HEADER_CHUNK_INDEX) else { return };
+        if let Some(file) = session.upgrade() {
+            file.deliver(token, Delivery { index, payload: msg.payload });
         }
     }
 
@@ -400,7 +418,7 @@ impl ClientInner {
         if !protocol::is_session_id(&reply.session) {
             return Err(ClientError::Protocol("open reply has a malformed session id".into()));
         }
-        if reply.chunk_size == 0 || reply.chunk_size > 16 * 1024 * 1024 {
+        if reply.chunk_size < protocol::MIN_CHUNK_SIZE || reply.chunk_size > 16 * 1024 * 1024 {
             return Err(ClientError::Protocol(format!("chunk_size {} is out of range", reply.chunk_size)));
         }
         let binding = SessionBinding {
@@ -552,6 +570,8 @@ impl RemoteFile {
         let mut acks = FuturesUnordered::new();
         let mut stalls = 0u32;
         let mut reopens = 0u32;
+        // Moves only when a new chunk arrives: duplicates and acks cannot keep a read alive.
+        let mut deadline = tokio::time::Instant::now() + options.chunk_timeout;
 
         while next_deliver < end {
             // Keep the window full: chunks asked for but not yet handed to the sink.
@@ -578,6 +598,7 @@ impl RemoteFile {
                         next_deliver += 1;
                     }
                     stalls = 0;
+                    deadline = tokio::time::Instant::now() + options.chunk_timeout;
                 }
                 Some(ack) = acks.next() => match ack {
                     Ok(()) => {}
@@ -596,11 +617,12 @@ impl RemoteFile {
                 },
                 // Each round without progress waits longer before asking again, so a loaded
                 // machine is not flooded with duplicate chunks.
-                _ = tokio::time::sleep(options.chunk_timeout * (stalls + 1)) => {
+                _ = tokio::time::sleep_until(deadline) => {
                     stalls += 1;
                     if stalls > options.retries {
                         return Err(ClientError::Timeout(shared.client.catalog.clone()));
                     }
+                    deadline = tokio::time::Instant::now() + options.chunk_timeout * (stalls + 1);
                     tracing::debug!(hash = %shared.hash, missing = in_flight.len(), "chunks late; asking again");
                     for (from, n) in runs(&in_flight, batch) {
                         self.register(from, n, tx);
@@ -706,6 +728,10 @@ pub async fn download_to_file(
     let mut writer = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file().try_clone()?);
     let mut written = 0u64;
     let mut write = |chunk: &[u8]| -> Result<()> {
+        // A peer sending more than the listing promised is cut off before it fills the disk.
+        if written + chunk.len() as u64 > byte_size {
+            return Err(ClientError::Protocol(format!("server sent more than the listed {byte_size} bytes")));
+        }
         writer.write_all(chunk).map_err(|e| ClientError::Io(format!("cannot write {}: {e}", out.display())))?;
         written += chunk.len() as u64;
         progress(written);
@@ -727,9 +753,10 @@ pub async fn download_to_file(
         }
         Err(e) => return Err(e.into()),
     }
-    writer.flush()?;
+    let out_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", out.display());
+    writer.flush().map_err(out_err)?;
     drop(writer);
-    tmp.as_file().sync_all()?;
+    tmp.as_file().sync_all().map_err(out_err)?;
     tmp.persist(out).map_err(|e| anyhow::anyhow!("cannot write {}: {}", out.display(), e.error))?;
     Ok(written)
 }

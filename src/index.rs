@@ -284,7 +284,13 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
         };
         let meta = if ft.is_symlink() {
             match fs::canonicalize(&abs) {
-                Ok(target) if target.starts_with(root) && target.is_file() => fs::metadata(&target)?,
+                Ok(target) if target.starts_with(root) && target.is_file() => match fs::metadata(&target) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        skipped.push(format!("/{rel} (cannot read its target: {e})"));
+                        continue;
+                    }
+                },
                 _ => {
                     skipped.push(format!("/{rel} (symlink leaves the folder or is broken)"));
                     continue;

@@ -15,6 +15,9 @@ pub const HEADER_CHUNK_INDEX: &str = "x-natster-chunk-idx";
 pub const HEADER_SENDER_XKEY: &str = "x-natster-sender-xkey";
 pub const HEADER_TOTAL_CHUNKS: &str = "x-natster-total-chunks";
 
+/// Smallest v2 chunk either side accepts: below it, per-chunk bookkeeping would outweigh data.
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+
 /// Longest catalog name we accept; names become subject tokens and file names.
 pub const MAX_CATALOG_NAME: usize = 64;
 

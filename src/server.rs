@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -49,6 +49,8 @@ pub struct ServerOptions {
 }
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+/// Reads streamed at once (each holds at most two sealed chunks).
+const MAX_CONCURRENT_READS: usize = 64;
 /// NATS' default max_payload is 1 MiB; a chunk plus nonce, tag and headers must fit.
 pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024 - 4096;
 
@@ -74,7 +76,7 @@ struct Loaded {
     entry_sizes: Vec<usize>,
     by_hash: HashMap<String, usize>,
     root: PathBuf,
-    file_mtime: Option<SystemTime>,
+    file_identity: Option<(SystemTime, u64, u64)>,
 }
 
 impl Loaded {
@@ -118,6 +120,9 @@ struct Shared {
     shares: Mutex<LiveShareList>,
     sessions: Mutex<lru::LruCache<String, Arc<Session>>>,
     v1_transfers: Arc<Semaphore>,
+    /// Reads streaming at once; more wait their turn, so memory stays bounded however many
+    /// requests arrive.
+    reads: Arc<Semaphore>,
 }
 
 /// A request refused with an envelope error code.
@@ -133,8 +138,12 @@ pub struct CatalogServer {
 
 impl CatalogServer {
     pub fn new(nats: async_nats::Client, home: Home, name: &str, options: ServerOptions) -> Result<Self> {
-        if options.chunk_size == 0 || options.chunk_size > MAX_CHUNK_SIZE {
-            anyhow::bail!("chunk size {} is out of range; use 1..={MAX_CHUNK_SIZE} bytes", options.chunk_size);
+        if options.chunk_size < protocol::MIN_CHUNK_SIZE || options.chunk_size > MAX_CHUNK_SIZE {
+            anyhow::bail!(
+                "chunk size {} is out of range; use {}..={MAX_CHUNK_SIZE} bytes",
+                options.chunk_size,
+                protocol::MIN_CHUNK_SIZE
+            );
         }
         let loaded = load(&home, name)?;
         let max = std::num::NonZeroUsize::new(options.max_sessions.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
@@ -151,6 +160,7 @@ impl CatalogServer {
                 home,
                 name: name.to_string(),
                 v1_transfers: Arc::new(Semaphore::new(options.max_v1_transfers.max(1))),
+                reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
                 options,
                 loaded: RwLock::new(Arc::new(loaded)),
                 sessions: Mutex::new(lru::LruCache::new(max)),
@@ -198,7 +208,7 @@ impl CatalogServer {
 /// Loads the catalog and resolves its root.
 fn load(home: &Home, name: &str) -> Result<Loaded> {
     let catalog = Catalog::load(home, name)?;
-    let file_mtime = std::fs::metadata(Catalog::file_path(home, name)).and_then(|m| m.modified()).ok();
+    let file_identity = catalog_file_identity(home, name);
     let root = std::fs::canonicalize(&catalog.root_dir).with_context(|| {
         format!(
             "catalog '{name}' serves {}, which cannot be opened; restore it or re-create the catalog",
@@ -208,7 +218,14 @@ fn load(home: &Home, name: &str) -> Result<Loaded> {
     let by_hash = catalog.entries.iter().enumerate().map(|(i, e)| (e.hash.clone(), i)).collect();
     let summary = catalog.summary();
     let entry_sizes = summary.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() + 1).unwrap_or(0)).collect();
-    Ok(Loaded { catalog, summary, entry_sizes, by_hash, root, file_mtime })
+    Ok(Loaded { catalog, summary, entry_sizes, by_hash, root, file_identity })
+}
+
+/// What changes whenever the catalog file is saved (saves are renames: the inode changes even
+/// within one mtime tick).
+fn catalog_file_identity(home: &Home, name: &str) -> Option<(SystemTime, u64, u64)> {
+    let meta = std::fs::metadata(Catalog::file_path(home, name)).ok()?;
+    Some((meta.modified().ok()?, meta.ino(), meta.len()))
 }
 
 #[derive(Serialize)]
@@ -226,8 +243,7 @@ impl Shared {
     /// Picks up a re-index, drops idle sessions, and announces the revision.
     async fn housekeeping(&self) {
         let current = self.loaded();
-        let mtime = std::fs::metadata(Catalog::file_path(&self.home, &self.name)).and_then(|m| m.modified()).ok();
-        if mtime != current.file_mtime {
+        if catalog_file_identity(&self.home, &self.name) != current.file_identity {
             match load(&self.home, &self.name) {
                 Ok(fresh) => {
                     tracing::info!(catalog = %self.name, revision = %fresh.catalog.revision(), "catalog re-indexed; serving the new listing");
@@ -286,7 +302,10 @@ impl Shared {
             }
         };
         if !body.is_empty() {
-            let _ = self.nats.publish(reply, body.into()).await;
+            let len = body.len();
+            if let Err(e) = self.nats.publish(reply, body.into()).await {
+                tracing::warn!(op = op.as_str(), bytes = len, "reply not sent: {e}");
+            }
         }
     }
 
@@ -433,6 +452,9 @@ impl Shared {
                 format!("file {} changed since it was indexed; ask the owner to re-index", session.hash),
             ));
         }
+        let Ok(_permit) = self.reads.clone().acquire_owned().await else {
+            return Err(refuse(503, "server is shutting down"));
+        };
         // Acknowledge first, so the reader knows chunks are coming, then stream them.
         let ack = Envelope::ok(ReadResponse { first_chunk: req.first_chunk, count });
         let _ = self.nats.publish(reply, ack.into()).await;
@@ -560,7 +582,12 @@ pub fn open_beneath(root: &Path, rel: &str) -> Result<File> {
     if !resolved.starts_with(root) {
         anyhow::bail!("{rel:?} resolves outside the catalog root");
     }
-    let file = File::open(&resolved)?;
+    if !std::fs::metadata(&resolved)?.is_file() {
+        anyhow::bail!("{rel:?} is not a regular file");
+    }
+    // Non-blocking, so a FIFO swapped in after the check cannot hang a worker on open.
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW).open(&resolved)?;
     let actual = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))?;
     if !actual.starts_with(root) {
         anyhow::bail!("{rel:?} was swapped for a path outside the catalog root");

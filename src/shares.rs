@@ -3,6 +3,7 @@
 //! so `share`/`unshare` take effect without a restart.
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
@@ -55,7 +56,7 @@ impl ShareList {
 pub struct LiveShareList {
     home: Home,
     catalog: String,
-    seen: Option<SystemTime>,
+    seen: Option<(SystemTime, u64, u64)>,
     list: ShareList,
 }
 
@@ -73,11 +74,12 @@ impl LiveShareList {
 
     fn refresh(&mut self) {
         let path = ShareList::path(&self.home, &self.catalog);
-        let mtime = fs::metadata(&path).and_then(|m| m.modified()).ok();
-        if mtime == self.seen && self.seen.is_some() {
+        // Every save is a rename, so the inode changes even within one mtime tick.
+        let identity = fs::metadata(&path).ok().and_then(|m| Some((m.modified().ok()?, m.ino(), m.len())));
+        if identity == self.seen && self.seen.is_some() {
             return;
         }
-        self.seen = mtime;
+        self.seen = identity;
         self.list = match ShareList::load(&self.home, &self.catalog) {
             Ok(l) => l,
             Err(e) => {

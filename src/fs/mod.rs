@@ -279,7 +279,9 @@ fn mtime_of(secs: i64) -> SystemTime {
 }
 
 impl NatsterFs {
-    pub fn new(sources: Vec<Arc<Source>>, options: FsOptions) -> Self {
+    pub fn new(sources: Vec<Arc<Source>>, mut options: FsOptions) -> Self {
+        // Read-ahead larger than a quarter of the cache would evict itself before it is read.
+        options.max_readahead = options.max_readahead.min(options.cache_bytes as u64 / 4).max(256 * 1024);
         let mut tree = Tree { next_ino: ROOT_INO, ..Tree::default() };
         let now = SystemTime::now();
         let mut root_children = BTreeMap::new();
@@ -545,8 +547,13 @@ impl NatsterFs {
         Ok(out.freeze())
     }
 
-    fn key(file: &OpenFile, cs: u64, index: u64) -> ChunkKey {
-        ChunkKey { hash: Arc::from(file.entry.hash.as_str()), chunk_size: cs, index }
+    fn key(&self, file: &OpenFile, cs: u64, index: u64) -> ChunkKey {
+        ChunkKey {
+            scope: Arc::from(self.sources[file.source].owner.as_str()),
+            hash: Arc::from(file.entry.hash.as_str()),
+            chunk_size: cs,
+            index,
+        }
     }
 
     /// Chunks `first .. first+count` of a file: cached ones at once, missing ones fetched in
@@ -556,7 +563,7 @@ impl NatsterFs {
         let mut waits = Vec::new();
         let mut claims: Vec<(u64, tokio::sync::watch::Sender<_>)> = Vec::new();
         for i in 0..count {
-            let key = Self::key(file, cs, first + i);
+            let key = self.key(file, cs, first + i);
             match self.cache.lookup(&key) {
                 Lookup::Hit(b) => slots[i as usize] = Some(b),
                 Lookup::Wait(rx) => waits.push((i, rx)),
@@ -602,7 +609,7 @@ impl NatsterFs {
     ) -> (u64, Result<Vec<Bytes>, FsError>) {
         let run_first = run.first().map(|(i, _)| *i).unwrap_or(0);
         // Completes claims even if this future is dropped (timeout): waiters must not hang.
-        let mut guard = ClaimGuard { cache: &self.cache, file, cs, run };
+        let mut guard = ClaimGuard { fs: self, file, cs, run };
         let source = &self.sources[file.source];
         let result = async {
             let remote = source.session(&file.entry).await?;
@@ -621,7 +628,7 @@ impl NatsterFs {
         }
         .await;
         for (k, (index, tx)) in std::mem::take(&mut guard.run).into_iter().enumerate() {
-            let key = Self::key(file, cs, index);
+            let key = self.key(file, cs, index);
             let one = match &result {
                 Ok(chunks) => chunks.get(k).cloned().ok_or_else(|| FsError::Remote("short read".into())),
                 Err(e) => Err(e.clone()),
@@ -643,7 +650,7 @@ impl NatsterFs {
         let first = from / cs;
         let last = (end - 1) / cs;
         let missing: Vec<u64> =
-            (first..=last).filter(|&i| !self.cache.has_or_pending(&Self::key(&file, cs, i))).collect();
+            (first..=last).filter(|&i| !self.cache.has_or_pending(&self.key(&file, cs, i))).collect();
         let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else { return };
         let mb = (((hi - lo + 1) * cs) >> 20).max(1) as u32;
         let Ok(permit) = self.readahead_budget.clone().try_acquire_many_owned(mb) else { return };
@@ -657,7 +664,7 @@ impl NatsterFs {
 }
 
 struct ClaimGuard<'a> {
-    cache: &'a ChunkCache<FsError>,
+    fs: &'a NatsterFs,
     file: &'a OpenFile,
     cs: u64,
     run: Vec<(u64, tokio::sync::watch::Sender<crate::cache::Shared<FsError>>)>,
@@ -666,7 +673,7 @@ struct ClaimGuard<'a> {
 impl Drop for ClaimGuard<'_> {
     fn drop(&mut self) {
         for (index, _) in self.run.drain(..) {
-            self.cache.abandon(&NatsterFs::key(self.file, self.cs, index));
+            self.fs.cache.abandon(&self.fs.key(self.file, self.cs, index));
         }
     }
 }

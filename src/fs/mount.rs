@@ -41,11 +41,12 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         Ok(m) if !m.is_dir() => bail!("mountpoint {} is not a folder; give an empty folder", path.display()),
         Ok(_) => {}
     }
-    let path = std::fs::canonicalize(path)?;
+    let path = std::fs::canonicalize(path).with_context(|| format!("cannot use mountpoint {}", path.display()))?;
     if is_mounted(&path) {
         bail!("{} is already mounted; run `natster-mount umount {}` first", path.display(), path.display());
     }
-    if std::fs::read_dir(&path)?.next().is_some() {
+    let mut entries = std::fs::read_dir(&path).with_context(|| format!("cannot list mountpoint {}", path.display()))?;
+    if entries.next().is_some() {
         bail!("mountpoint {} is not empty; mount on an empty folder so nothing in it is hidden", path.display());
     }
     Ok(path)
