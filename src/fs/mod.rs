@@ -404,6 +404,11 @@ impl NatsterFs {
                 parent = ino;
             }
         }
+        // Forget inode numbers of paths that are gone, so a peer renaming files cannot grow
+        // the table forever (unchanged and re-added paths kept theirs above).
+        let t = &mut *tree;
+        let nodes = &t.nodes;
+        t.inos.retain(|(s, _), ino| *s != source || nodes.contains_key(ino));
         inv.entries.sort();
         inv.entries.dedup();
         *self.sources[source].revision.lock().unwrap_or_else(|p| p.into_inner()) = listing.revision.clone();
@@ -730,6 +735,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunks_are_shared_only_between_catalogs_of_one_owner() {
+        let nats = async_nats::ConnectOptions::new().retry_on_initial_connect().connect("127.0.0.1:1").await.unwrap();
+        let source = |dir: &str, owner: &str| {
+            let client = CatalogClient::new(nats.clone(), dir, Default::default()).unwrap();
+            Arc::new(Source::new(dir.into(), owner.into(), client))
+        };
+        let fs = NatsterFs::new(
+            vec![source("a", "AOWNER1"), source("b", "AOWNER1"), source("c", "AOWNER2")],
+            FsOptions::default(),
+        );
+        let open = |source| OpenFile {
+            ino: 0,
+            source,
+            entry: entry("/x.mp4", 'a', 10),
+            readahead: Mutex::new(ReadAhead::new(1, 2)),
+        };
+        assert_eq!(fs.key(&open(0), 4096, 0), fs.key(&open(1), 4096, 0), "same owner: cached once");
+        assert_ne!(fs.key(&open(0), 4096, 0), fs.key(&open(2), 4096, 0), "another owner cannot plant chunks");
+    }
+
+    #[tokio::test]
     async fn listing_builds_folders_and_diffs_on_refresh() {
         let fs = test_fs().await;
         fs.apply_listing(0, &summary(vec![entry("/a/b/one.mp4", 'a', 10), entry("/two.mp4", 'b', 20)], "r1"));
@@ -749,6 +775,8 @@ mod tests {
         assert!(fs.lookup(c.ino, "three.mp4").is_ok());
         assert!(inv.entries.contains(&(c.ino, "a".to_string())));
         assert!(inv.inodes.contains(&two.ino), "changed file's pages must be dropped");
+        let remembered = fs.tree().inos.len();
+        assert_eq!(remembered, 3, "only the folder and its two files keep inode numbers");
         let names: Vec<String> = fs.readdir(c.ino).unwrap().into_iter().map(|(_, _, n)| n).collect();
         assert_eq!(names, [".", "..", "three.mp4", "two.mp4"]);
     }
