@@ -31,18 +31,9 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// Nearest-rank percentile of sorted samples.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
+#[path = "common/latency.rs"]
+mod latency;
+use latency::{ms, percentile};
 
 #[tokio::main]
 async fn main() -> ExitCode {
