@@ -107,6 +107,9 @@ enum CatalogCommand {
         /// Serve EVERY account that imports the catalog, ignoring the share list.
         #[arg(long)]
         allow_all: bool,
+        /// Behave as an original Natster server: `get` and v1 `download` only (for testing).
+        #[arg(long, hide = true)]
+        v1_only: bool,
     },
     /// Share catalog NAME with an account (public key, or a local operator account's name).
     Share { name: String, account: String },
@@ -213,8 +216,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             CatalogCommand::New { name, dir, description } => {
                 cli::catalog_new(&globals, &name, &dir, description.as_deref())
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all } => {
-                let options = ServerOptions { chunk_size, allow_all, ..ServerOptions::default() };
+            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only } => {
+                let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
                 runtime.block_on(cli::catalog_serve(&globals, &name, options))
             }
             CatalogCommand::Share { name, account } => sharing::catalog_share(&globals, &name, &account, true),

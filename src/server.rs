@@ -46,6 +46,8 @@ pub struct ServerOptions {
     pub heartbeat: Duration,
     /// Most v1 whole-file transfers at once.
     pub max_v1_transfers: usize,
+    /// Answer only what an original Natster server answers (`get`, v1 `download`).
+    pub v1_only: bool,
 }
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
@@ -63,6 +65,7 @@ impl Default for ServerOptions {
             allow_all: false,
             heartbeat: Duration::from_secs(2),
             max_v1_transfers: 4,
+            v1_only: false,
         }
     }
 }
@@ -172,19 +175,27 @@ impl CatalogServer {
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let s = &self.shared;
         let queue = format!("natster-catalog-{}", s.name);
-        let own = format!("natster.catalog.{}.*", s.name);
-        let others = format!("*.natster.catalog.{}.*", s.name);
-        let subscribe_err = |subject: &str| {
-            format!("cannot subscribe to {subject}; check that your user may subscribe to natster.catalog.>")
-        };
-        let own_sub = s.nats.queue_subscribe(own.clone(), queue.clone()).await.with_context(|| subscribe_err(&own))?;
-        let other_sub = s.nats.queue_subscribe(others.clone(), queue).await.with_context(|| subscribe_err(&others))?;
+        // An original Natster server subscribes to `get` and `download` only; v1-only mode does
+        // the same, so v2 requests find no responder, exactly as against an original peer.
+        let ops: &[&str] = if s.options.v1_only { &["get", "download"] } else { &["*"] };
+        let mut subjects = Vec::new();
+        for op in ops {
+            subjects.push(format!("natster.catalog.{}.{op}", s.name));
+            subjects.push(format!("*.natster.catalog.{}.{op}", s.name));
+        }
+        let mut subscriptions = Vec::new();
+        for subject in subjects {
+            let sub = s.nats.queue_subscribe(subject.clone(), queue.clone()).await.with_context(|| {
+                format!("cannot subscribe to {subject}; check that your user may subscribe to natster.catalog.>")
+            })?;
+            subscriptions.push(sub);
+        }
         // Make sure the server has our subscriptions before we say we are serving.
         s.nats.flush().await.context("NATS connection lost while subscribing")?;
         let revision = s.loaded().catalog.revision();
         tracing::info!(catalog = %s.name, %revision, entries = s.loaded().catalog.entries.len(), "serving");
 
-        let mut requests = futures::stream::select(own_sub, other_sub);
+        let mut requests = futures::stream::select_all(subscriptions);
         let mut tick = tokio::time::interval(s.options.heartbeat);
         tokio::pin!(shutdown);
         loop {

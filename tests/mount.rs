@@ -407,3 +407,35 @@ async fn memory_stays_under_the_cache_budget_plus_fixed_overhead() {
     assert!(after_parallel < budget + RSS_OVERHEAD, "peak RSS {after_parallel} with 64 files open");
     m.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_only_peer_is_read_through_the_mount_and_the_cli() {
+    if !fuse_available() {
+        return;
+    }
+    let small = pseudo_random_bytes(7, 700_000);
+    let nats = NatsServer::start();
+    let home = TestHome::new();
+    home.init(&nats.url()).await;
+    let tree = tempfile::tempdir().unwrap();
+    write_file(tree.path(), "old/peer.bin", &small);
+    let root = tree.path().to_str().unwrap().to_string();
+    home.run_async(["catalog", "new", "media", root.as_str()]).await.assert_success("catalog new");
+    // Answers only `get` and v1 `download`, as an original Natster catalog server does.
+    let _served = Served::start_with(&home, &nats, "media", &["--v1-only"]).await;
+
+    let out = home.path().join("peer.bin");
+    home.run_async(["catalog", "download", "media", "/old/peer.bin", out.to_str().unwrap()])
+        .await
+        .assert_success("download from a v1 peer");
+    assert_eq!(std::fs::read(&out).unwrap(), small);
+
+    let m = Mounted::start(&home, &[]);
+    let mounted = m.path().join("media/old/peer.bin");
+    assert_eq!(std::fs::read(&mounted).unwrap(), small);
+    // A ranged read on a fresh descriptor is served from the chunks the v1 download cached.
+    let mut part = vec![0u8; 3 * 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&mounted).unwrap(), &mut part, 100 * 4096).unwrap();
+    assert_eq!(part, small[100 * 4096..103 * 4096]);
+    m.stop();
+}

@@ -19,6 +19,9 @@ use crate::protocol::{CatalogEntry, CatalogSummary};
 
 pub const ROOT_INO: u64 = 1;
 
+/// Chunk size the mount caches a v1 peer's files in (v1 sends whole files in 4 KiB pieces).
+const V1_CACHE_CHUNK: u64 = 256 * 1024;
+
 /// Errors a filesystem operation can end in; mapped to errno in one place (`errno`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
@@ -38,6 +41,8 @@ pub enum FsError {
     Timeout(Duration),
     #[error("access refused by the catalog owner: {0}")]
     Forbidden(String),
+    #[error("catalog server speaks only v1, and this file is larger than half the cache; use `natster-mount catalog download`")]
+    V1TooLarge,
     #[error("{0}")]
     Remote(String),
 }
@@ -52,7 +57,7 @@ impl FsError {
             FsError::NoAttr => libc::ENODATA,
             FsError::Range => libc::ERANGE,
             FsError::Forbidden(_) => libc::EACCES,
-            FsError::Timeout(_) | FsError::Remote(_) => libc::EIO,
+            FsError::Timeout(_) | FsError::Remote(_) | FsError::V1TooLarge => libc::EIO,
         }
     }
 }
@@ -105,6 +110,8 @@ pub struct Source {
     /// Chunk size per hash, remembered past sessions so cached chunks read while offline.
     chunk_sizes: Mutex<HashMap<String, u64>>,
     revision: Mutex<String>,
+    /// Set once the catalog's server turned out to be an original, v1-only peer.
+    v1_only: std::sync::atomic::AtomicBool,
 }
 
 impl Source {
@@ -118,6 +125,7 @@ impl Source {
             )),
             chunk_sizes: Mutex::new(HashMap::new()),
             revision: Mutex::new(String::new()),
+            v1_only: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -125,8 +133,16 @@ impl Source {
         self.revision.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn remember_chunk_size(&self, hash: &str, cs: u64) {
+        self.chunk_sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(hash.to_string(), cs);
+    }
+
     fn known_chunk_size(&self, hash: &str) -> Option<u64> {
         self.chunk_sizes.lock().unwrap_or_else(|p| p.into_inner()).get(hash).copied()
+    }
+
+    fn is_v1_only(&self) -> bool {
+        self.v1_only.load(Ordering::Relaxed)
     }
 
     async fn session(&self, entry: &CatalogEntry) -> Result<RemoteFile, FsError> {
@@ -134,8 +150,14 @@ impl Source {
         if let Some(file) = sessions.get(&entry.hash) {
             return Ok(file.clone());
         }
-        let file = self.client.open(&entry.hash, Some(entry.byte_size)).await?;
-        self.chunk_sizes.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.hash.clone(), file.chunk_size());
+        let file = match self.client.open(&entry.hash, Some(entry.byte_size)).await {
+            Err(ClientError::V1Only) => {
+                self.v1_only.store(true, Ordering::Relaxed);
+                return Err(ClientError::V1Only.into());
+            }
+            other => other?,
+        };
+        self.remember_chunk_size(&entry.hash, file.chunk_size());
         sessions.put(entry.hash.clone(), file.clone());
         Ok(file)
     }
@@ -535,7 +557,16 @@ impl NatsterFs {
         let source = &self.sources[file.source];
         let cs = match source.known_chunk_size(&file.entry.hash) {
             Some(cs) => cs,
-            None => source.session(&file.entry).await?.chunk_size(),
+            None => match source.session(&file.entry).await {
+                Ok(remote) => remote.chunk_size(),
+                // An original (v1-only) peer: the whole file comes at once, cached in chunks
+                // of our own size (see `fetch_run`).
+                Err(FsError::Remote(_)) if source.is_v1_only() => {
+                    source.remember_chunk_size(&file.entry.hash, V1_CACHE_CHUNK);
+                    V1_CACHE_CHUNK
+                }
+                Err(e) => return Err(e),
+            },
         };
         let first = offset / cs;
         let last = (end - 1) / cs;
@@ -617,6 +648,11 @@ impl NatsterFs {
         let mut guard = ClaimGuard { fs: self, file, cs, run };
         let source = &self.sources[file.source];
         let result = async {
+            if source.is_v1_only() {
+                let n = guard.run.len();
+                let all = self.load_v1(file).await?;
+                return Ok(all.into_iter().skip(run_first as usize).take(n).collect());
+            }
             let remote = source.session(&file.entry).await?;
             if remote.chunk_size() != cs {
                 return Err(FsError::Remote("chunk size changed".into()));
@@ -641,6 +677,38 @@ impl NatsterFs {
             self.cache.complete(&key, tx, one);
         }
         (run_first, result)
+    }
+
+    /// Downloads a whole file from a v1-only peer, verifies its sha256, and returns it in
+    /// `V1_CACHE_CHUNK` pieces (also cached). Refused for files above half the cache, which
+    /// could not stay cached and would be downloaded again for every read.
+    async fn load_v1(&self, file: &OpenFile) -> Result<Vec<Bytes>, FsError> {
+        if file.entry.byte_size > self.cache.budget() as u64 / 2 {
+            return Err(FsError::V1TooLarge);
+        }
+        let source = &self.sources[file.source];
+        let mut whole = Vec::with_capacity(file.entry.byte_size as usize);
+        let limit = file.entry.byte_size;
+        source
+            .client
+            .download_v1(&file.entry.hash, |chunk| {
+                if whole.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(ClientError::Protocol("v1 peer sent more than the listed size".into()));
+                }
+                whole.extend_from_slice(chunk);
+                Ok(())
+            })
+            .await?;
+        use sha2::Digest;
+        if hex::encode(sha2::Sha256::digest(&whole)) != file.entry.hash {
+            return Err(ClientError::HashMismatch(file.entry.hash.clone()).into());
+        }
+        // Each piece its own allocation, so evicting one frees it (the budget stays exact).
+        let pieces: Vec<Bytes> = whole.chunks(V1_CACHE_CHUNK as usize).map(Bytes::copy_from_slice).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            self.cache.insert(self.key(file, V1_CACHE_CHUNK, i as u64), piece.clone());
+        }
+        Ok(pieces)
     }
 
     /// Starts fetching `window` bytes past `from` in the background, within the mount-wide
