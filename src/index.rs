@@ -148,6 +148,22 @@ impl Catalog {
     }
 }
 
+/// Names of the catalogs indexed in `home` (its `<name>.json` files), sorted.
+pub fn catalog_names(home: &Home) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(home.path())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|item| {
+            let file = item.file_name().to_string_lossy().to_string();
+            let stem = file.strip_suffix(".json")?;
+            (!stem.ends_with(".shares") && protocol::validate_catalog_name(stem).is_ok()).then(|| stem.to_string())
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// A file found by the walk.
 struct Found {
     rel: String,

@@ -244,18 +244,7 @@ pub async fn whoami(g: &Globals) -> Result<()> {
 pub fn catalog_ls(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
     println!("shared by me:");
-    let mut own = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(g.home.path()) {
-        for item in dir.flatten() {
-            let name = item.file_name().to_string_lossy().to_string();
-            if let Some(stem) = name.strip_suffix(".json") {
-                if !stem.ends_with(".shares") && protocol::validate_catalog_name(stem).is_ok() {
-                    own.push(stem.to_string());
-                }
-            }
-        }
-    }
-    own.sort();
+    let own = crate::index::catalog_names(&g.home);
     if own.is_empty() {
         println!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
     }

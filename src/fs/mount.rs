@@ -68,20 +68,12 @@ pub fn gather_sources(
     options: &ClientOptions,
 ) -> Result<Vec<(Source, Option<Catalog>)>> {
     let mut own = Vec::new();
-    if let Ok(dir) = std::fs::read_dir(home.path()) {
-        for item in dir.flatten() {
-            let name = item.file_name().to_string_lossy().to_string();
-            let Some(stem) = name.strip_suffix(".json") else { continue };
-            if stem.ends_with(".shares") || crate::protocol::validate_catalog_name(stem).is_err() {
-                continue;
-            }
-            match Catalog::load(home, stem) {
-                Ok(c) => own.push(c),
-                Err(e) => tracing::warn!("skipping {name}: {e:#}"),
-            }
+    for name in crate::index::catalog_names(home) {
+        match Catalog::load(home, &name) {
+            Ok(c) => own.push(c),
+            Err(e) => tracing::warn!("skipping catalog {name}: {e:#}"),
         }
     }
-    own.sort_by(|a, b| a.name.cmp(&b.name));
     let mut counts: HashMap<&str, usize> = HashMap::new();
     for name in own.iter().map(|c| c.name.as_str()).chain(context.imports.iter().map(|i| i.catalog.as_str())) {
         *counts.entry(name).or_default() += 1;
