@@ -242,7 +242,6 @@ impl Tree {
 }
 
 struct OpenFile {
-    ino: u64,
     source: usize,
     entry: CatalogEntry,
     readahead: Mutex<ReadAhead>,
@@ -507,7 +506,6 @@ impl NatsterFs {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let chunk_hint = 256 * 1024;
         let file = OpenFile {
-            ino,
             source: *source,
             entry: entry.clone(),
             readahead: Mutex::new(ReadAhead::new(chunk_hint, self.options.max_readahead)),
@@ -549,7 +547,6 @@ impl NatsterFs {
                 "read failed: {e}"
             ),
         }
-        let _ = file.ino;
         result
     }
 
@@ -813,12 +810,8 @@ mod tests {
             vec![source("a", "AOWNER1"), source("b", "AOWNER1"), source("c", "AOWNER2")],
             FsOptions::default(),
         );
-        let open = |source| OpenFile {
-            ino: 0,
-            source,
-            entry: entry("/x.mp4", 'a', 10),
-            readahead: Mutex::new(ReadAhead::new(1, 2)),
-        };
+        let open =
+            |source| OpenFile { source, entry: entry("/x.mp4", 'a', 10), readahead: Mutex::new(ReadAhead::new(1, 2)) };
         assert_eq!(fs.key(&open(0), 4096, 0), fs.key(&open(1), 4096, 0), "same owner: cached once");
         assert_ne!(fs.key(&open(0), 4096, 0), fs.key(&open(2), 4096, 0), "another owner cannot plant chunks");
     }
