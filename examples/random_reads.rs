@@ -12,14 +12,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use rand::SeedableRng;
 
 #[path = "common/latency.rs"]
 mod latency;
-use latency::{ms, percentile};
+use latency::{ms, Summary};
 
 fn main() -> ExitCode {
     match run() {
@@ -66,11 +66,8 @@ fn run() -> Result<()> {
         file.read_exact_at(&mut buf, offset).with_context(|| format!("pread of {size} bytes at {offset}"))?;
         samples.push(started.elapsed());
     }
-    samples.sort();
-    let total: Duration = samples.iter().sum();
-    let mean = total / samples.len() as u32;
-    let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
-    let (min, max) = (samples[0], samples[samples.len() - 1]);
+    let summary = Summary::of(&mut samples).context("no samples")?;
+    let Summary { p50, p99, mean, min, max } = summary;
     println!(
         "{count} random {size}-byte preads of {path}: p50 {:.3} ms, p99 {:.3} ms, mean {:.3} ms, min {:.3} ms, max {:.3} ms",
         ms(p50),
@@ -79,13 +76,6 @@ fn run() -> Result<()> {
         ms(min),
         ms(max)
     );
-    println!(
-        "RESULT n={count} size={size} p50_ms={:.3} p99_ms={:.3} mean_ms={:.3} min_ms={:.3} max_ms={:.3}",
-        ms(p50),
-        ms(p99),
-        ms(mean),
-        ms(min),
-        ms(max)
-    );
+    println!("RESULT n={count} size={size} {}", summary.result_fields());
     Ok(())
 }

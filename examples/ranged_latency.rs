@@ -33,7 +33,7 @@ fn usage() -> ! {
 
 #[path = "common/latency.rs"]
 mod latency;
-use latency::{ms, percentile};
+use latency::{ms, Summary};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -99,11 +99,8 @@ async fn run() -> Result<()> {
             chunks_touched += (offset + size as u64 - 1) / chunk_size - offset / chunk_size + 1;
         }
     }
-    samples.sort();
-    let total: Duration = samples.iter().sum();
-    let mean = total / samples.len() as u32;
-    let (p50, p99) = (percentile(&samples, 0.50), percentile(&samples, 0.99));
-    let (min, max) = (samples[0], samples[samples.len() - 1]);
+    let summary = Summary::of(&mut samples).context("no samples")?;
+    let Summary { p50, p99, mean, min, max } = summary;
     let per_read = chunks_touched as f64 / count as f64;
     println!(
         "{count} random {size}-byte reads of {} ({} bytes, {chunk_size}-byte chunks, {per_read:.2} chunks/read): \
@@ -118,14 +115,9 @@ async fn run() -> Result<()> {
         ms(open_time)
     );
     println!(
-        "RESULT n={count} size={size} chunk_size={chunk_size} chunks_per_read={per_read:.2} open_ms={:.3} \
-         p50_ms={:.3} p99_ms={:.3} mean_ms={:.3} min_ms={:.3} max_ms={:.3}",
+        "RESULT n={count} size={size} chunk_size={chunk_size} chunks_per_read={per_read:.2} open_ms={:.3} {}",
         ms(open_time),
-        ms(p50),
-        ms(p99),
-        ms(mean),
-        ms(min),
-        ms(max)
+        summary.result_fields()
     );
     Ok(())
 }

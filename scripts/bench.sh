@@ -72,6 +72,16 @@ is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/s
 
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
 
+# wait_mounted DIR PID SECONDS WHAT LOG: until DIR is a mountpoint; dies if PID exits or time runs out.
+wait_mounted() {
+  local deadline=$(($(date +%s) + $3))
+  until is_mounted "$1"; do
+    alive "$2" || die "$4 exited; see $5"
+    [ "$(date +%s)" -lt "$deadline" ] || die "$4 did not mount within $3s"
+    sleep 0.05
+  done
+}
+
 forget_pid() {
   local keep=() p
   for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
@@ -390,12 +400,7 @@ mount_natster() {
   "$BIN" mount "$MNT_N" --foreground >>"$W/logs/mount.log" 2>&1 &
   MOUNT_PID=$!
   PIDS+=("$MOUNT_PID")
-  local deadline=$(($(date +%s) + 120))
-  until is_mounted "$MNT_N"; do
-    alive "$MOUNT_PID" || die "natster mount exited; see $W/logs/mount.log"
-    [ "$(date +%s)" -lt "$deadline" ] || die "natster mount did not come up within 120s"
-    sleep 0.05
-  done
+  wait_mounted "$MNT_N" "$MOUNT_PID" 120 "natster mount" "$W/logs/mount.log"
   t1=$(date +%s%N)
   MOUNT_SECS=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
 }
@@ -477,12 +482,7 @@ mount_sshfs() {
     "root@127.0.0.1:$W/data" "$MNT_S" >>"$W/logs/sshfs.log" 2>&1 &
   SSHFS_PID=$!
   PIDS+=("$SSHFS_PID")
-  local deadline=$(($(date +%s) + 30))
-  until is_mounted "$MNT_S"; do
-    alive "$SSHFS_PID" || die "sshfs exited; see $W/logs/sshfs.log"
-    [ "$(date +%s)" -lt "$deadline" ] || die "sshfs did not mount within 30s"
-    sleep 0.05
-  done
+  wait_mounted "$MNT_S" "$SSHFS_PID" 30 "sshfs" "$W/logs/sshfs.log"
 }
 unmount_sshfs() {
   [ -n "$SSHFS_PID" ] || return 0
