@@ -1191,6 +1191,27 @@ impl LocalServer {
         self.kill();
     }
 
+    /// The server's exit status if it has exited (does not wait).
+    pub fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Asks the server to stop (SIGTERM, so JetStream closes its files cleanly) and kills it
+    /// if it is still running after `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if self.try_exited().is_none() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) on our own, not yet reaped, child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + grace;
+            while self.try_exited().is_none() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.kill();
+    }
+
     fn kill(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();

@@ -218,7 +218,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             CatalogCommand::Serve { name, chunk_size, allow_all, v1_only } => {
                 let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
-                runtime.block_on(cli::catalog_serve(&globals, &name, options))
+                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options));
+                // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
+                runtime.shutdown_timeout(Duration::from_millis(500));
+                served
             }
             CatalogCommand::Share { name, account } => sharing::catalog_share(&globals, &name, &account, true),
             CatalogCommand::Unshare { name, account } => sharing::catalog_share(&globals, &name, &account, false),

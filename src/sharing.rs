@@ -76,15 +76,31 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     let mut options = LocalServerOptions::new(operator.dir().join("server"));
     options.port = port;
     options.trace = trace;
-    let server = LocalServer::start(&operator, options).await?;
+    let mut server = LocalServer::start(&operator, options).await?;
     println!(
         "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
         server.url(),
         operator.accounts().len(),
         server.log_path().display()
     );
-    crate::cli::shutdown_signal().await;
-    server.stop();
+    // Also watch the child: an `up` whose server died must say so, not look healthy.
+    let died = async {
+        loop {
+            if let Some(status) = server.try_exited() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let died = tokio::select! {
+        _ = crate::cli::shutdown_signal() => None,
+        status = died => Some(status),
+    };
+    if let Some(status) = died {
+        bail!("nats-server exited unexpectedly ({status}); see its log {}", server.log_path().display());
+    }
+    // Stops within the 2 s promise: 1.5 s for a clean exit, then it is killed.
+    server.shutdown(Duration::from_millis(1500)).await;
     println!("nats-server stopped");
     Ok(())
 }

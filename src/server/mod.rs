@@ -1,0 +1,487 @@
+//! Catalog server: answers `natster.catalog.<name>.<op>` (the owner's own account) and
+//! `<ACCOUNT>.natster.catalog.<name>.<op>` (other accounts, through their imports), and
+//! publishes encrypted chunks on the media subjects.
+//!
+//! Layout: this module holds the public face, dispatch, the listing and housekeeping;
+//! [`v1`] the original's whole-file `download` (queued, bounded), [`v2`] ranged-read sessions,
+//! [`files`] file access beneath the root and the identity checks.
+//!
+//! Invariants:
+//! - Every request is handled on its own task, so one slow reader does not stall the others;
+//!   the accept loop does nothing but dispatch.
+//! - No file I/O on async workers: opens, stats, reads and hashing run on the blocking pool.
+//!   Housekeeping (catalog re-load, session expiry, heartbeat) runs in a task of its own.
+//! - Files are served only by hash, only when indexed, only from inside the root, and only
+//!   while they still match the index (size and mtime, or for entries without an mtime, a
+//!   one-time sha256 check): a changed file is refused, never served under a stale hash.
+//! - Stopping never waits on the network for more than a moment: the last flush is bounded,
+//!   so a dead NATS connection cannot hold up exit. While NATS is down the client reconnects
+//!   by itself and re-subscribes; requests resume when it is back.
+
+mod files;
+mod v1;
+mod v2;
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::context::Home;
+use crate::index::{Catalog, IndexEntry};
+use crate::protocol::{self, error_reply, Caller, Envelope, Operation};
+use crate::shares::LiveShareList;
+
+pub use files::open_beneath;
+use files::{Checked, FileIdentity, Verifier};
+
+/// Subject the server announces its catalog's revision on, for mounts of the same account.
+pub const HEARTBEAT_SUBJECT: &str = "natster.local-events.heartbeat";
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// v2 chunk size in bytes (the unit of authentication).
+    pub chunk_size: u32,
+    /// Most v2 sessions held at once; the least recently used is dropped beyond it.
+    pub max_sessions: usize,
+    /// A session unused this long is dropped.
+    pub session_idle: Duration,
+    /// Serve every account, ignoring the share list (the original's `--allowall`).
+    pub allow_all: bool,
+    /// How often the catalog file is checked for a re-index and a heartbeat is sent.
+    pub heartbeat: Duration,
+    /// Most v1 whole-file transfers streaming at once.
+    pub max_v1_transfers: usize,
+    /// Most v1 downloads waiting for their turn; past it a download is refused (503).
+    pub max_v1_waiting: usize,
+    /// Answer only what an original Natster server answers (`get`, v1 `download`).
+    pub v1_only: bool,
+}
+
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+/// Reads streamed at once (each holds at most two sealed chunks).
+const MAX_CONCURRENT_READS: usize = 64;
+/// NATS' default max_payload is 1 MiB; a chunk plus nonce, tag and headers must fit.
+pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024 - 4096;
+/// Bound on the last flush when stopping: replies in flight get this long to leave.
+const STOP_FLUSH: Duration = Duration::from_millis(500);
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            max_sessions: 512,
+            session_idle: Duration::from_secs(600),
+            allow_all: false,
+            heartbeat: Duration::from_secs(2),
+            max_v1_transfers: 4,
+            max_v1_waiting: 64,
+            v1_only: false,
+        }
+    }
+}
+
+/// The catalog as the server holds it: the index plus a hash lookup and the real root.
+struct Loaded {
+    catalog: Catalog,
+    /// The `get` reply, built once per load; pages are slices of its entries.
+    summary: protocol::CatalogSummary,
+    /// The whole-listing reply (what an original reader asks for), serialized once.
+    whole: Bytes,
+    /// Serialized size of each summary entry, to cut pages under the NATS payload limit.
+    entry_sizes: Vec<usize>,
+    by_hash: HashMap<String, usize>,
+    root: PathBuf,
+    file_identity: Option<(SystemTime, u64, u64)>,
+}
+
+impl Loaded {
+    fn entry(&self, hash: &str) -> Option<&IndexEntry> {
+        self.by_hash.get(hash).and_then(|&i| self.catalog.entries.get(i))
+    }
+
+    /// Entries that carry no mtime (written by the original Natster): verified by hashing.
+    fn unverified(&self) -> impl Iterator<Item = &IndexEntry> {
+        self.catalog.entries.iter().filter(|e| e.mtime_ns == 0)
+    }
+}
+
+struct Shared {
+    nats: async_nats::Client,
+    home: Home,
+    name: String,
+    options: ServerOptions,
+    loaded: RwLock<Arc<Loaded>>,
+    shares: Mutex<LiveShareList>,
+    sessions: Mutex<lru::LruCache<String, Arc<v2::Session>>>,
+    v1: v1::Queue,
+    /// Reads streaming at once; more wait their turn, so memory stays bounded however many
+    /// requests arrive.
+    reads: Arc<Semaphore>,
+    verifier: Verifier,
+}
+
+/// A request refused with an envelope error code.
+struct Refusal(u16, String);
+
+fn refuse(code: u16, msg: impl Into<String>) -> Refusal {
+    Refusal(code, msg.into())
+}
+
+pub struct CatalogServer {
+    shared: Arc<Shared>,
+}
+
+impl CatalogServer {
+    /// Loads the catalog (blocking: call it before serving, not from a request path).
+    pub fn new(nats: async_nats::Client, home: Home, name: &str, options: ServerOptions) -> Result<Self> {
+        if options.chunk_size < protocol::MIN_CHUNK_SIZE || options.chunk_size > MAX_CHUNK_SIZE {
+            anyhow::bail!(
+                "chunk size {} is out of range; use {}..={MAX_CHUNK_SIZE} bytes",
+                options.chunk_size,
+                protocol::MIN_CHUNK_SIZE
+            );
+        }
+        let loaded = load(&home, name)?;
+        let max = std::num::NonZeroUsize::new(options.max_sessions.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        if options.allow_all {
+            tracing::warn!(
+                catalog = name,
+                "--allow-all: EVERY account that imports this catalog can read it, share list ignored"
+            );
+        }
+        Ok(CatalogServer {
+            shared: Arc::new(Shared {
+                shares: Mutex::new(LiveShareList::new(home.clone(), name)),
+                nats,
+                home,
+                name: name.to_string(),
+                v1: v1::Queue::new(options.max_v1_transfers, options.max_v1_waiting),
+                reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+                options,
+                loaded: RwLock::new(Arc::new(loaded)),
+                sessions: Mutex::new(lru::LruCache::new(max)),
+                verifier: Verifier::default(),
+            }),
+        })
+    }
+
+    /// Serves until `shutdown` resolves; returns within about half a second of it, whether or
+    /// not NATS is reachable.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let s = &self.shared;
+        let queue = format!("natster-catalog-{}", s.name);
+        // An original Natster server subscribes to `get` and `download` only; v1-only mode does
+        // the same, so v2 requests find no responder, exactly as against an original peer.
+        let ops: &[&str] = if s.options.v1_only { &["get", "download"] } else { &["*"] };
+        let mut subjects = Vec::new();
+        for op in ops {
+            subjects.push(format!("natster.catalog.{}.{op}", s.name));
+            subjects.push(format!("*.natster.catalog.{}.{op}", s.name));
+        }
+        tokio::pin!(shutdown);
+        let mut subscriptions = Vec::new();
+        for subject in subjects {
+            let sub = s.nats.queue_subscribe(subject.clone(), queue.clone()).await.with_context(|| {
+                format!("cannot subscribe to {subject}; check that your user may subscribe to natster.catalog.>")
+            })?;
+            subscriptions.push(sub);
+        }
+        // Make sure the server has our subscriptions before we say we are serving (bounded by
+        // the stop signal: a flush waits for a connection that may be down).
+        tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            flushed = s.nats.flush() => flushed.context("NATS connection lost while subscribing")?,
+        }
+        let revision = s.loaded().catalog.revision();
+        tracing::info!(catalog = %s.name, %revision, entries = s.loaded().catalog.entries.len(), "serving");
+
+        let housekeeping = tokio::spawn(self.shared.clone().housekeeping());
+        let verification = tokio::spawn(self.shared.clone().verify_unverified(s.loaded()));
+        let mut requests = futures::stream::select_all(subscriptions);
+        let outcome = loop {
+            tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                msg = requests.next() => match msg {
+                    Some(msg) => {
+                        let shared = self.shared.clone();
+                        tokio::spawn(async move { shared.handle(msg).await });
+                    }
+                    // async-nats re-subscribes after every reconnect; the stream ends only
+                    // when the client itself is closed, which nothing here can repair.
+                    None => break Err(anyhow::anyhow!(
+                        "the NATS connection was closed; restart `catalog serve` once NATS is reachable"
+                    )),
+                },
+            }
+        };
+        housekeeping.abort();
+        verification.abort();
+        s.verifier.cancel();
+        if tokio::time::timeout(STOP_FLUSH, s.nats.flush()).await.is_err() {
+            tracing::warn!("NATS unreachable while stopping; replies still in flight are dropped");
+        }
+        outcome
+    }
+}
+
+/// Loads the catalog and resolves its root (blocking).
+fn load(home: &Home, name: &str) -> Result<Loaded> {
+    let catalog = Catalog::load(home, name)?;
+    let file_identity = catalog_file_identity(home, name);
+    let root = std::fs::canonicalize(&catalog.root_dir).with_context(|| {
+        format!(
+            "catalog '{name}' serves {}, which cannot be opened; restore it or re-create the catalog",
+            catalog.root_dir
+        )
+    })?;
+    let by_hash = catalog.entries.iter().enumerate().map(|(i, e)| (e.hash.clone(), i)).collect();
+    let summary = catalog.summary();
+    let entry_sizes = summary.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() + 1).unwrap_or(0)).collect();
+    let whole = Bytes::from(Envelope::ok(&summary));
+    Ok(Loaded { catalog, summary, whole, entry_sizes, by_hash, root, file_identity })
+}
+
+/// What changes whenever the catalog file is saved (saves are renames: the inode changes even
+/// within one mtime tick).
+fn catalog_file_identity(home: &Home, name: &str) -> Option<(SystemTime, u64, u64)> {
+    let meta = std::fs::metadata(Catalog::file_path(home, name)).ok()?;
+    Some((meta.modified().ok()?, meta.ino(), meta.len()))
+}
+
+#[derive(Serialize)]
+struct Heartbeat<'a> {
+    catalog: &'a str,
+    revision: String,
+    entries: usize,
+}
+
+impl Shared {
+    fn loaded(&self) -> Arc<Loaded> {
+        self.loaded.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Every `heartbeat`: picks up a re-index, drops idle sessions, announces the revision.
+    /// A task of its own, so a slow re-load or a publish waiting for a reconnect never
+    /// delays request dispatch.
+    async fn housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.options.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let this = self.clone();
+            let reloaded = tokio::task::spawn_blocking(move || this.reload_if_changed()).await.ok().flatten();
+            if let Some(fresh) = reloaded {
+                tokio::spawn(self.clone().verify_unverified(fresh));
+            }
+            self.expire_sessions();
+            let loaded = self.loaded();
+            let beat = Heartbeat {
+                catalog: &self.name,
+                revision: loaded.catalog.revision(),
+                entries: loaded.catalog.entries.len(),
+            };
+            if let Ok(body) = serde_json::to_vec(&beat) {
+                // While NATS is down the publish queue may be full: skip this beat, not wait.
+                let publish = self.nats.publish(HEARTBEAT_SUBJECT, body.into());
+                let _ = tokio::time::timeout(self.options.heartbeat, publish).await;
+            }
+        }
+    }
+
+    /// Re-loads the catalog when its file changed (blocking); returns the new listing.
+    fn reload_if_changed(&self) -> Option<Arc<Loaded>> {
+        let current = self.loaded();
+        if catalog_file_identity(&self.home, &self.name) == current.file_identity {
+            return None;
+        }
+        match load(&self.home, &self.name) {
+            Ok(fresh) => {
+                tracing::info!(catalog = %self.name, revision = %fresh.catalog.revision(), "catalog re-indexed; serving the new listing");
+                self.verifier.retain(&fresh.catalog.entries);
+                let fresh = Arc::new(fresh);
+                *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+                Some(fresh)
+            }
+            Err(e) => {
+                tracing::error!("{e:#}; still serving the previous listing");
+                None
+            }
+        }
+    }
+
+    /// Hashes, one file at a time, every entry of `loaded` that carries no mtime, so that
+    /// opens find a verdict waiting. Stops early when a newer listing replaces this one.
+    async fn verify_unverified(self: Arc<Self>, loaded: Arc<Loaded>) {
+        let pending: Vec<IndexEntry> = loaded.unverified().cloned().collect();
+        if pending.is_empty() {
+            return;
+        }
+        tracing::info!(
+            catalog = %self.name,
+            files = pending.len(),
+            "index has no modification times (written by the original Natster); verifying each file's sha256 once"
+        );
+        let (mut good, mut bad) = (0usize, 0usize);
+        for entry in &pending {
+            if !Arc::ptr_eq(&self.loaded(), &loaded) {
+                return;
+            }
+            match self.check_content(&loaded, entry).await {
+                Ok(_) => good += 1,
+                // check_content logged why.
+                Err(_) => bad += 1,
+            }
+        }
+        tracing::info!(catalog = %self.name, verified = good, refused = bad, "verification pass done");
+    }
+
+    /// Opens `entry` and checks it still holds what was indexed.
+    async fn check_content(
+        &self,
+        loaded: &Loaded,
+        entry: &IndexEntry,
+    ) -> Result<(Arc<std::fs::File>, FileIdentity), Refusal> {
+        let hash = &entry.hash;
+        let (file, identity) = files::open_entry(loaded.root.clone(), entry).await.map_err(|e| {
+            tracing::warn!(path = %entry.path, "refusing to serve: {e:#}");
+            refuse(404, format!("file {hash} is indexed but cannot be served; the owner should re-index"))
+        })?;
+        let changed =
+            || refuse(409, format!("file {hash} changed since it was indexed; ask the owner to re-index the catalog"));
+        if entry.mtime_ns != 0 {
+            let indexed = FileIdentity { size: entry.byte_size, mtime_ns: entry.mtime_ns };
+            if identity != indexed {
+                tracing::warn!(path = %entry.path, "file changed since it was indexed; refusing it until `catalog new` re-indexes");
+                return Err(changed());
+            }
+            return Ok((Arc::new(file), identity));
+        }
+        let file = Arc::new(file);
+        match self.verifier.check(entry, file.clone(), identity).await {
+            Checked::Matches => {}
+            Checked::Differs => {
+                tracing::warn!(path = %entry.path, "file does not match its indexed sha256; refusing it until `catalog new` re-indexes");
+                return Err(changed());
+            }
+            Checked::Changing => return Err(changed()),
+            Checked::Failed(e) => {
+                tracing::warn!(path = %entry.path, "cannot verify: {e}");
+                return Err(refuse(500, format!("file {hash} cannot be read; try again later")));
+            }
+        }
+        Ok((file, identity))
+    }
+
+    /// Opens an indexed file by hash, inside the root, still matching the index.
+    async fn open_indexed(&self, hash: &str) -> Result<(IndexEntry, Arc<std::fs::File>, FileIdentity), Refusal> {
+        if !protocol::is_sha256_hex(hash) {
+            return Err(refuse(400, "hash must be 64 lowercase hex characters (sha256)"));
+        }
+        let loaded = self.loaded();
+        let entry = loaded
+            .entry(hash)
+            .ok_or_else(|| refuse(404, format!("no file with hash {hash} in catalog '{}'", self.name)))?
+            .clone();
+        let (file, identity) = self.check_content(&loaded, &entry).await?;
+        Ok((entry, file, identity))
+    }
+
+    async fn handle(self: Arc<Self>, msg: async_nats::Message) {
+        let Some(reply) = msg.reply.clone() else {
+            tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
+            return;
+        };
+        let Some((caller, op)) = protocol::parse_request_subject(&msg.subject, &self.name) else {
+            let _ = self.nats.publish(reply, error_reply(400, "unknown operation or malformed subject").into()).await;
+            return;
+        };
+        let result = match self.authorize(&caller).await {
+            Err(r) => Err(r),
+            Ok(()) => match op {
+                Operation::Get => self.get(&msg.payload),
+                Operation::Open => self.open(&caller, &msg.payload).await.map(Bytes::from),
+                Operation::Read => self.read(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
+                Operation::Close => self.close(&caller, &msg.payload).map(Bytes::from),
+                Operation::Download => self.download(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
+            },
+        };
+        let body = match result {
+            Ok(body) => body,
+            Err(Refusal(code, message)) => {
+                tracing::info!(caller = %caller, op = op.as_str(), code, "{message}");
+                error_reply(code, &message).into()
+            }
+        };
+        if !body.is_empty() {
+            let len = body.len();
+            if let Err(e) = self.nats.publish(reply, body).await {
+                tracing::warn!(op = op.as_str(), bytes = len, "reply not sent: {e}");
+            }
+        }
+    }
+
+    async fn authorize(self: &Arc<Self>, caller: &Caller) -> Result<(), Refusal> {
+        match caller {
+            Caller::Owner => Ok(()),
+            Caller::Account(_) if self.options.allow_all => Ok(()),
+            Caller::Account(account) => {
+                // The live share list stats its file on every check: off the async workers.
+                let (this, who) = (self.clone(), account.clone());
+                let allowed = tokio::task::spawn_blocking(move || {
+                    this.shares.lock().unwrap_or_else(|p| p.into_inner()).allows(&who)
+                })
+                .await
+                .unwrap_or(false);
+                if allowed {
+                    Ok(())
+                } else {
+                    Err(refuse(403, format!("catalog '{}' is not shared with account {account}", self.name)))
+                }
+            }
+        }
+    }
+
+    /// The listing: whole for an empty request (the original's), else one page from `from`
+    /// that fits in a NATS message.
+    fn get(&self, payload: &[u8]) -> Result<Bytes, Refusal> {
+        let loaded = self.loaded();
+        let req: protocol::GetRequest =
+            if payload.iter().all(|b| b.is_ascii_whitespace()) { Default::default() } else { parse(payload)? };
+        let Some(from) = req.from else {
+            return Ok(loaded.whole.clone());
+        };
+        let total = loaded.summary.entries.len();
+        let start = usize::try_from(from).unwrap_or(usize::MAX).min(total);
+        let max_payload = self.nats.server_info().max_payload.max(64 * 1024);
+        let budget = max_payload - max_payload / 8 - loaded.summary.description.len().min(max_payload / 4);
+        let mut end = start;
+        let mut used = 0;
+        while end < total && (end == start || used + loaded.entry_sizes[end] <= budget) {
+            used += loaded.entry_sizes[end];
+            end += 1;
+        }
+        let whole = &loaded.summary;
+        let page = protocol::CatalogSummary {
+            name: whole.name.clone(),
+            description: whole.description.clone(),
+            image: whole.image.clone(),
+            entries: whole.entries[start..end].to_vec(),
+            revision: whole.revision.clone(),
+            protocol: whole.protocol,
+            total_entries: Some(total as u64),
+        };
+        Ok(Envelope::ok(page).into())
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(payload).map_err(|e| refuse(400, format!("malformed request: {e}")))
+}

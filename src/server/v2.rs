@@ -1,0 +1,177 @@
+//! v2 ranged reads: `open` starts a session on one file (a fresh key agreed with the reader's
+//! xkey, bound to session, catalog and hash), `read` publishes a run of sealed chunks on the
+//! session's media subject, `close` ends it.
+//!
+//! Invariants:
+//! - A session belongs to the caller that opened it; any other caller naming it gets the same
+//!   answer as for a missing one.
+//! - Every read re-checks the open file's identity (one `fstat` on the blocking pool); a file
+//!   changed since it was verified ends the session with 409.
+//! - File reads and sealing run on the blocking pool, at most two chunks ahead of the
+//!   publisher; at most `MAX_CONCURRENT_READS` reads stream at once.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::files::{self, FileIdentity};
+use super::{parse, refuse, Refusal, Shared};
+use crate::crypto::{self, EphemeralKey, SessionBinding, SessionKey};
+use crate::protocol::{self, Caller, CloseRequest, Envelope, OpenRequest, OpenResponse, ReadRequest, ReadResponse};
+
+pub(super) struct Session {
+    caller: Caller,
+    hash: String,
+    byte_size: u64,
+    file: Arc<File>,
+    indexed: FileIdentity,
+    key: Arc<SessionKey>,
+    pub(super) last_used: Mutex<Instant>,
+}
+
+impl Shared {
+    pub(super) async fn open(&self, caller: &Caller, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let req: OpenRequest = parse(payload)?;
+        let (entry, file, indexed) = self.open_indexed(&req.hash).await?;
+        let session = crypto::new_session_id();
+        let ephemeral = EphemeralKey::generate();
+        let binding = SessionBinding {
+            session: &session,
+            catalog: &self.name,
+            hash: &entry.hash,
+            client_xkey: &req.client_xkey,
+            server_xkey: ephemeral.public_xkey(),
+        };
+        let key = ephemeral.agree(&req.client_xkey, &binding).map_err(|e| refuse(400, format!("client_xkey: {e}")))?;
+        let reply = OpenResponse {
+            session: session.clone(),
+            server_xkey: ephemeral.public_xkey().to_string(),
+            byte_size: entry.byte_size,
+            chunk_size: self.options.chunk_size,
+        };
+        let state = Session {
+            caller: caller.clone(),
+            hash: entry.hash,
+            byte_size: entry.byte_size,
+            file,
+            indexed,
+            key: Arc::new(key),
+            last_used: Mutex::new(Instant::now()),
+        };
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).put(session, Arc::new(state));
+        Ok(Envelope::ok(reply))
+    }
+
+    fn session(&self, caller: &Caller, id: &str) -> Result<Arc<Session>, Refusal> {
+        let gone = || refuse(404, "unknown or expired session; open the file again");
+        if !protocol::is_session_id(id) {
+            return Err(refuse(400, "session must be 32 lowercase hex characters"));
+        }
+        let session = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned().ok_or_else(gone)?;
+        // Another account naming this session learns nothing: same answer as a missing one.
+        if &session.caller != caller {
+            return Err(gone());
+        }
+        if let Ok(mut t) = session.last_used.lock() {
+            *t = Instant::now();
+        }
+        Ok(session)
+    }
+
+    pub(super) async fn read(
+        &self,
+        caller: &Caller,
+        payload: &[u8],
+        reply: async_nats::Subject,
+    ) -> Result<Vec<u8>, Refusal> {
+        let req: ReadRequest = parse(payload)?;
+        let session = self.session(caller, &req.session)?;
+        let chunk_size = u64::from(self.options.chunk_size);
+        let total = protocol::chunk_count(session.byte_size, chunk_size);
+        if req.count == 0 || req.count > protocol::MAX_CHUNKS_PER_READ {
+            return Err(refuse(400, format!("count must be 1..={}", protocol::MAX_CHUNKS_PER_READ)));
+        }
+        if req.first_chunk >= total {
+            return Err(refuse(
+                416,
+                format!("first_chunk {} is past the last chunk ({total} chunks)", req.first_chunk),
+            ));
+        }
+        let count = (total - req.first_chunk).min(u64::from(req.count)) as u32;
+        let now = files::identity_of(session.file.clone()).await.map_err(|_| refuse(500, "cannot stat file"))?;
+        if now != session.indexed {
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
+            return Err(refuse(
+                409,
+                format!("file {} changed since it was indexed; ask the owner to re-index", session.hash),
+            ));
+        }
+        let Ok(_permit) = self.reads.clone().acquire_owned().await else {
+            return Err(refuse(503, "server is shutting down"));
+        };
+        // Acknowledge first, so the reader knows chunks are coming, then stream them.
+        let ack = Envelope::ok(ReadResponse { first_chunk: req.first_chunk, count });
+        let _ = self.nats.publish(reply, ack.into()).await;
+
+        let subject = protocol::media_subject(caller, &self.name, &req.session);
+        let first = req.first_chunk;
+        // Read and seal on the blocking pool, two chunks ahead of the publisher.
+        let mut sealed = futures::stream::iter(first..first + u64::from(count))
+            .map(|index| {
+                let session = session.clone();
+                tokio::task::spawn_blocking(move || seal_chunk(&session, index, chunk_size))
+            })
+            .buffered(2);
+        while let Some(done) = sealed.next().await {
+            match done {
+                Ok(Ok((index, body))) => {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
+                    if self.nats.publish_with_headers(subject.clone(), headers, body).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!("read of {} failed: {e}", session.hash);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    pub(super) fn close(&self, caller: &Caller, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
+        let req: CloseRequest = parse(payload)?;
+        self.session(caller, &req.session)?;
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
+        Ok(Envelope::ok(()))
+    }
+
+    /// Drops sessions unused for longer than the idle limit.
+    pub(super) fn expire_sessions(&self) {
+        let idle = self.options.session_idle;
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<String> = sessions
+            .iter()
+            .filter(|(_, s)| s.last_used.lock().map(|t| t.elapsed() > idle).unwrap_or(true))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            sessions.pop(&k);
+        }
+    }
+}
+
+fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> std::io::Result<(u64, Bytes)> {
+    let len = protocol::chunk_len(session.byte_size, chunk_size, index) as usize;
+    let mut buf = Vec::with_capacity(crypto::NONCE_LEN + len + crypto::TAG_LEN);
+    buf.resize(crypto::NONCE_LEN + len, 0);
+    session.file.read_exact_at(&mut buf[crypto::NONCE_LEN..], index * chunk_size)?;
+    session.key.seal_in_place(index, &mut buf);
+    Ok((index, Bytes::from(buf)))
+}

@@ -1,0 +1,517 @@
+//! The catalog server in the network's normal weather: original Natster clients downloading
+//! at once (queued, never refused below the bound), indexes written by the original (no
+//! `mtime_ns`: verified once, then served), stopping within 2 s while nats-server is down,
+//! and serving again after nats-server restarts.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use natster_mount::client::ClientError;
+use natster_mount::context::Home;
+use natster_mount::server::{CatalogServer, ServerOptions};
+use serde_json::json;
+
+const CATALOG: &str = "media";
+const MIB: usize = 1024 * 1024;
+/// Bound on the next v1 chunk arriving (a queued transfer waits for those ahead of it).
+const CHUNK_WAIT: Duration = Duration::from_secs(30);
+/// The promise is 2 s; the assertion leaves slack for a loaded machine.
+const STOP_BOUND: Duration = Duration::from_secs(3);
+
+/// Indexes `tree` as [`CATALOG`] through the CLI.
+async fn index(home: &TestHome, tree: &Path) {
+    home.run_async(["catalog", "new", CATALOG, tree.to_str().expect("utf-8 tree")]).await.assert_success("catalog new");
+}
+
+/// One v1 download exactly as the original Go client makes it, on its own connection:
+/// subscribe to the hash's media subject, request with a fresh curve key, open each chunk with
+/// the sender key from the header. Header names are spelled literally, as on the wire.
+async fn original_v1_download(url: String, hash: String) -> Vec<u8> {
+    let nats = connect(&url).await;
+    let target = nkeys::XKey::new();
+    let mut sub = nats.subscribe(format!("natster.media.{CATALOG}.{hash}")).await.expect("subscribe");
+    nats.flush().await.expect("flush");
+    let body = json!({"hash": hash, "transcode": false, "target_xkey": target.public_key()}).to_string();
+    // The original client waits 1 s for this reply.
+    let msg = tokio::time::timeout(
+        Duration::from_secs(1),
+        nats.request(format!("natster.catalog.{CATALOG}.download"), body.into()),
+    )
+    .await
+    .expect("download acknowledged within the original client's 1 s")
+    .expect("download request");
+    let reply: serde_json::Value = serde_json::from_slice(&msg.payload).expect("JSON reply");
+    assert_eq!(code(&reply), 200, "{reply}");
+    let total = reply["data"]["total_chunks"].as_u64().expect("total_chunks");
+    let sender_xkey = reply["data"]["sender_xkey"].as_str().expect("sender_xkey").to_string();
+    let mut chunks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    while (chunks.len() as u64) < total {
+        let msg = tokio::time::timeout(CHUNK_WAIT, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("v1 chunk missing after {} of {total}", chunks.len()))
+            .expect("subscription ended");
+        let headers = msg.headers.as_ref().expect("v1 chunk without headers");
+        let header = |name: &str| {
+            headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_else(|| panic!("chunk without {name}"))
+        };
+        let index: u64 = header("x-natster-chunk-idx").parse().expect("numeric chunk index");
+        assert_eq!(header("x-natster-total-chunks"), total.to_string());
+        let sender = header("x-natster-sender-xkey");
+        assert_eq!(sender, sender_xkey);
+        let sender = nkeys::XKey::from_public_key(&sender).expect("sender xkey");
+        let plain = target.open(&msg.payload, &sender).unwrap_or_else(|e| panic!("chunk {index} does not open: {e}"));
+        assert!(chunks.insert(index, plain).is_none(), "chunk {index} twice");
+    }
+    chunks.into_values().flatten().collect()
+}
+
+/// A raw v1 `download` request of `hash`; the reply envelope.
+async fn download_reply(nats: &async_nats::Client, hash: &str) -> serde_json::Value {
+    let body = json!({"hash": hash, "transcode": false, "target_xkey": nkeys::XKey::new().public_key()});
+    raw_request(nats, &format!("natster.catalog.{CATALOG}.download"), body.to_string()).await
+}
+
+/// 1. Five original clients download 16 MiB files at once (more than the server streams at
+/// once): every download is acknowledged within the original's 1 s and completes
+/// byte-identical, the extra one by waiting its turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_original_clients_download_at_once() {
+    let server = NatsServer::start();
+    let home = TestHome::new();
+    home.init(&server.url()).await;
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    let files: Vec<Vec<u8>> = (0..5).map(|i| pseudo_random_bytes(500 + i, 16 * MIB + 17 * i as usize)).collect();
+    for (i, bytes) in files.iter().enumerate() {
+        write_file(tree.path(), &format!("/f{i}.bin"), bytes);
+    }
+    index(&home, tree.path()).await;
+    let served = Served::start(&home, &server, CATALOG).await;
+
+    let downloads: Vec<_> =
+        files.iter().map(|bytes| tokio::spawn(original_v1_download(server.url(), sha256_hex(bytes)))).collect();
+    for (i, download) in downloads.into_iter().enumerate() {
+        let got = within("an original client's v1 download", download).await.expect("download task");
+        assert!(got == files[i], "download {i} differs ({} vs {} bytes)", got.len(), files[i].len());
+    }
+    drop(served);
+}
+
+/// Serves `home`'s catalog in this process with `options`; stops when the sender drops.
+fn serve_in_process(
+    nats: async_nats::Client,
+    home: Home,
+    options: ServerOptions,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<anyhow::Result<()>>) {
+    let server = CatalogServer::new(nats, home, CATALOG, options).expect("catalog server");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    (stop, task)
+}
+
+/// Modification time of `path` in nanoseconds, as an index records it.
+fn mtime_ns(path: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).expect("stat");
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
+/// 2. The v1 queue is bounded: with one transfer streaming and one waiting, the next download
+/// is refused with 503 and a message that says what to do; the queued one was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_queue_refuses_only_past_its_bound() {
+    let server = NatsServer::start();
+    let home_dir = TestHome::new();
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    // A sparse 2 GiB file: its transfer streams for far longer than this test runs. Indexed
+    // by hand (size and mtime, a made-up hash), so nothing hashes 2 GiB.
+    let big = tree.path().join("big.bin");
+    std::fs::File::create(&big).and_then(|f| f.set_len(2 << 30)).expect("sparse file");
+    let hash = sha256_hex(b"stands for the sparse file");
+    let catalog = json!({
+        "name": CATALOG, "root_dir": tree.path().canonicalize().unwrap(), "description": "", "last_modified": 0,
+        "entries": [{"path": "/big.bin", "description": "", "mime_type": "application/octet-stream",
+                     "hash": hash, "byte_size": 2u64 << 30, "mtime_ns": mtime_ns(&big)}],
+    });
+    std::fs::write(home_dir.path().join(format!("{CATALOG}.json")), catalog.to_string()).expect("catalog file");
+    let nats = connect(&server.url()).await;
+    let options = ServerOptions { max_v1_transfers: 1, max_v1_waiting: 1, ..ServerOptions::default() };
+    let (stop, task) = serve_in_process(nats.clone(), home_dir.home(), options);
+    // Ready once it answers `get`.
+    wait_for("in-process server", Duration::from_secs(10), || {
+        let nats = nats.clone();
+        async move {
+            let reply = nats.request(format!("natster.catalog.{CATALOG}.get"), "".into()).await.ok()?;
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).ok().filter(|v| code(v) == 200)
+        }
+    })
+    .await;
+
+    let streaming = download_reply(&nats, &hash).await;
+    assert_eq!(code(&streaming), 200, "{streaming}");
+    let queued = download_reply(&nats, &hash).await;
+    assert_eq!(code(&queued), 200, "a download within the queue bound was refused: {queued}");
+    let refused = download_reply(&nats, &hash).await;
+    assert_eq!(code(&refused), 503, "{refused}");
+    let message = refused["error"].as_str().expect("error message");
+    assert!(message.contains("waiting") && message.contains("try again"), "{message}");
+
+    drop(stop);
+    let stopped = tokio::time::timeout(STOP_BOUND, task).await.expect("server stops promptly");
+    stopped.expect("server task").expect("server run");
+}
+
+/// Writes `files` into `tree` and an index of them in the original Natster's format (no
+/// `mtime_ns`, the original's fields only) into `home`.
+fn write_original_index(home: &Path, tree: &Path, files: &[(&str, Vec<u8>)]) {
+    for (path, bytes) in files {
+        write_file(tree, path, bytes);
+    }
+    let entries: Vec<_> = files
+        .iter()
+        .map(|(path, bytes)| {
+            json!({"path": path, "description": "", "mime_type": "application/octet-stream",
+                   "hash": sha256_hex(bytes), "byte_size": bytes.len()})
+        })
+        .collect();
+    let catalog = json!({
+        "name": CATALOG,
+        "root_dir": tree.canonicalize().expect("tree").to_str().expect("utf-8"),
+        "description": "written by the original",
+        "last_modified": 1_700_000_000,
+        "entries": entries,
+    });
+    std::fs::write(home.join(format!("{CATALOG}.json")), serde_json::to_vec_pretty(&catalog).unwrap()).unwrap();
+}
+
+/// 3. A catalog file in the original's format (no `mtime_ns`) is verified by hashing once and
+/// then served, through v2 (the library client) and v1 (as an original client); a file that
+/// does not match its hash, or is modified afterwards, is refused with 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_index_is_verified_once_then_served() {
+    let server = NatsServer::start();
+    let home = TestHome::new();
+    home.init(&server.url()).await;
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    let files = vec![
+        ("/film.bin", pseudo_random_bytes(71, 3 * MIB + 123)),
+        ("/sub dir/notes.txt", b"original natster notes\n".to_vec()),
+        ("/empty", Vec::new()),
+        ("/later-changed.bin", pseudo_random_bytes(72, 300_000)),
+    ];
+    // Tampered before serving: same size, other bytes. Never served under the indexed hash.
+    let tampered = ("/tampered.bin", pseudo_random_bytes(73, 5000));
+    write_original_index(home.path(), tree.path(), &[files.clone(), vec![tampered.clone()]].concat());
+    std::fs::write(tree.path().join("tampered.bin"), pseudo_random_bytes(74, 5000)).unwrap();
+
+    let served = Served::start(&home, &server, CATALOG).await;
+    let nats = connect(&server.url()).await;
+    let client = catalog_client(&nats, CATALOG);
+
+    for (path, bytes) in &files {
+        let hash = sha256_hex(bytes);
+        let file = within("open", client.open(&hash, Some(bytes.len() as u64)))
+            .await
+            .unwrap_or_else(|e| panic!("{path} of an original index: {e}"));
+        let mut got = Vec::new();
+        within(
+            "read_all",
+            file.read_all(|chunk| {
+                got.extend_from_slice(chunk);
+                Ok(())
+            }),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert!(&got == bytes, "{path} differs through v2");
+        let via_v1 = within("v1 download", original_v1_download(server.url(), hash)).await;
+        assert!(&via_v1 == bytes, "{path} differs through v1");
+    }
+    let tampered_hash = sha256_hex(&tampered.1);
+    match client.open(&tampered_hash, None).await {
+        Err(ClientError::Refused { code: 409, message }) => assert!(message.contains("changed"), "{message}"),
+        other => panic!("tampered file: expected 409, got {:?}", other.map(|f| f.byte_size())),
+    }
+    assert_eq!(code(&download_reply(&nats, &tampered_hash).await), 409);
+
+    // Modified after it was verified and served: refused from then on.
+    let changed = tree.path().join("later-changed.bin");
+    let later = std::fs::metadata(&changed).unwrap().modified().unwrap() + Duration::from_secs(5);
+    std::fs::write(&changed, pseudo_random_bytes(75, 300_000)).unwrap();
+    std::fs::File::options().write(true).open(&changed).and_then(|f| f.set_modified(later)).unwrap();
+    let changed_hash = sha256_hex(&files[3].1);
+    match client.open(&changed_hash, None).await {
+        Err(ClientError::Refused { code: 409, .. }) => {}
+        other => panic!("modified file: expected 409, got {:?}", other.map(|f| f.byte_size())),
+    }
+    assert_eq!(code(&download_reply(&nats, &changed_hash).await), 409);
+    // The others are still served.
+    let film = sha256_hex(&files[0].1);
+    within("open after a change", client.open(&film, None)).await.expect("unchanged file still served");
+
+    // One verification pass at start, and it says so.
+    let log = served.log();
+    assert_eq!(log.matches("verifying each file's sha256 once").count(), 1, "{log}");
+    wait_for("the verification pass to finish", Duration::from_secs(20), || {
+        let log = served.log();
+        async move { log.contains("verification pass done").then_some(()) }
+    })
+    .await;
+}
+
+/// Sends `signal` to a child process.
+fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on our own child, which is not reaped yet.
+    let rc = unsafe { libc::kill(child.id() as i32, signal) };
+    assert_eq!(rc, 0, "kill({}, {signal})", child.id());
+}
+
+/// Waits (bounded) for `child` to exit after a stop signal; how long it took, and its status.
+fn time_exit(child: &mut Child, since: Instant) -> (Duration, std::process::ExitStatus) {
+    let until = since + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (since.elapsed(), status);
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running 15 s after the stop signal");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A nats-server on `port` (the test's own, to restart on the same port); killed on drop.
+struct PortServer(Child);
+
+impl PortServer {
+    fn start(port: u16) -> PortServer {
+        let child = std::process::Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server");
+        let server = PortServer(child);
+        let until = Instant::now() + NATS_START_DEADLINE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < until, "nats-server on {port} not reachable");
+            std::thread::sleep(POLL);
+        }
+        server
+    }
+}
+
+impl Drop for PortServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `catalog serve` child of `home`; killed on drop.
+struct ServeChild {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl ServeChild {
+    fn start(home: &TestHome) -> ServeChild {
+        let log = tempfile::NamedTempFile::new().expect("log");
+        let child = home
+            .command(["catalog", "serve", CATALOG])
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("catalog serve");
+        ServeChild { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- catalog serve log ---\n{}", tail(&self.log(), 30));
+        }
+    }
+}
+
+/// Polls `get` on `url` until the catalog answers.
+async fn wait_answering(url: &str, what: &str) {
+    let nats = connect(url).await;
+    let client = catalog_client(&nats, CATALOG);
+    wait_for(what, Duration::from_secs(20), || {
+        let client = client.clone();
+        async move { client.get().await.ok().map(|_| ()) }
+    })
+    .await;
+}
+
+/// 4. `catalog serve` survives a nats-server restart (answers again on the same process), and
+/// with nats-server stopped it exits within 2 s of SIGTERM, and of SIGINT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_survives_restarts_and_stops_while_nats_is_down() {
+    let home = TestHome::new();
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    write_file(tree.path(), "/a.bin", &pseudo_random_bytes(81, 100_000));
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    home.init(&url).await;
+    index(&home, tree.path()).await;
+
+    for stop_signal in [libc::SIGTERM, libc::SIGINT] {
+        let nats = PortServer::start(port);
+        let mut serve = ServeChild::start(&home);
+        wait_answering(&url, "catalog serve").await;
+
+        // nats-server restarts: the same serve process answers again once it is back.
+        drop(nats);
+        let nats = PortServer::start(port);
+        wait_answering(&url, "catalog serve after a nats-server restart").await;
+        assert!(serve.child.try_wait().expect("wait").is_none(), "serve exited:\n{}", serve.log());
+
+        // nats-server gone for good. The outage lasts a few heartbeats before the stop signal
+        // (a duration of the scenario, not a synchronisation), so publishes have piled up.
+        drop(nats);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let sent = Instant::now();
+        signal(&serve.child, stop_signal);
+        let (took, status) = time_exit(&mut serve.child, sent);
+        assert!(took < STOP_BOUND, "signal {stop_signal}: catalog serve took {took:?} to stop:\n{}", serve.log());
+        assert!(status.success(), "signal {stop_signal}: catalog serve exited with {status}:\n{}", serve.log());
+    }
+}
+
+/// Child processes of `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let listed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut kids: Vec<u32> = listed.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+    if kids.is_empty() {
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+            let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()) else { continue };
+            let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                if let Ok(child) = entry.file_name().to_string_lossy().parse() {
+                    kids.push(child);
+                }
+            }
+        }
+    }
+    kids
+}
+
+fn alive(pid: u32) -> bool {
+    // A reaped process has no /proc entry; a zombie is as good as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// `operator up` in `dir`, until "Ctrl-C to stop"; killed on drop.
+struct Up {
+    child: Child,
+    out: tempfile::NamedTempFile,
+}
+
+impl Up {
+    fn start(dir: &Path) -> Up {
+        let out = tempfile::NamedTempFile::new().expect("out");
+        let child = std::process::Command::new(bin())
+            .args(["operator", "up"])
+            .env("NATSTER_HOME", dir)
+            .env("NATSTER_OPERATOR_HOME", dir)
+            .stdin(Stdio::null())
+            .stdout(out.reopen().expect("out"))
+            .stderr(out.reopen().expect("err"))
+            .spawn()
+            .expect("operator up");
+        let mut up = Up { child, out };
+        let until = Instant::now() + Duration::from_secs(20);
+        while !up.output().contains("Ctrl-C to stop") {
+            if let Ok(Some(status)) = up.child.try_wait() {
+                panic!("operator up exited with {status}:\n{}", up.output());
+            }
+            assert!(Instant::now() < until, "operator up not ready:\n{}", up.output());
+            std::thread::sleep(POLL);
+        }
+        up
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(self.out.path()).unwrap_or_default()
+    }
+
+    fn nats_server_pid(&self) -> u32 {
+        let kids = children_of(self.child.id());
+        assert_eq!(kids.len(), 1, "operator up should run exactly one nats-server: {kids:?}");
+        kids[0]
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        for pid in children_of(self.child.id()) {
+            // SAFETY: kill(2) on a process the test started (through operator up).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- operator up output ---\n{}", tail(&self.output(), 30));
+        }
+    }
+}
+
+/// 5. `operator up` stops its nats-server and exits within 2 s of SIGTERM; with its
+/// nats-server killed beforehand it still exits within 2 s (saying the server died).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_up_stops_within_two_seconds() {
+    let dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let port = free_port().to_string();
+    let init = std::process::Command::new(bin())
+        .args(["operator", "init", "--port", &port])
+        .env("NATSTER_HOME", dir.path())
+        .env("NATSTER_OPERATOR_HOME", dir.path())
+        .output()
+        .expect("operator init");
+    assert!(init.status.success(), "operator init: {}", String::from_utf8_lossy(&init.stderr));
+
+    let mut up = Up::start(dir.path());
+    let nats_pid = up.nats_server_pid();
+    let sent = Instant::now();
+    signal(&up.child, libc::SIGTERM);
+    let (took, status) = time_exit(&mut up.child, sent);
+    assert!(took < STOP_BOUND, "operator up took {took:?} to stop:\n{}", up.output());
+    assert!(status.success(), "operator up exited with {status}:\n{}", up.output());
+    assert!(!alive(nats_pid), "nats-server {nats_pid} still running after operator up stopped");
+    assert!(up.output().contains("nats-server stopped"), "{}", up.output());
+
+    // nats-server killed under it, then SIGTERM.
+    let mut up = Up::start(dir.path());
+    let nats_pid = up.nats_server_pid();
+    // SAFETY: kill(2) on the nats-server operator up started for this test.
+    unsafe { libc::kill(nats_pid as i32, libc::SIGKILL) };
+    let sent = Instant::now();
+    // It may already have noticed; a signal to an exited (unreaped) child is harmless.
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
+    let (took, _status) = time_exit(&mut up.child, sent);
+    assert!(took < STOP_BOUND, "operator up took {took:?} to stop after its nats-server died:\n{}", up.output());
+}
