@@ -515,3 +515,89 @@ async fn operator_up_stops_within_two_seconds() {
     let (took, _status) = time_exit(&mut up.child, sent);
     assert!(took < STOP_BOUND, "operator up took {took:?} to stop after its nats-server died:\n{}", up.output());
 }
+
+/// Writes `bytes` to `path` through a temporary file and a rename, as a re-index does.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// The `data` of a whole-listing `get`.
+async fn listing(nats: &async_nats::Client) -> serde_json::Value {
+    let reply = raw_request(nats, &format!("natster.catalog.{CATALOG}.get"), "").await;
+    assert_eq!(code(&reply), 200, "{reply}");
+    reply["data"].clone()
+}
+
+/// 6. Housekeeping never holds up requests: while its catalog re-load is stuck (the catalog
+/// file swapped for a FIFO that the test holds open, so the read blocks for as long as the
+/// test likes), `get`, `open` and v1 `download` are answered from the current listing; once
+/// the re-load completes, the new listing is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_while_a_reload_is_stuck() {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let server = NatsServer::start();
+    let home = TestHome::new();
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    let bytes = pseudo_random_bytes(61, 300_000);
+    write_file(tree.path(), "/a.bin", &bytes);
+    index(&home, tree.path()).await;
+    let catalog_path = home.path().join(format!("{CATALOG}.json"));
+    let mut reindexed: serde_json::Value = serde_json::from_slice(&std::fs::read(&catalog_path).unwrap()).unwrap();
+    reindexed["description"] = json!("after the re-load");
+    let reindexed = serde_json::to_vec(&reindexed).unwrap();
+
+    let nats = connect(&server.url()).await;
+    let options = ServerOptions { heartbeat: Duration::from_millis(50), ..ServerOptions::default() };
+    let (stop, task) = serve_in_process(nats.clone(), home.home(), options);
+    wait_for("in-process server", Duration::from_secs(10), || {
+        let nats = nats.clone();
+        async move {
+            let reply = nats.request(format!("natster.catalog.{CATALOG}.get"), "".into()).await.ok()?;
+            serde_json::from_slice::<serde_json::Value>(&reply.payload).ok().filter(|v| code(v) == 200)
+        }
+    })
+    .await;
+
+    // Swap a FIFO in; the next housekeeping tick sees a new file and starts reading it.
+    let fifo = home.path().join("swap.fifo");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+    std::fs::rename(&fifo, &catalog_path).expect("rename fifo");
+    // A non-blocking open for writing succeeds only once a reader has the FIFO open: then the
+    // re-load is blocked in read(2) for as long as we keep this writer open.
+    let mut writer = wait_for("housekeeping to start reading the catalog", Duration::from_secs(10), || {
+        let path = catalog_path.clone();
+        async move { std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&path).ok() }
+    })
+    .await;
+
+    let before = listing(&nats).await;
+    assert_eq!(before["entries"].as_array().map(|e| e.len()), Some(1), "{before}");
+    let client = catalog_client(&nats, CATALOG);
+    let file = within("open while a re-load is stuck", client.open(&sha256_hex(&bytes), None))
+        .await
+        .expect("open while a re-load is stuck");
+    assert_eq!(file.byte_size(), bytes.len() as u64);
+    let reply = download_reply(&nats, &sha256_hex(&bytes)).await;
+    assert_eq!(code(&reply), 200, "{reply}");
+
+    // Let the re-load finish: the new listing is served.
+    writer.write_all(&reindexed).expect("write into the fifo");
+    drop(writer);
+    wait_for("the re-loaded listing", Duration::from_secs(10), || {
+        let nats = nats.clone();
+        async move { (listing(&nats).await["description"] == json!("after the re-load")).then_some(()) }
+    })
+    .await;
+    // A regular file again, so no later tick reads a FIFO.
+    replace_file(&catalog_path, &reindexed);
+
+    drop(stop);
+    let stopped = tokio::time::timeout(STOP_BOUND, task).await.expect("server stops promptly");
+    stopped.expect("server task").expect("server run");
+}
