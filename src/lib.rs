@@ -12,4 +12,5 @@ pub mod index;
 pub mod protocol;
 pub mod server;
 pub mod shares;
+pub mod store;
 pub mod sharing;

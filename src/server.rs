@@ -340,7 +340,18 @@ impl Shared {
         let loaded = self.loaded();
         let req: protocol::GetRequest =
             if payload.iter().all(|b| b.is_ascii_whitespace()) { Default::default() } else { parse(payload)? };
-        let Some(from) = req.from else {
+        // An original server ignores `from` and always sends the whole listing.
+        let from = if self.options.v1_only { None } else { req.from };
+        let Some(from) = from else {
+            if self.options.v1_only {
+                // As an original server: no `protocol` field, which readers take as v1.
+                let mut original = serde_json::to_value(&loaded.summary).map_err(|_| refuse(500, "cannot encode"))?;
+                if let Some(fields) = original.as_object_mut() {
+                    fields.remove("protocol");
+                    fields.remove("revision");
+                }
+                return Ok(Envelope::ok(original));
+            }
             return Ok(Envelope::ok(&loaded.summary));
         };
         let total = loaded.summary.entries.len();
