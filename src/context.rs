@@ -127,6 +127,9 @@ impl Context {
             .name("natster-mount")
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))
+            // Reconnect quickly after a server restart or a network blip (the default backoff
+            // grows to seconds): 0.1, 0.2, 0.4 … at most 2 s between attempts.
+            .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(5)).min(2000)))
             // Chunks are published in bursts; a deep client buffer keeps bursts off the
             // slow-consumer path.
             .subscription_capacity(64 * 1024);

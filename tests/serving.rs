@@ -289,35 +289,6 @@ fn time_exit(child: &mut Child, since: Instant) -> (Duration, std::process::Exit
     }
 }
 
-/// A nats-server on `port` (the test's own, to restart on the same port); killed on drop.
-struct PortServer(Child);
-
-impl PortServer {
-    fn start(port: u16) -> PortServer {
-        let child = std::process::Command::new(nats_server_bin())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server");
-        let server = PortServer(child);
-        let until = Instant::now() + NATS_START_DEADLINE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < until, "nats-server on {port} not reachable");
-            std::thread::sleep(POLL);
-        }
-        server
-    }
-}
-
-impl Drop for PortServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A `catalog serve` child of `home`; killed on drop.
 struct ServeChild {
     child: Child,
@@ -369,31 +340,29 @@ async fn serve_survives_restarts_and_stops_while_nats_is_down() {
     let home = TestHome::new();
     let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
     write_file(tree.path(), "/a.bin", &pseudo_random_bytes(81, 100_000));
-    let port = free_port();
-    let url = format!("nats://127.0.0.1:{port}");
-    home.init(&url).await;
+    let mut nats = NatsServer::start();
+    home.init(&nats.url()).await;
     index(&home, tree.path()).await;
 
     for stop_signal in [libc::SIGTERM, libc::SIGINT] {
-        let nats = PortServer::start(port);
         let mut serve = ServeChild::start(&home);
-        wait_answering(&url, "catalog serve").await;
+        wait_answering(&nats.url(), "catalog serve").await;
 
         // nats-server restarts: the same serve process answers again once it is back.
-        drop(nats);
-        let nats = PortServer::start(port);
-        wait_answering(&url, "catalog serve after a nats-server restart").await;
+        nats.restart();
+        wait_answering(&nats.url(), "catalog serve after a nats-server restart").await;
         assert!(serve.child.try_wait().expect("wait").is_none(), "serve exited:\n{}", serve.log());
 
-        // nats-server gone for good. The outage lasts a few heartbeats before the stop signal
-        // (a duration of the scenario, not a synchronisation), so publishes have piled up.
-        drop(nats);
+        // nats-server gone. The outage lasts a few heartbeats before the stop signal (a
+        // duration of the scenario, not a synchronisation), so publishes have piled up.
+        nats.stop();
         tokio::time::sleep(Duration::from_secs(3)).await;
         let sent = Instant::now();
         signal(&serve.child, stop_signal);
         let (took, status) = time_exit(&mut serve.child, sent);
         assert!(took < STOP_BOUND, "signal {stop_signal}: catalog serve took {took:?} to stop:\n{}", serve.log());
         assert!(status.success(), "signal {stop_signal}: catalog serve exited with {status}:\n{}", serve.log());
+        nats.restart();
     }
 }
 

@@ -1,21 +1,40 @@
 //! Mount lifecycle: check the mountpoint, gather the catalogs this context can read, mount,
 //! keep listings fresh (TTL poll and the catalog servers' heartbeats), unmount cleanly on
 //! SIGINT/SIGTERM, and `umount`.
+//!
+//! Invariants:
+//! - The mount appears within [`FIRST_LISTING_WAIT`] whatever its catalogs do. Each catalog
+//!   starts from its last known listing (its index for an own catalog, the listing saved on
+//!   disk by an earlier mount for an import), and every first listing is fetched at once, each
+//!   in its own task with its own deadline; one that answers late fills its folder in then.
+//! - Refreshes run concurrently (at most [`MAX_CONCURRENT_REFRESHES`]), one at a time per
+//!   catalog, so one slow or offline catalog never delays another.
+//! - Kernel invalidations are sent from a blocking thread, never from a FUSE callback.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use futures::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::fuse::FuseAdapter;
-use super::{FsOptions, Invalidations, NatsterFs, Source};
+use super::{FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
 use crate::client::{CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
 use crate::index::Catalog;
+use crate::protocol::CatalogSummary;
 use crate::server::HEARTBEAT_SUBJECT;
+
+/// Longest the mount waits for first listings before it appears.
+pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1500);
+/// Bound on fetching one whole listing (all its pages).
+pub const LISTING_DEADLINE: Duration = Duration::from_secs(60);
+/// Listings fetched at once.
+pub const MAX_CONCURRENT_REFRESHES: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -59,14 +78,28 @@ pub fn is_mounted(path: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }
 
+/// A catalog to mount, with the listing it starts from.
+pub struct Gathered {
+    pub catalog: MountedCatalog,
+    /// Own catalogs: their index. Imports: the listing an earlier mount saved, if any.
+    pub seed: Option<CatalogSummary>,
+    /// Where this catalog's listing is saved for the next mount (imports only).
+    pub saved_at: Option<PathBuf>,
+}
+
+/// Where the last listing of catalog `name` of `owner` is kept between mounts.
+fn saved_listing_path(home: &Home, owner: &str, name: &str) -> PathBuf {
+    home.path().join("listings").join(owner).join(format!("{name}.json"))
+}
+
 /// The catalogs this context can read: its own (every catalog file in the home) and its
 /// imports. A name used by two owners becomes `<catalog>@<owner8>` for the imported ones.
-pub fn gather_sources(
+pub fn gather_catalogs(
     home: &Home,
     context: &Context,
     nats: &async_nats::Client,
-    options: &ClientOptions,
-) -> Result<Vec<(Source, Option<Catalog>)>> {
+    options: &MountOptions,
+) -> Result<Vec<Gathered>> {
     let mut own = Vec::new();
     for name in crate::index::catalog_names(home) {
         match Catalog::load(home, &name) {
@@ -79,10 +112,16 @@ pub fn gather_sources(
         *counts.entry(name).or_default() += 1;
     }
     let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
-    let mut sources = Vec::new();
+    let v1_max = options.fs.cache_bytes as u64 / 2;
+    let source = |name: &str| -> Result<Arc<RemoteSource>> {
+        let client = CatalogClient::new(nats.clone(), name, options.client.clone())?;
+        Ok(Arc::new(RemoteSource::new(client, v1_max)))
+    };
+    let mut gathered = Vec::new();
     for catalog in &own {
-        let client = CatalogClient::new(nats.clone(), &catalog.name, options.clone())?;
-        sources.push((Source::new(catalog.name.clone(), me.clone(), client), Some(catalog.clone())));
+        let mounted =
+            MountedCatalog::new(catalog.name.clone(), catalog.name.clone(), me.clone(), source(&catalog.name)?);
+        gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
     }
     for import in &context.imports {
         let dir_name = if counts.get(import.catalog.as_str()).copied().unwrap_or(0) > 1 {
@@ -90,10 +129,19 @@ pub fn gather_sources(
         } else {
             import.catalog.clone()
         };
-        let client = CatalogClient::new(nats.clone(), &import.catalog, options.clone())?;
-        sources.push((Source::new(dir_name, import.owner.clone(), client), None));
+        let saved_at = saved_listing_path(home, &import.owner, &import.catalog);
+        let seed = match crate::store::load_json::<CatalogSummary>(&saved_at) {
+            Ok(seed) => seed,
+            Err(e) => {
+                tracing::warn!(catalog = %dir_name, "ignoring the saved listing: {e:#}");
+                None
+            }
+        };
+        let mounted =
+            MountedCatalog::new(dir_name, import.catalog.clone(), import.owner.clone(), source(&import.catalog)?);
+        gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
     }
-    Ok(sources)
+    Ok(gathered)
 }
 
 /// Mounts and serves until unmounted or signalled. Blocks.
@@ -107,28 +155,37 @@ pub fn run(
     let mountpoint = check_mountpoint(mountpoint)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let nats = runtime.block_on(context.connect(connect_timeout))?;
-    let gathered = gather_sources(home, context, &nats, &options.client)?;
-    let mut local_listings = Vec::new();
-    let mut sources = Vec::new();
-    for (source, local) in gathered {
-        sources.push(Arc::new(source));
-        local_listings.push(local);
+    let gathered = gather_catalogs(home, context, &nats, &options)?;
+    let mut catalogs = Vec::new();
+    let mut seeds = Vec::new();
+    let mut saved_at = Vec::new();
+    for g in gathered {
+        catalogs.push(Arc::new(g.catalog));
+        seeds.push(g.seed);
+        saved_at.push(g.saved_at);
     }
-    let fs = Arc::new(NatsterFs::new(sources, options.fs.clone()));
-
-    // First listings before the mount appears, so `ls` right after mounting sees them.
-    runtime.block_on(async {
-        let all = (0..fs.sources.len()).map(|i| refresh(&fs, i, true));
-        futures::future::join_all(all).await;
-    });
-    for (i, local) in local_listings.iter().enumerate() {
-        if let (Some(local), true) = (local, fs.sources[i].revision().is_empty()) {
-            // Our own catalog, not being served right now: list it from its index file so it
-            // still shows; reads fail with EIO until `catalog serve` runs.
-            tracing::warn!(catalog = %local.name, "not being served; listing it from its index, reads will fail until `natster-mount catalog serve {}` runs", local.name);
-            fs.apply_listing(i, &local.summary());
+    let fs = Arc::new(NatsterFs::new(catalogs, options.fs.clone()));
+    for (i, seed) in seeds.iter().enumerate() {
+        if let Some(seed) = seed {
+            fs.apply_listing(i, seed);
         }
     }
+    let (invalidations, invalidated) = mpsc::unbounded_channel();
+    let refresher = Arc::new(Refresher {
+        fs: fs.clone(),
+        saved_at,
+        invalidations,
+        permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
+    });
+
+    // First listings, all at once; the mount appears when they are in or the wait is over,
+    // whichever comes first. Late ones fill their folders in when they arrive.
+    let first: Vec<_> = (0..fs.catalogs.len()).map(|i| runtime.spawn(refresher.clone().refresh(i))).collect();
+    runtime.block_on(async {
+        if tokio::time::timeout(FIRST_LISTING_WAIT, futures::future::join_all(first)).await.is_err() {
+            tracing::info!("mounting before every first listing arrived; the rest fill in as they answer");
+        }
+    });
 
     let adapter = FuseAdapter { fs: fs.clone(), runtime: runtime.handle().clone() };
     let mut config = fuser::Config::default();
@@ -152,16 +209,18 @@ pub fn run(
         let _ = ended_tx.send(());
         result
     })?;
-    eprintln!("mounted {} catalog(s) on {}", fs.sources.len(), mountpoint.display());
+    eprintln!("mounted {} catalog(s) on {}", fs.catalogs.len(), mountpoint.display());
 
-    let refresher = runtime.spawn(keep_fresh(fs.clone(), nats.clone(), notifier, options.listing_ttl));
+    let invalidator = runtime.spawn(forward_invalidations(invalidated, notifier));
+    let fresh = runtime.spawn(keep_fresh(refresher, nats.clone(), options.listing_ttl));
     let signalled = runtime.block_on(async {
         tokio::select! {
             _ = crate::cli::shutdown_signal() => { tracing::info!("signal received; unmounting"); true }
             _ = ended_rx => { tracing::info!("unmounted externally"); false }
         }
     });
-    refresher.abort();
+    fresh.abort();
+    invalidator.abort();
     if signalled {
         if let Err(e) = unmounter.unmount() {
             tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
@@ -172,38 +231,109 @@ pub fn run(
         Ok(Err(e)) => tracing::warn!("FUSE session ended with: {e}"),
         Err(_) => tracing::error!("FUSE thread panicked"),
     }
-    runtime.shutdown_timeout(Duration::from_secs(2));
+    runtime.shutdown_timeout(Duration::from_millis(500));
     eprintln!("unmounted {}", mountpoint.display());
     Ok(())
 }
 
-/// Fetches catalog `i`'s listing and applies it if its revision changed.
-async fn refresh(fs: &Arc<NatsterFs>, i: usize, first: bool) -> Option<Invalidations> {
-    let source = &fs.sources[i];
-    match source.client.get().await {
-        Ok(listing) => {
-            if !first && listing.revision == source.revision() && !listing.revision.is_empty() {
-                return None;
+/// Tells the kernel what changed, off the runtime's workers (a notification is a write to
+/// /dev/fuse that may wait on the kernel).
+async fn forward_invalidations(mut invalidated: mpsc::UnboundedReceiver<Invalidations>, notifier: fuser::Notifier) {
+    let notifier = Arc::new(notifier);
+    while let Some(inv) = invalidated.recv().await {
+        let notifier = notifier.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (parent, name) in &inv.entries {
+                let _ = notifier.inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name));
             }
-            tracing::info!(catalog = %source.dir_name, revision = %listing.revision, entries = listing.entries.len(), "listing updated");
-            Some(fs.apply_listing(i, &listing))
+            for ino in &inv.inodes {
+                let _ = notifier.inval_inode(fuser::INodeNo(*ino), 0, -1);
+            }
+        })
+        .await;
+    }
+}
+
+/// Fetches listings and applies them; shared by the first fetch, the TTL poll and heartbeats.
+struct Refresher {
+    fs: Arc<NatsterFs>,
+    /// Per catalog: where its listing is saved between mounts (imports only).
+    saved_at: Vec<Option<PathBuf>>,
+    invalidations: mpsc::UnboundedSender<Invalidations>,
+    permits: Semaphore,
+}
+
+/// Clears a catalog's `refreshing` flag however the refresh ends.
+struct RefreshGuard<'a>(&'a MountedCatalog);
+
+impl Drop for RefreshGuard<'_> {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+    }
+}
+
+impl Refresher {
+    /// Fetches catalog `i`'s listing and applies it if it changed. Does nothing if a refresh
+    /// of that catalog is already running.
+    async fn refresh(self: Arc<Self>, i: usize) {
+        let Some(catalog) = self.fs.catalogs.get(i).cloned() else { return };
+        if catalog.refreshing.swap(true, Ordering::AcqRel) {
+            return;
         }
-        Err(e) => {
-            // Offline catalogs keep their last listing.
-            tracing::warn!(catalog = %source.dir_name, "cannot refresh listing: {e}");
-            None
+        let _guard = RefreshGuard(&catalog);
+        let Ok(_permit) = self.permits.acquire().await else { return };
+        let listing = match tokio::time::timeout(LISTING_DEADLINE, catalog.source.listing()).await {
+            Ok(Ok(listing)) => listing,
+            Ok(Err(e)) => {
+                let own = self.saved_at.get(i).is_some_and(|s| s.is_none());
+                if own && e.is_transient() {
+                    tracing::warn!(catalog = %catalog.dir_name, "not being served ({e}); listing it from its index, reads fail until `natster-mount catalog serve {}` runs", catalog.name);
+                } else {
+                    tracing::warn!(catalog = %catalog.dir_name, "cannot refresh listing ({e}); showing the last one known");
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(catalog = %catalog.dir_name, "listing did not arrive within {LISTING_DEADLINE:?}; showing the last one known");
+                return;
+            }
+        };
+        if !listing.revision.is_empty() && listing.revision == catalog.revision() {
+            return;
         }
+        tracing::info!(catalog = %catalog.dir_name, revision = %listing.revision, entries = listing.entries.len(), "listing updated");
+        let inv = self.fs.apply_listing(i, &listing);
+        if !inv.is_empty() {
+            let _ = self.invalidations.send(inv);
+        }
+        if let Some(Some(path)) = self.saved_at.get(i).cloned() {
+            let saved = tokio::task::spawn_blocking(move || {
+                let bytes = serde_json::to_vec(&listing)?;
+                crate::store::write_atomic(&path, &bytes, 0o600)
+            })
+            .await;
+            if let Ok(Err(e)) = saved {
+                tracing::warn!(catalog = %catalog.dir_name, "cannot save the listing for the next mount: {e:#}");
+            }
+        }
+    }
+
+    /// Starts a refresh of catalog `i` in its own task.
+    fn spawn_refresh(self: &Arc<Self>, i: usize) {
+        tokio::spawn(self.clone().refresh(i));
     }
 }
 
 #[derive(serde::Deserialize)]
 struct HeartbeatBody {
     catalog: String,
-    revision: String,
+    #[serde(default)]
+    revision: serde_json::Value,
 }
 
 /// Polls every TTL and reacts at once to a heartbeat announcing a new revision.
-async fn keep_fresh(fs: Arc<NatsterFs>, nats: async_nats::Client, notifier: fuser::Notifier, ttl: Duration) {
+async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Duration) {
+    let fs = refresher.fs.clone();
     let mut beats = match nats.subscribe(HEARTBEAT_SUBJECT).await {
         Ok(s) => Some(s),
         Err(e) => {
@@ -215,25 +345,24 @@ async fn keep_fresh(fs: Arc<NatsterFs>, nats: async_nats::Client, notifier: fuse
     tick.tick().await;
     loop {
         let due: Vec<usize> = tokio::select! {
-            _ = tick.tick() => (0..fs.sources.len()).collect(),
+            _ = tick.tick() => (0..fs.catalogs.len()).collect(),
             Some(msg) = async { match beats.as_mut() { Some(b) => b.next().await, None => std::future::pending().await } } => {
                 match serde_json::from_slice::<HeartbeatBody>(&msg.payload) {
-                    Ok(beat) => fs.sources.iter().enumerate()
-                        .filter(|(_, s)| s.client.catalog() == beat.catalog && s.revision() != beat.revision)
-                        .map(|(i, _)| i).collect(),
+                    Ok(beat) => {
+                        let revision = match &beat.revision {
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        fs.catalogs.iter().enumerate()
+                            .filter(|(_, c)| c.name == beat.catalog && c.revision() != revision)
+                            .map(|(i, _)| i).collect()
+                    }
                     Err(_) => Vec::new(),
                 }
             }
         };
         for i in due {
-            if let Some(inv) = refresh(&fs, i, false).await {
-                for (parent, name) in &inv.entries {
-                    let _ = notifier.inval_entry(fuser::INodeNo(*parent), std::ffi::OsStr::new(name));
-                }
-                for ino in &inv.inodes {
-                    let _ = notifier.inval_inode(fuser::INodeNo(*ino), 0, -1);
-                }
-            }
+            refresher.spawn_refresh(i);
         }
     }
 }

@@ -149,7 +149,7 @@ impl CatalogServer {
                 protocol::MIN_CHUNK_SIZE
             );
         }
-        let loaded = load(&home, name)?;
+        let loaded = load(&home, name, options.v1_only)?;
         let max = std::num::NonZeroUsize::new(options.max_sessions.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         if options.allow_all {
             tracing::warn!(
@@ -234,8 +234,9 @@ impl CatalogServer {
     }
 }
 
-/// Loads the catalog and resolves its root (blocking).
-fn load(home: &Home, name: &str) -> Result<Loaded> {
+/// Loads the catalog and resolves its root (blocking). `v1_only`: the whole-listing reply is
+/// the original's.
+fn load(home: &Home, name: &str, v1_only: bool) -> Result<Loaded> {
     let catalog = Catalog::load(home, name)?;
     let file_identity = catalog_file_identity(home, name);
     let root = std::fs::canonicalize(&catalog.root_dir).with_context(|| {
@@ -247,7 +248,17 @@ fn load(home: &Home, name: &str) -> Result<Loaded> {
     let by_hash = catalog.entries.iter().enumerate().map(|(i, e)| (e.hash.clone(), i)).collect();
     let summary = catalog.summary();
     let entry_sizes = summary.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() + 1).unwrap_or(0)).collect();
-    let whole = Bytes::from(Envelope::ok(&summary));
+    let whole = if v1_only {
+        // As an original server: no `protocol` field (which readers take as v1), no revision.
+        let mut original = serde_json::to_value(&summary).context("cannot encode the listing")?;
+        if let Some(fields) = original.as_object_mut() {
+            fields.remove("protocol");
+            fields.remove("revision");
+        }
+        Bytes::from(Envelope::ok(original))
+    } else {
+        Bytes::from(Envelope::ok(&summary))
+    };
     Ok(Loaded { catalog, summary, whole, entry_sizes, by_hash, root, file_identity })
 }
 
@@ -304,7 +315,7 @@ impl Shared {
         if catalog_file_identity(&self.home, &self.name) == current.file_identity {
             return None;
         }
-        match load(&self.home, &self.name) {
+        match load(&self.home, &self.name, self.options.v1_only) {
             Ok(fresh) => {
                 tracing::info!(catalog = %self.name, revision = %fresh.catalog.revision(), "catalog re-indexed; serving the new listing");
                 self.verifier.retain(&fresh.catalog.entries);
@@ -457,7 +468,9 @@ impl Shared {
         let loaded = self.loaded();
         let req: protocol::GetRequest =
             if payload.iter().all(|b| b.is_ascii_whitespace()) { Default::default() } else { parse(payload)? };
-        let Some(from) = req.from else {
+        // An original server ignores `from` and always sends the whole listing.
+        let from = if self.options.v1_only { None } else { req.from };
+        let Some(from) = from else {
             return Ok(loaded.whole.clone());
         };
         let total = loaded.summary.entries.len();

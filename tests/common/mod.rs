@@ -80,9 +80,26 @@ impl NatsServer {
     /// Starts the server and waits (at most 10 s) until it accepts TCP connections. Retries
     /// with another port if the chosen one was taken in the meantime.
     pub fn start() -> NatsServer {
+        Self::start_on(None)
+    }
+
+    /// Stops the server (its clients see the connection drop).
+    pub fn stop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+
+    /// Stops the server and starts a new one on the same port, as a restart would.
+    pub fn restart(&mut self) {
+        self.stop();
+        let fresh = Self::start_on(Some(self.port));
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+    }
+
+    fn start_on(fixed_port: Option<u16>) -> NatsServer {
         let mut failures = Vec::new();
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let log = tempfile::NamedTempFile::new().expect("cannot create a temporary log file");
             let stderr = log.reopen().expect("cannot open the temporary log file");
             let mut child = Command::new(nats_server_bin())

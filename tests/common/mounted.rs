@@ -9,6 +9,23 @@ use natster_mount::fs::mount::is_mounted;
 use super::{tail, TestHome, POLL};
 
 pub const MOUNT_DEADLINE: Duration = Duration::from_secs(30);
+/// Bound on one interaction with a mount in tests (a read, a listing, a stat).
+pub const MOUNT_IO_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `f` (which touches a mount) on its own thread and returns its result, failing the
+/// test with `what` if it has not finished within `deadline`: a hung FUSE read must fail
+/// the test, not stall the suite. The thread is left behind on a hang; the mount's guard
+/// then detaches the mount, which ends the hung call.
+pub fn bounded<T: Send + 'static>(what: &str, deadline: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {deadline:?} (the mount hangs)"),
+    }
+}
 pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(10);
 
 pub fn fuse_available() -> bool {

@@ -1,0 +1,104 @@
+//! Listings: `get` page by page, with every entry a peer sends checked before the mount or
+//! the CLI sees it. Bounds what a peer can make us hold (entries, bytes), drops entries whose
+//! paths could escape or confuse a folder tree, and restarts a listing that changes mid-way.
+
+use super::{CatalogClient, ClientError, Result};
+use crate::protocol::{self, CatalogEntry, CatalogSummary, GetRequest, Operation};
+
+/// Most entries a listing may have; bounds what a peer can make us hold.
+pub const MAX_ENTRIES: usize = 5_000_000;
+/// Most bytes of entry text a listing may have, for the same reason.
+pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
+
+fn listing_bytes(entries: &[CatalogEntry]) -> usize {
+    entries.iter().map(|e| e.path.len() + e.description.len() + e.mime_type.len() + 128).sum()
+}
+
+impl CatalogClient {
+    /// The whole listing, fetched page by page; restarts if it changes mid-way.
+    pub async fn get(&self) -> Result<CatalogSummary> {
+        'listing: for _ in 0..3 {
+            let mut summary: CatalogSummary = self.inner.request(Operation::Get, &GetRequest { from: Some(0) }).await?;
+            let Some(total) = summary.total_entries else {
+                // An original peer ignores `from` and sends everything at once.
+                drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
+                self.inner.note_protocol(summary.protocol);
+                return Ok(summary);
+            };
+            let total = usize::try_from(total).unwrap_or(usize::MAX);
+            if total > MAX_ENTRIES {
+                return Err(ClientError::Protocol(format!("listing has {total} entries, more than {MAX_ENTRIES}")));
+            }
+            while summary.entries.len() < total {
+                let from = summary.entries.len() as u64;
+                let page: CatalogSummary = self.inner.request(Operation::Get, &GetRequest { from: Some(from) }).await?;
+                if page.revision != summary.revision {
+                    continue 'listing;
+                }
+                if page.entries.is_empty() {
+                    return Err(ClientError::Protocol("listing page was empty before the end".into()));
+                }
+                summary.entries.extend(page.entries);
+                if listing_bytes(&summary.entries) > MAX_LISTING_BYTES {
+                    return Err(ClientError::Protocol(format!("listing is larger than {MAX_LISTING_BYTES} bytes")));
+                }
+            }
+            summary.entries.truncate(total);
+            drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
+            self.inner.note_protocol(summary.protocol);
+            return Ok(summary);
+        }
+        Err(ClientError::Protocol("listing kept changing while it was read; try again".into()))
+    }
+}
+
+/// Why an entry could confuse a filesystem built from the listing, if it could.
+fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
+    if !protocol::is_sha256_hex(&e.hash) {
+        return Some("invalid hash");
+    }
+    if e.path.len() > 4096 || e.description.len() > 64 * 1024 || e.mime_type.len() > 255 {
+        return Some("oversized field");
+    }
+    let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
+    if rel.is_empty() || rel.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.contains('\0')) {
+        return Some("path is not a clean relative path");
+    }
+    None
+}
+
+/// Drops (and logs) entries a peer should never have sent; one bad entry must not hide the
+/// rest of the catalog.
+fn drop_invalid_entries(catalog: &str, entries: &mut Vec<CatalogEntry>) {
+    entries.retain(|e| match invalid_entry(e) {
+        None => true,
+        Some(why) => {
+            tracing::warn!(catalog, path = ?e.path, "ignoring listing entry: {why}");
+            false
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_drop_escaping_paths() {
+        let entry = |path: &str| CatalogEntry {
+            path: path.into(),
+            description: String::new(),
+            mime_type: String::new(),
+            hash: "a".repeat(64),
+            byte_size: 1,
+            mtime: 0,
+        };
+        assert!(invalid_entry(&entry("/a/b.mp4")).is_none());
+        for bad in ["/../etc/passwd", "/a//b", "/", "/a/./b", "/a/.."] {
+            assert!(invalid_entry(&entry(bad)).is_some(), "{bad} accepted");
+        }
+        let mut listing = vec![entry("/ok.mp4"), entry("/../escape")];
+        drop_invalid_entries("c", &mut listing);
+        assert_eq!(listing.len(), 1);
+    }
+}

@@ -1,0 +1,273 @@
+//! Catalog client: list a catalog, open a file session, read chunk ranges, verify and decrypt.
+//!
+//! - `listing`: `get`, paged and validated.
+//! - `session`: v2 ranged reads (`open`, `read`, `close`) with flow control.
+//! - `v1`: the original's whole-file `download`, to read original peers.
+//! - `download`: `catalog download` to a file, verified before it appears.
+//!
+//! One NATS subscription per catalog (`natster.media.<catalog>.*`) receives every chunk; a
+//! dispatcher routes each to the file session (or v1 download) named by the subject's last
+//! token. Every request is bounded by `request_timeout`; a read re-requests chunks that do not
+//! arrive within `chunk_timeout`, reopens a session the server forgot, and gives up after
+//! `retries` rounds without progress: it never waits forever.
+//!
+//! Invariants: which protocol a catalog speaks comes only from its listing (`protocol`), never
+//! from an outage (`no responders` is [`ClientError::NoResponders`], a transient error like a
+//! timeout); every error says whether a retry may help ([`ClientError::is_transient`]).
+
+mod download;
+mod listing;
+mod session;
+mod v1;
+
+pub use download::download_to_file;
+pub use listing::{MAX_ENTRIES, MAX_LISTING_BYTES};
+pub use session::RemoteFile;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::crypto::{CryptoError, SessionKey};
+use crate::protocol::{self, Envelope, Operation};
+use session::FileShared;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Bound on every request/reply exchange.
+    pub request_timeout: Duration,
+    /// How long a read waits without receiving any chunk before asking again.
+    pub chunk_timeout: Duration,
+    /// Rounds without progress before a read fails.
+    pub retries: u32,
+    /// Chunks in flight per read.
+    pub window: u32,
+    /// Chunks asked for per `read` request.
+    pub batch: u32,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(5),
+            chunk_timeout: Duration::from_secs(2),
+            retries: 3,
+            window: 64,
+            batch: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("catalog '{0}' did not answer in time; check that its server is running and reachable")]
+    Timeout(String),
+    #[error("no server answers for catalog '{0}'; it is offline, misspelled, or not imported")]
+    NoResponders(String),
+    #[error("catalog server refused: {message} ({code})")]
+    Refused { code: u16, message: String },
+    #[error(
+        "the catalog's server sent transcoded bytes for {0}, not the listed file (an original Natster server does \
+         this for mp4 files not tagged as fragmented); they cannot be verified, so nothing was kept"
+    )]
+    Transcoded(String),
+    #[error("invalid reply from catalog server: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("NATS error: {0}")]
+    Nats(String),
+    #[error("downloaded bytes do not match the catalog's sha256 {0}; nothing was kept")]
+    HashMismatch(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl ClientError {
+    /// True when the server said the thing asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ClientError::Refused { code: 404, .. })
+    }
+
+    /// True when the same request may succeed later: the server is down, restarting, busy or
+    /// unreachable, or the connection is being re-established. Refusals, malformed replies and
+    /// failed checks are not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Timeout(_)
+                | ClientError::NoResponders(_)
+                | ClientError::Nats(_)
+                | ClientError::Refused { code: 503, .. }
+        )
+    }
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// A chunk as it arrived, before decryption.
+struct Delivery {
+    index: u64,
+    payload: Bytes,
+}
+
+/// Where the dispatcher hands a chunk for one read: with the key of the session it came on.
+type ChunkSender = mpsc::UnboundedSender<(Arc<SessionKey>, Delivery)>;
+
+enum Route {
+    Session(Weak<FileShared>),
+    /// v1 chunks travel on the file's hash: every download of it on this client gets every
+    /// chunk and keeps those from its own sender.
+    V1(Vec<mpsc::UnboundedSender<async_nats::Message>>),
+}
+
+struct ClientInner {
+    nats: async_nats::Client,
+    catalog: String,
+    options: ClientOptions,
+    routes: Mutex<HashMap<String, Route>>,
+    dispatcher: tokio::sync::OnceCell<tokio::task::JoinHandle<()>>,
+    /// Protocol generation the catalog's latest listing advertised (2 until one is seen).
+    protocol: AtomicU32,
+}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        if let Some(task) = self.dispatcher.get() {
+            task.abort();
+        }
+    }
+}
+
+/// Reads one catalog, the owner's own or an imported one (the subjects are the same).
+#[derive(Clone)]
+pub struct CatalogClient {
+    inner: Arc<ClientInner>,
+}
+
+impl CatalogClient {
+    pub fn new(nats: async_nats::Client, catalog: &str, options: ClientOptions) -> Result<Self> {
+        protocol::validate_catalog_name(catalog).map_err(ClientError::Io)?;
+        Ok(CatalogClient {
+            inner: Arc::new(ClientInner {
+                nats,
+                catalog: catalog.to_string(),
+                options,
+                routes: Mutex::new(HashMap::new()),
+                dispatcher: tokio::sync::OnceCell::new(),
+                protocol: AtomicU32::new(protocol::PROTOCOL_VERSION),
+            }),
+        })
+    }
+
+    pub fn catalog(&self) -> &str {
+        &self.inner.catalog
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// True if the catalog's latest listing says its server answers v2 (`open`/`read`);
+    /// false for an original, v1-only peer.
+    pub fn speaks_v2(&self) -> bool {
+        self.inner.protocol.load(Ordering::Relaxed) >= 2
+    }
+
+    /// Records the protocol a listing obtained elsewhere (e.g. a saved one) advertises.
+    pub fn note_protocol(&self, protocol: u32) {
+        self.inner.note_protocol(protocol);
+    }
+}
+
+fn header_u64(msg: &async_nats::Message, name: &str) -> Result<u64> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .and_then(|v| v.as_str().parse().ok())
+        .ok_or_else(|| ClientError::Protocol(format!("chunk without a valid {name} header")))
+}
+
+impl ClientInner {
+    fn note_protocol(&self, protocol: u32) {
+        self.protocol.store(protocol, Ordering::Relaxed);
+    }
+
+    fn lock_routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Route>> {
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn request<Req: Serialize, Resp: DeserializeOwned>(&self, op: Operation, body: &Req) -> Result<Resp> {
+        let subject = protocol::catalog_subject(&self.catalog, op);
+        let payload = serde_json::to_vec(body).map_err(|e| ClientError::Io(e.to_string()))?;
+        let request = self.nats.request(subject, payload.into());
+        let msg = match tokio::time::timeout(self.options.request_timeout, request).await {
+            Err(_) => return Err(ClientError::Timeout(self.catalog.clone())),
+            Ok(Err(e)) => {
+                return Err(match e.kind() {
+                    async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders(self.catalog.clone()),
+                    async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(self.catalog.clone()),
+                    _ => ClientError::Nats(e.to_string()),
+                })
+            }
+            Ok(Ok(msg)) => msg,
+        };
+        let envelope: Envelope<Resp> = serde_json::from_slice(&msg.payload)
+            .map_err(|e| ClientError::Protocol(format!("{} reply is not a valid envelope: {e}", op.as_str())))?;
+        match (envelope.code, envelope.data) {
+            (200, Some(data)) => Ok(data),
+            (200, None) => Err(ClientError::Protocol(format!("{} reply has no data", op.as_str()))),
+            (code, _) => {
+                Err(ClientError::Refused { code, message: envelope.error.unwrap_or_else(|| "no reason given".into()) })
+            }
+        }
+    }
+
+    /// Subscribes once to the catalog's media subject and routes chunks by last token.
+    async fn ensure_dispatcher(self: &Arc<Self>) -> Result<()> {
+        let weak = Arc::downgrade(self);
+        self.dispatcher
+            .get_or_try_init(|| async {
+                let subject = protocol::media_wildcard(&self.catalog);
+                let mut sub = self.nats.subscribe(subject).await.map_err(|e| ClientError::Nats(e.to_string()))?;
+                Ok(tokio::spawn(async move {
+                    while let Some(msg) = sub.next().await {
+                        let Some(inner) = weak.upgrade() else { break };
+                        inner.dispatch(msg);
+                    }
+                }))
+            })
+            .await
+            .map(|_| ())
+    }
+
+    fn dispatch(&self, msg: async_nats::Message) {
+        let Some(token) = msg.subject.rsplit('.').next() else { return };
+        // The routes lock is released before upgrading: dropping the last reference to a
+        // file session takes that lock again (FileShared::drop).
+        let session = {
+            let routes = self.lock_routes();
+            match routes.get(token) {
+                Some(Route::V1(receivers)) => {
+                    for tx in receivers {
+                        let _ = tx.send(msg.clone());
+                    }
+                    return;
+                }
+                Some(Route::Session(file)) => file.clone(),
+                None => return,
+            }
+        };
+        let Ok(index) = header_u64(&msg, protocol::HEADER_CHUNK_INDEX) else { return };
+        if let Some(file) = session.upgrade() {
+            file.deliver(token, Delivery { index, payload: msg.payload });
+        }
+    }
+}

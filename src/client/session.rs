@@ -1,0 +1,372 @@
+//! v2 file sessions: `open` agrees a session key with the server (ephemeral X25519, HKDF bound
+//! to session, catalog and hash); `read` asks for chunk ranges that arrive on the catalog's
+//! media subject. A read keeps at most `window` chunks in flight, hands chunks to its sink in
+//! order, re-asks for late ones, and reopens a session the server forgot (404).
+//!
+//! Tricky cases: several reads of one file may wait for the same chunk (each registered
+//! waiter gets a copy); a reopened session gets a new id, so chunks of the old one still in
+//! flight are ignored; dropping a read at any await unregisters its waiters.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::CatalogClient;
+use super::{ChunkSender, ClientError, ClientInner, Delivery, Result, Route};
+use crate::crypto::{CryptoError, EphemeralKey, SessionBinding, SessionKey};
+use crate::protocol::{self, CloseRequest, OpenRequest, OpenResponse, Operation, ReadRequest, ReadResponse};
+
+impl CatalogClient {
+    /// Opens a v2 ranged-read session on the file with `hash`.
+    pub async fn open(&self, hash: &str, byte_size_hint: Option<u64>) -> Result<RemoteFile> {
+        if !protocol::is_sha256_hex(hash) {
+            return Err(ClientError::Io(format!("'{hash}' is not a sha256 hash")));
+        }
+        self.inner.ensure_dispatcher().await?;
+        let (state, reply) = self.inner.open_session(hash).await?;
+        if let Some(expected) = byte_size_hint {
+            if expected != reply.byte_size {
+                return Err(ClientError::Protocol(format!(
+                    "server says {hash} has {} bytes, the listing says {expected}",
+                    reply.byte_size
+                )));
+            }
+        }
+        let shared = Arc::new(FileShared {
+            client: self.inner.clone(),
+            hash: hash.to_string(),
+            byte_size: reply.byte_size,
+            chunk_size: u64::from(reply.chunk_size),
+            state: Mutex::new(state),
+            pending: Mutex::new(HashMap::new()),
+        });
+        self.inner.route(&shared);
+        Ok(RemoteFile { shared })
+    }
+}
+
+impl ClientInner {
+    fn route(&self, file: &Arc<FileShared>) {
+        let id = file.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
+        self.lock_routes().insert(id, Route::Session(Arc::downgrade(file)));
+    }
+
+    async fn open_session(&self, hash: &str) -> Result<(SessionState, OpenResponse)> {
+        let ephemeral = EphemeralKey::generate();
+        let reply: OpenResponse = self
+            .request(
+                Operation::Open,
+                &OpenRequest { hash: hash.to_string(), client_xkey: ephemeral.public_xkey().to_string() },
+            )
+            .await?;
+        if !protocol::is_session_id(&reply.session) {
+            return Err(ClientError::Protocol("open reply has a malformed session id".into()));
+        }
+        if reply.chunk_size < protocol::MIN_CHUNK_SIZE || reply.chunk_size > 16 * 1024 * 1024 {
+            return Err(ClientError::Protocol(format!("chunk_size {} is out of range", reply.chunk_size)));
+        }
+        let binding = SessionBinding {
+            session: &reply.session,
+            catalog: &self.catalog,
+            hash,
+            client_xkey: ephemeral.public_xkey(),
+            server_xkey: &reply.server_xkey,
+        };
+        let key = ephemeral.agree(&reply.server_xkey, &binding)?;
+        Ok((SessionState { id: reply.session.clone(), key: Arc::new(key) }, reply))
+    }
+}
+
+struct SessionState {
+    id: String,
+    key: Arc<SessionKey>,
+}
+
+pub(super) struct FileShared {
+    client: Arc<ClientInner>,
+    hash: String,
+    byte_size: u64,
+    chunk_size: u64,
+    state: Mutex<SessionState>,
+    /// Chunk index → the reads waiting for it.
+    pending: Mutex<HashMap<u64, Vec<ChunkSender>>>,
+}
+
+impl FileShared {
+    pub(super) fn deliver(&self, session: &str, delivery: Delivery) {
+        let key = {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.id != session {
+                return;
+            }
+            state.key.clone()
+        };
+        let waiters = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&delivery.index);
+        for tx in waiters.into_iter().flatten() {
+            let _ = tx.send((key.clone(), Delivery { index: delivery.index, payload: delivery.payload.clone() }));
+        }
+    }
+}
+
+impl Drop for FileShared {
+    fn drop(&mut self) {
+        let id = self.state.get_mut().map(|s| s.id.clone()).unwrap_or_default();
+        self.client.lock_routes().remove(&id);
+        // Tell the server it can free the session; best effort, without waiting.
+        let client = self.client.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = client.request::<_, serde_json::Value>(Operation::Close, &CloseRequest { session: id }).await;
+            });
+        }
+    }
+}
+
+/// An open file of a remote catalog; cheap to clone, safe to read from many tasks at once.
+#[derive(Clone)]
+pub struct RemoteFile {
+    shared: Arc<FileShared>,
+}
+
+impl RemoteFile {
+    /// True if both handles are the same open session.
+    pub fn same_session(&self, other: &RemoteFile) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    pub fn byte_size(&self) -> u64 {
+        self.shared.byte_size
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.shared.chunk_size
+    }
+
+    pub fn hash(&self) -> &str {
+        &self.shared.hash
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        protocol::chunk_count(self.shared.byte_size, self.shared.chunk_size)
+    }
+
+    /// Bytes `offset .. offset+len`, clipped at end of file.
+    pub async fn read_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(len as u64).min(self.byte_size());
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let cs = self.chunk_size();
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        self.fetch(first, last - first + 1, |index, chunk| {
+            let chunk_start = index * cs;
+            let from = offset.saturating_sub(chunk_start) as usize;
+            let to = ((end - chunk_start) as usize).min(chunk.len());
+            out.extend_from_slice(&chunk[from..to]);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// Decrypted chunks `first .. first+count`, in order.
+    pub async fn read_chunks(&self, first: u64, count: u64) -> Result<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(count as usize);
+        self.fetch(first, count, |_, chunk| {
+            out.push(chunk);
+            Ok(())
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// The whole file into `sink`, in order, verified against the catalog's sha256 before
+    /// returning Ok (so the caller keeps nothing unless it matches).
+    pub async fn read_all(&self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        let mut hasher = Sha256::new();
+        self.fetch(0, self.chunk_count(), |_, chunk| {
+            hasher.update(&chunk);
+            sink(&chunk)
+        })
+        .await?;
+        if hex::encode(hasher.finalize()) != self.shared.hash {
+            return Err(ClientError::HashMismatch(self.shared.hash.clone()));
+        }
+        Ok(())
+    }
+
+    /// Core of every read: asks for chunks `first .. first+count` with at most `window` in
+    /// flight, and hands each to `sink` in order as soon as all before it have arrived.
+    pub async fn fetch(&self, first: u64, count: u64, mut sink: impl FnMut(u64, Bytes) -> Result<()>) -> Result<()> {
+        let end = first.saturating_add(count).min(self.chunk_count());
+        if first >= end {
+            return Ok(());
+        }
+        let shared = &self.shared;
+        let options = &shared.client.options;
+        let window = u64::from(options.window.max(1));
+        let batch = u64::from(options.batch.clamp(1, protocol::MAX_CHUNKS_PER_READ));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let registration = Registration { file: shared, first, end, tx };
+        let tx = &registration.tx;
+
+        let mut next_request = first;
+        let mut next_deliver = first;
+        let mut in_flight: BTreeSet<u64> = BTreeSet::new();
+        let mut arrived: BTreeMap<u64, Bytes> = BTreeMap::new();
+        let mut acks = FuturesUnordered::new();
+        let mut stalls = 0u32;
+        let mut reopens = 0u32;
+        // Moves only when a new chunk arrives: duplicates and acks cannot keep a read alive.
+        let mut deadline = tokio::time::Instant::now() + options.chunk_timeout;
+
+        while next_deliver < end {
+            // Keep the window full: chunks asked for but not yet handed to the sink.
+            while next_request < end && next_request - next_deliver < window {
+                let n = batch.min(end - next_request).min(window - (next_request - next_deliver));
+                self.register(next_request, n, tx);
+                in_flight.extend(next_request..next_request + n);
+                acks.push(self.request_read(next_request, n));
+                next_request += n;
+            }
+            tokio::select! {
+                Some((key, delivery)) = rx.recv() => {
+                    let index = delivery.index;
+                    if !in_flight.remove(&index) {
+                        continue;
+                    }
+                    let chunk = key.open_in_place(index, delivery.payload)?;
+                    if chunk.len() as u64 != protocol::chunk_len(shared.byte_size, shared.chunk_size, index) {
+                        return Err(CryptoError::Authentication(index).into());
+                    }
+                    arrived.insert(index, chunk);
+                    while let Some(chunk) = arrived.remove(&next_deliver) {
+                        sink(next_deliver, chunk)?;
+                        next_deliver += 1;
+                    }
+                    stalls = 0;
+                    deadline = tokio::time::Instant::now() + options.chunk_timeout;
+                }
+                Some(ack) = acks.next() => match ack {
+                    Ok(()) => {}
+                    // The server forgot the session (restart, idle expiry): open a new one and
+                    // ask again for everything still missing.
+                    Err(ClientError::Refused { code: 404, .. }) if reopens < options.retries => {
+                        reopens += 1;
+                        self.reopen().await?;
+                        acks.clear();
+                        for (from, n) in runs(&in_flight, batch) {
+                            self.register(from, n, tx);
+                            acks.push(self.request_read(from, n));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                },
+                // Each round without progress waits longer before asking again, so a loaded
+                // machine is not flooded with duplicate chunks.
+                _ = tokio::time::sleep_until(deadline) => {
+                    stalls += 1;
+                    if stalls > options.retries {
+                        return Err(ClientError::Timeout(shared.client.catalog.clone()));
+                    }
+                    deadline = tokio::time::Instant::now() + options.chunk_timeout * (stalls + 1);
+                    tracing::debug!(hash = %shared.hash, missing = in_flight.len(), "chunks late; asking again");
+                    for (from, n) in runs(&in_flight, batch) {
+                        self.register(from, n, tx);
+                        acks.push(self.request_read(from, n));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&self, from: u64, n: u64, tx: &ChunkSender) {
+        let mut pending = self.shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for i in from..from + n {
+            let waiters = pending.entry(i).or_default();
+            if !waiters.iter().any(|w| w.same_channel(tx)) {
+                waiters.push(tx.clone());
+            }
+        }
+    }
+
+    fn request_read(&self, first_chunk: u64, count: u64) -> impl std::future::Future<Output = Result<()>> + use<> {
+        let shared = self.shared.clone();
+        async move {
+            let session = shared.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
+            let req = ReadRequest { session, first_chunk, count: count as u32 };
+            let _: ReadResponse = shared.client.request(Operation::Read, &req).await?;
+            Ok(())
+        }
+    }
+
+    async fn reopen(&self) -> Result<()> {
+        let shared = &self.shared;
+        let (state, reply) = shared.client.open_session(&shared.hash).await?;
+        if reply.byte_size != shared.byte_size || u64::from(reply.chunk_size) != shared.chunk_size {
+            return Err(ClientError::Protocol("file changed size or chunking while it was read".into()));
+        }
+        let old = {
+            let mut current = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *current, state)
+        };
+        let mut routes = shared.client.lock_routes();
+        routes.remove(&old.id);
+        let id = shared.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
+        routes.insert(id, Route::Session(Arc::downgrade(shared)));
+        Ok(())
+    }
+}
+
+/// Forgets a read's waiters when it ends, however it ends.
+struct Registration<'a> {
+    file: &'a FileShared,
+    first: u64,
+    end: u64,
+    tx: ChunkSender,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.file.pending.lock().unwrap_or_else(|p| p.into_inner());
+        for i in self.first..self.end {
+            if let Some(waiters) = pending.get_mut(&i) {
+                waiters.retain(|w| !w.same_channel(&self.tx));
+                if waiters.is_empty() {
+                    pending.remove(&i);
+                }
+            }
+        }
+    }
+}
+
+/// Splits a set of chunk indices into contiguous runs of at most `batch`.
+fn runs(indices: &BTreeSet<u64>, batch: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in indices {
+        match out.last_mut() {
+            Some((from, n)) if *from + *n == i && *n < batch => *n += 1,
+            _ => out.push((i, 1)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_contiguous_indices() {
+        let set: BTreeSet<u64> = [1, 2, 3, 7, 8, 20].into_iter().collect();
+        assert_eq!(runs(&set, 2), vec![(1, 2), (3, 1), (7, 2), (20, 1)]);
+    }
+}

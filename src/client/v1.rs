@@ -1,0 +1,105 @@
+//! v1, the original Natster's `download`: the whole file in 4096-byte chunks, each sealed
+//! with nkeys xkeys for a one-off key of ours, published on the file's hash. Kept to read
+//! original peers. Tricky cases: several downloads of one hash share its subject (each keeps
+//! the chunks of its own sender), chunks arrive out of order (bounded reordering), and an
+//! original server may transcode an mp4 on the fly, so its bytes are not the listed file's.
+
+use std::collections::BTreeMap;
+
+use tokio::sync::mpsc;
+
+use super::{header_u64, CatalogClient, ClientError, ClientInner, Result, Route};
+use crate::crypto::CryptoError;
+use crate::protocol::{self, DownloadRequest, DownloadResponse, Operation};
+
+/// Set by an original server on chunks it transcoded instead of sending the file as listed.
+const HEADER_TRANSCODING: &str = "x-natster-transcoding";
+
+fn is_transcoded(msg: &async_nats::Message) -> bool {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(HEADER_TRANSCODING))
+        .is_some_and(|v| matches!(v.as_str().trim(), "true" | "1" | "yes"))
+}
+
+impl CatalogClient {
+    /// v1 whole-file download (the original's protocol), into `sink` in order.
+    pub async fn download_v1(&self, hash: &str, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<u64> {
+        let inner = &self.inner;
+        inner.ensure_dispatcher().await?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        match inner.lock_routes().entry(hash.to_string()).or_insert_with(|| Route::V1(Vec::new())) {
+            Route::V1(receivers) => receivers.push(tx.clone()),
+            Route::Session(_) => return Err(ClientError::Protocol("hash collides with a session id".into())),
+        }
+        let _unroute = Unroute { inner, token: hash.to_string(), tx };
+        let key = nkeys::XKey::new();
+        let reply: DownloadResponse = inner
+            .request(
+                Operation::Download,
+                &DownloadRequest { hash: hash.to_string(), transcode: false, target_xkey: key.public_key() },
+            )
+            .await?;
+        let sender = nkeys::XKey::from_public_key(&reply.sender_xkey)
+            .map_err(|_| ClientError::Protocol("sender_xkey is not an xkey".into()))?;
+        if reply.chunk_size == 0 || reply.total_chunks != protocol::chunk_count(reply.total_bytes, reply.chunk_size) {
+            return Err(ClientError::Protocol("inconsistent chunk_size / total_chunks / total_bytes".into()));
+        }
+        let mut next = 0u64;
+        let mut early: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut written = 0u64;
+        while next < reply.total_chunks {
+            let wait = inner.options.chunk_timeout * (inner.options.retries + 1);
+            let msg = match tokio::time::timeout(wait, rx.recv()).await {
+                Ok(Some(m)) => m,
+                _ => return Err(ClientError::Timeout(inner.catalog.clone())),
+            };
+            let from_our_sender = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(protocol::HEADER_SENDER_XKEY))
+                .is_some_and(|v| v.as_str() == reply.sender_xkey);
+            if !from_our_sender {
+                continue; // another download of the same file
+            }
+            if is_transcoded(&msg) {
+                return Err(ClientError::Transcoded(hash.to_string()));
+            }
+            let index = header_u64(&msg, protocol::HEADER_CHUNK_INDEX)?;
+            if index >= reply.total_chunks || index < next || (index != next && early.len() > 4096) {
+                continue;
+            }
+            let plain = key.open(&msg.payload, &sender).map_err(|_| CryptoError::Authentication(index))?;
+            if plain.len() as u64 != protocol::chunk_len(reply.total_bytes, reply.chunk_size, index) {
+                // Sealed correctly for us but of the wrong length: not the listed file's bytes.
+                return Err(ClientError::Transcoded(hash.to_string()));
+            }
+            early.insert(index, plain);
+            while let Some(chunk) = early.remove(&next) {
+                sink(&chunk)?;
+                written += chunk.len() as u64;
+                next += 1;
+            }
+        }
+        Ok(written)
+    }
+}
+
+/// Removes a v1 download's receiver when it ends, however it ends.
+struct Unroute<'a> {
+    inner: &'a ClientInner,
+    token: String,
+    tx: mpsc::UnboundedSender<async_nats::Message>,
+}
+
+impl Drop for Unroute<'_> {
+    fn drop(&mut self) {
+        let mut routes = self.inner.lock_routes();
+        if let Some(Route::V1(receivers)) = routes.get_mut(&self.token) {
+            receivers.retain(|r| !r.same_channel(&self.tx));
+            if receivers.is_empty() {
+                routes.remove(&self.token);
+            }
+        }
+    }
+}

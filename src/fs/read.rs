@@ -1,0 +1,380 @@
+//! The read path: open files, reads served from the chunk cache, misses fetched through the
+//! catalog's [`ChunkSource`](super::ChunkSource) within one deadline, and read-ahead.
+//!
+//! Invariants and tricky cases:
+//! - Every read has one deadline, `read_timeout` after it starts. Inside it, transient errors
+//!   (no responders, timeouts, a reconnect) are retried with backoff; each chunk is cached as
+//!   it arrives, so a retry asks only for what is still missing. At the deadline: EIO.
+//! - A catalog that stopped answering is remembered as down ([`Health`]). The kernel re-issues
+//!   a failed read-ahead as a synchronous read, and splits one `read(2)` into several FUSE
+//!   reads; if each waited a full `read_timeout`, a program would wait a multiple of it. So a
+//!   read that starts during an outage gets only what is left of the outage's first deadline,
+//!   and at least [`GRACE`], enough for a catalog that came back to answer. Any chunk that
+//!   arrives ends the outage.
+//! - Concurrent readers of one missing chunk share one fetch (the cache's claims). A claim is
+//!   always completed or abandoned, on every path, so no waiter hangs; waiters are bounded by
+//!   their own deadline too.
+//! - A source that can only fetch whole files (v1) has every chunk of the file claimed at once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{FsError, MountedCatalog, NatsterFs, NodeKind, ReadAhead};
+use crate::cache::{ChunkKey, Lookup, Shared};
+use crate::protocol::{self, CatalogEntry};
+
+/// Least time a read gets while its catalog is known to be down.
+pub const GRACE: Duration = Duration::from_millis(250);
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+type Claim = watch::Sender<Shared<FsError>>;
+
+pub struct OpenFile {
+    catalog: usize,
+    entry: CatalogEntry,
+    readahead: Mutex<ReadAhead>,
+}
+
+/// Whether a catalog answers, as its reads have found.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Since when it has not answered (first transient failure after the last success).
+    down_since: Option<Instant>,
+    /// Whether this outage has been logged (once per outage, not once per read).
+    logged: bool,
+}
+
+impl MountedCatalog {
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deadline of a read starting `now`.
+    fn read_deadline(&self, now: Instant, read_timeout: Duration) -> Instant {
+        let own = now + read_timeout;
+        match self.health().down_since {
+            Some(since) => own.min((since + read_timeout).max(now + GRACE)),
+            None => own,
+        }
+    }
+
+    /// Records a failed attempt that started at `attempt_start` (a frozen peer is noticed
+    /// only when the attempt times out; the outage began when it was sent).
+    fn note_failure(&self, attempt_start: Instant) {
+        let mut health = self.health();
+        if health.down_since.is_none() {
+            health.down_since = Some(attempt_start);
+        }
+    }
+
+    fn note_success(&self) {
+        let mut health = self.health();
+        if health.down_since.take().is_some() && health.logged {
+            tracing::info!(catalog = %self.dir_name, "catalog answers again");
+        }
+        health.logged = false;
+    }
+
+    /// Logs a read that failed: an outage once, anything else every time.
+    fn log_failure(&self, path: &str, offset: u64, e: &FsError) {
+        if matches!(e, FsError::Timeout(_)) || e.is_transient() {
+            let first = {
+                let mut health = self.health();
+                !std::mem::replace(&mut health.logged, true)
+            };
+            if first {
+                tracing::warn!(catalog = %self.dir_name, %path, offset,
+                    "catalog unreachable ({e}); reads of data not in the cache fail with EIO until it answers");
+            } else {
+                tracing::debug!(catalog = %self.dir_name, %path, offset, "read failed: {e}");
+            }
+        } else {
+            tracing::warn!(catalog = %self.dir_name, %path, offset, "read failed: {e}");
+        }
+    }
+}
+
+/// Waits before the next attempt, or gives `last` back if the deadline comes first.
+async fn backoff(delay: &mut Duration, deadline: Instant, last: FsError) -> Result<(), FsError> {
+    let wake = (Instant::now() + *delay).min(deadline);
+    tokio::time::sleep_until(wake).await;
+    *delay = (*delay * 2).min(MAX_BACKOFF);
+    if Instant::now() >= deadline {
+        Err(last)
+    } else {
+        Ok(())
+    }
+}
+
+impl NatsterFs {
+    pub fn open(&self, ino: u64) -> Result<u64, FsError> {
+        let tree = self.tree();
+        let node = tree.nodes.get(&ino).ok_or(FsError::NotFound)?;
+        let NodeKind::File { catalog, entry } = &node.kind else { return Err(FsError::IsDir) };
+        let fh = self.next_handle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let chunk_hint = 256 * 1024;
+        let file = OpenFile {
+            catalog: *catalog,
+            entry: entry.clone(),
+            readahead: Mutex::new(ReadAhead::new(chunk_hint, self.options.max_readahead)),
+        };
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(file));
+        Ok(fh)
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh);
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    fn catalog_of(&self, file: &OpenFile) -> Result<&Arc<MountedCatalog>, FsError> {
+        self.catalogs.get(file.catalog).ok_or(FsError::BadHandle)
+    }
+
+    /// Reads `size` bytes at `offset` of open file `fh`, by the read's deadline.
+    pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let file =
+            self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let end = offset.saturating_add(u64::from(size)).min(file.entry.byte_size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let catalog = self.catalog_of(&file)?.clone();
+        let window = file.readahead.lock().unwrap_or_else(|p| p.into_inner()).on_read(offset, end - offset);
+        let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
+        // The inner steps end by the deadline themselves; this bound only catches a bug.
+        let result =
+            match tokio::time::timeout_at(deadline + GRACE, self.read_range(&file, offset, end, deadline)).await {
+                Ok(r) => r,
+                Err(_) => Err(FsError::Timeout(self.options.read_timeout)),
+            };
+        match &result {
+            Ok(_) if window > 0 => self.prefetch(file.clone(), end, window),
+            Ok(_) => {}
+            Err(e) => catalog.log_failure(&file.entry.path, offset, e),
+        }
+        result
+    }
+
+    async fn read_range(&self, file: &OpenFile, offset: u64, end: u64, deadline: Instant) -> Result<Bytes, FsError> {
+        let cs = self.chunk_size(file, deadline).await?;
+        let first = offset / cs;
+        let last = (end - 1) / cs;
+        let chunks = self.chunks(file, cs, first, last - first + 1, deadline).await?;
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let chunk_start = (first + i as u64) * cs;
+            let from = offset.saturating_sub(chunk_start) as usize;
+            let to = ((end - chunk_start) as usize).min(chunk.len());
+            if from < to {
+                out.extend_from_slice(&chunk[from..to]);
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// The file's chunk size, asking the source (retried within the deadline) if needed.
+    async fn chunk_size(&self, file: &OpenFile, deadline: Instant) -> Result<u64, FsError> {
+        let catalog = self.catalog_of(file)?;
+        let mut delay = FIRST_BACKOFF;
+        loop {
+            let attempt_start = Instant::now();
+            match tokio::time::timeout_at(deadline, catalog.source.chunk_size(&file.entry)).await {
+                Ok(Ok(cs)) if cs > 0 => return Ok(cs),
+                Ok(Ok(_)) => return Err(FsError::Remote("catalog server announced a chunk size of 0".into())),
+                Ok(Err(e)) if e.is_transient() => {
+                    catalog.note_failure(attempt_start);
+                    backoff(&mut delay, deadline, e).await?;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    catalog.note_failure(attempt_start);
+                    return Err(FsError::Timeout(self.options.read_timeout));
+                }
+            }
+        }
+    }
+
+    fn key(&self, file: &OpenFile, cs: u64, index: u64) -> ChunkKey {
+        let scope = self.catalogs.get(file.catalog).map(|c| c.owner.as_str()).unwrap_or("");
+        ChunkKey { scope: Arc::from(scope), hash: Arc::from(file.entry.hash.as_str()), chunk_size: cs, index }
+    }
+
+    /// Chunks `first .. first+count` of a file: cached ones at once, missing ones fetched in
+    /// contiguous runs (one fetch per run), ones another reader is fetching awaited.
+    async fn chunks(
+        &self,
+        file: &OpenFile,
+        cs: u64,
+        first: u64,
+        count: u64,
+        deadline: Instant,
+    ) -> Result<Vec<Bytes>, FsError> {
+        let catalog = self.catalog_of(file)?;
+        let whole = catalog.source.whole_file(&file.entry);
+        let (claim_from, claim_end) =
+            if whole { (0, protocol::chunk_count(file.entry.byte_size, cs)) } else { (first, first + count) };
+        let wanted = first..first + count;
+        let mut slots: Vec<Option<Bytes>> = vec![None; count as usize];
+        let mut waits = Vec::new();
+        let mut claims: Vec<(u64, Claim)> = Vec::new();
+        for i in claim_from..claim_end.max(first + count) {
+            let key = self.key(file, cs, i);
+            match self.cache.lookup(&key) {
+                Lookup::Hit(b) if wanted.contains(&i) => slots[(i - first) as usize] = Some(b),
+                Lookup::Wait(rx) if wanted.contains(&i) => waits.push((i, rx)),
+                Lookup::Claimed(tx) => claims.push((i, tx)),
+                Lookup::Hit(_) | Lookup::Wait(_) => {}
+            }
+        }
+        // Contiguous runs; a whole-file source gets all its claims in one run.
+        let mut runs: Vec<Vec<(u64, Claim)>> = Vec::new();
+        for claim in claims {
+            match runs.last_mut() {
+                Some(run) if whole || run.last().is_some_and(|(i, _)| *i + 1 == claim.0) => run.push(claim),
+                _ => runs.push(vec![claim]),
+            }
+        }
+        let fetches = runs.into_iter().map(|run| self.fetch_run(file, cs, run, deadline));
+        for result in futures::future::join_all(fetches).await {
+            for (index, chunk) in result? {
+                if wanted.contains(&index) {
+                    slots[(index - first) as usize] = Some(chunk);
+                }
+            }
+        }
+        for (i, mut rx) in waits {
+            let shared = match tokio::time::timeout_at(deadline, rx.wait_for(|v| v.is_some())).await {
+                Ok(shared) => shared.map(|v| v.clone()),
+                Err(_) => return Err(FsError::Timeout(self.options.read_timeout)),
+            };
+            match shared {
+                Ok(Some(Ok(bytes))) => slots[(i - first) as usize] = Some(bytes),
+                Ok(Some(Err(e))) => return Err(e),
+                // The fetcher was cancelled: fetch it ourselves.
+                _ => {
+                    let again = Box::pin(self.chunks(file, cs, i, 1, deadline)).await?;
+                    slots[(i - first) as usize] = again.into_iter().next();
+                }
+            }
+        }
+        slots.into_iter().map(|s| s.ok_or_else(|| FsError::Remote("chunk missing after fetch".into()))).collect()
+    }
+
+    /// Fetches one run of claimed chunks, retrying transient failures until the deadline, and
+    /// completes every claim, on success or failure. Returns the chunks it fetched.
+    async fn fetch_run(
+        &self,
+        file: &OpenFile,
+        cs: u64,
+        run: Vec<(u64, Claim)>,
+        deadline: Instant,
+    ) -> Result<Vec<(u64, Bytes)>, FsError> {
+        let catalog = self.catalog_of(file)?;
+        // Abandons what is still claimed if this future is dropped: waiters must not hang.
+        let mut guard = ClaimGuard { fs: self, file, cs, pending: run.into_iter().collect() };
+        let mut got = Vec::new();
+        let mut delay = FIRST_BACKOFF;
+        loop {
+            let (Some(&lo), Some(&hi)) = (guard.pending.keys().next(), guard.pending.keys().next_back()) else {
+                return Ok(got);
+            };
+            let mut progressed = false;
+            let attempt_start = Instant::now();
+            let attempt = {
+                let pending = &mut guard.pending;
+                let got = &mut got;
+                let progressed = &mut progressed;
+                let mut sink = |index: u64, bytes: Bytes| {
+                    let key = self.key(file, cs, index);
+                    match pending.remove(&index) {
+                        Some(claim) => {
+                            self.cache.complete(&key, claim, Ok(bytes.clone()));
+                            got.push((index, bytes));
+                        }
+                        None => self.cache.insert(key, bytes),
+                    }
+                    *progressed = true;
+                };
+                tokio::time::timeout_at(deadline, catalog.source.fetch(&file.entry, cs, lo, hi - lo + 1, &mut sink))
+                    .await
+            };
+            if progressed {
+                catalog.note_success();
+                delay = FIRST_BACKOFF;
+            }
+            let error = match attempt {
+                Ok(Ok(())) if guard.pending.is_empty() => return Ok(got),
+                Ok(Ok(())) => FsError::Remote("the catalog server sent fewer chunks than asked".into()),
+                Ok(Err(e)) if e.is_transient() => {
+                    catalog.note_failure(attempt_start);
+                    match backoff(&mut delay, deadline, e).await {
+                        Ok(()) => continue,
+                        Err(e) => e,
+                    }
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    catalog.note_failure(attempt_start);
+                    FsError::Timeout(self.options.read_timeout)
+                }
+            };
+            for (index, claim) in std::mem::take(&mut guard.pending) {
+                self.cache.complete(&self.key(file, cs, index), claim, Err(error.clone()));
+            }
+            return Err(error);
+        }
+    }
+
+    /// Starts fetching `window` bytes past `from` in the background, within the mount-wide
+    /// read-ahead budget; skipped when the budget is used up.
+    fn prefetch(self: &Arc<Self>, file: Arc<OpenFile>, from: u64, window: u64) {
+        let Ok(catalog) = self.catalog_of(&file) else { return };
+        // Only files whose chunk size is known: a prefetch never opens a session by itself.
+        let Some(Ok(cs)) = futures::FutureExt::now_or_never(catalog.source.chunk_size(&file.entry)) else { return };
+        let end = from.saturating_add(window).min(file.entry.byte_size);
+        if from >= end || cs == 0 {
+            return;
+        }
+        let first = from / cs;
+        let last = (end - 1) / cs;
+        let missing: Vec<u64> =
+            (first..=last).filter(|&i| !self.cache.has_or_pending(&self.key(&file, cs, i))).collect();
+        let (Some(&lo), Some(&hi)) = (missing.first(), missing.last()) else { return };
+        let mb = (((hi - lo + 1) * cs) >> 20).max(1) as u32;
+        let Ok(permit) = self.readahead_budget.clone().try_acquire_many_owned(mb) else { return };
+        let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = this.chunks(&file, cs, lo, hi - lo + 1, deadline).await;
+        });
+    }
+}
+
+struct ClaimGuard<'a> {
+    fs: &'a NatsterFs,
+    file: &'a OpenFile,
+    cs: u64,
+    pending: BTreeMap<u64, Claim>,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        for index in std::mem::take(&mut self.pending).into_keys() {
+            self.fs.cache.abandon(&self.fs.key(self.file, self.cs, index));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,342 @@
+//! The read path over a fake chunk source: no NATS, no FUSE. Time is tokio's paused clock, so
+//! deadlines are exact and the tests take no wall-clock time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use super::super::{ChunkSource, FsError, FsOptions, MountedCatalog, NatsterFs, ReadAhead, ROOT_INO};
+use super::OpenFile;
+use crate::protocol::{CatalogEntry, CatalogSummary};
+
+/// How the fake behaves on `fetch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Serve,
+    /// Never answers (a SIGSTOPped server).
+    Frozen,
+    /// Fails at once with a transient error (no responders).
+    Down,
+    /// Refuses (403).
+    Forbidden,
+}
+
+/// A chunk source holding whole files in memory, recording every fetch.
+struct FakeSource {
+    chunk_size: u64,
+    files: HashMap<String, Vec<u8>>,
+    mode: Mutex<Mode>,
+    /// Transient failures still to give before serving.
+    fail_first: AtomicU32,
+    /// (first, count) of every fetch attempt.
+    fetches: Mutex<Vec<(u64, u64)>>,
+}
+
+impl FakeSource {
+    fn new(chunk_size: u64, files: &[(&str, Vec<u8>)]) -> Arc<Self> {
+        Arc::new(FakeSource {
+            chunk_size,
+            files: files.iter().map(|(p, b)| (hash_of(p), b.clone())).collect(),
+            mode: Mutex::new(Mode::Serve),
+            fail_first: AtomicU32::new(0),
+            fetches: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn set(&self, mode: Mode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+
+    fn fetches(&self) -> Vec<(u64, u64)> {
+        self.fetches.lock().unwrap().clone()
+    }
+}
+
+/// A distinct fake sha256 per path.
+fn hash_of(path: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(path.as_bytes()))
+}
+
+impl ChunkSource for FakeSource {
+    fn listing(&self) -> BoxFuture<'_, Result<CatalogSummary, FsError>> {
+        async move { Err(FsError::Remote("not used".into())) }.boxed()
+    }
+
+    fn listing_applied(&self, _listing: &CatalogSummary) {}
+
+    fn chunk_size<'a>(&'a self, _entry: &'a CatalogEntry) -> BoxFuture<'a, Result<u64, FsError>> {
+        let cs = self.chunk_size;
+        async move { Ok(cs) }.boxed()
+    }
+
+    fn whole_file(&self, _entry: &CatalogEntry) -> bool {
+        false
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        entry: &'a CatalogEntry,
+        chunk_size: u64,
+        first: u64,
+        count: u64,
+        sink: super::super::source::ChunkSink<'a>,
+    ) -> BoxFuture<'a, Result<(), FsError>> {
+        async move {
+            self.fetches.lock().unwrap().push((first, count));
+            let mode = *self.mode.lock().unwrap();
+            if self.fail_first.load(Ordering::SeqCst) > 0 {
+                self.fail_first.fetch_sub(1, Ordering::SeqCst);
+                return Err(FsError::Unreachable("no responders".into()));
+            }
+            match mode {
+                Mode::Frozen => std::future::pending().await,
+                Mode::Down => Err(FsError::Unreachable("no responders".into())),
+                Mode::Forbidden => Err(FsError::Forbidden("not shared".into())),
+                Mode::Serve => {
+                    let bytes = self.files.get(&entry.hash).ok_or(FsError::Remote("unknown hash".into()))?;
+                    for i in first..first + count {
+                        let from = (i * chunk_size) as usize;
+                        let to = (from + chunk_size as usize).min(bytes.len());
+                        if from < to {
+                            sink(i, Bytes::copy_from_slice(&bytes[from..to]));
+                        }
+                    }
+                    Ok(())
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn verification(&self) -> &'static str {
+        "fake"
+    }
+}
+
+fn entry(path: &str, size: u64) -> CatalogEntry {
+    CatalogEntry {
+        path: path.into(),
+        description: String::new(),
+        mime_type: "video/mp4".into(),
+        hash: hash_of(path),
+        byte_size: size,
+        mtime: 1_700_000_000,
+    }
+}
+
+fn summary(entries: Vec<CatalogEntry>, revision: &str) -> CatalogSummary {
+    CatalogSummary {
+        name: "c".into(),
+        description: String::new(),
+        image: None,
+        entries,
+        revision: revision.into(),
+        protocol: 2,
+        total_entries: None,
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+const CS: u64 = 64 * 1024;
+const READ_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A filesystem with one catalog "c" over a fake holding `/big.mp4` (16 MiB).
+fn fake_fs() -> (Arc<NatsterFs>, Arc<FakeSource>, Vec<u8>) {
+    let big = pattern(16 << 20, 7);
+    let source = FakeSource::new(CS, &[("/big.mp4", big.clone())]);
+    let catalog = Arc::new(MountedCatalog::new("c".into(), "c".into(), "AOWNER".into(), source.clone()));
+    let options = FsOptions { read_timeout: READ_TIMEOUT, cache_bytes: 64 << 20, ..FsOptions::default() };
+    let fs = Arc::new(NatsterFs::new(vec![catalog], options));
+    fs.apply_listing(0, &summary(vec![entry("/big.mp4", big.len() as u64)], "r1"));
+    (fs, source, big)
+}
+
+fn open_big(fs: &NatsterFs) -> u64 {
+    let c = fs.lookup(ROOT_INO, "c").unwrap();
+    let f = fs.lookup(c.ino, "big.mp4").unwrap();
+    fs.open(f.ino).unwrap()
+}
+
+/// Lets spawned prefetches run to completion (the paused clock advances only when idle).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequential_reads_prefetch_ahead_and_a_seek_resets() {
+    let (fs, source, big) = fake_fs();
+    let fh = open_big(&fs);
+    let step = 128 * 1024u64;
+    for k in 0..4u64 {
+        let got = fs.read(fh, k * step, step as u32).await.unwrap();
+        assert_eq!(&got[..], &big[(k * step) as usize..((k + 1) * step) as usize]);
+        settle().await;
+    }
+    let fetched_to = source.fetches().iter().map(|(f, n)| f + n).max().unwrap();
+    assert!(fetched_to * CS > 4 * step + 2 * step, "read-ahead fetched past what was read: {:?}", source.fetches());
+    // Growth: each prefetch asks for more than the one before.
+    let sizes: Vec<u64> = source.fetches().iter().skip(1).map(|(_, n)| *n).collect();
+    assert!(sizes.windows(2).any(|w| w[1] > w[0]), "window grows on sequential reads: {sizes:?}");
+    // What was prefetched is served from the cache.
+    let before = source.fetches().len();
+    fs.read(fh, 4 * step, step as u32).await.unwrap();
+    assert_eq!(source.fetches().len(), before, "prefetched data read without a fetch");
+    settle().await;
+
+    // A seek far away reads just what it needs and prefetches nothing.
+    let before = source.fetches().len();
+    let far = 12 << 20;
+    let got = fs.read(fh, far, 4096).await.unwrap();
+    assert_eq!(&got[..], &big[far as usize..far as usize + 4096]);
+    settle().await;
+    let after = source.fetches();
+    assert_eq!(after.len(), before + 1, "a seek fetches one run: {after:?}");
+    assert_eq!(after[before], (far / CS, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_frozen_source_fails_by_the_deadline_and_reads_again_when_it_thaws() {
+    let (fs, source, big) = fake_fs();
+    let fh = open_big(&fs);
+    source.set(Mode::Frozen);
+    let started = Instant::now();
+    let err = fs.read(fh, 0, 4096).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(took >= READ_TIMEOUT && took <= READ_TIMEOUT + Duration::from_millis(100), "failed after {took:?}");
+    // The kernel re-issues a failed read at once: it must not wait a whole timeout again.
+    let again = Instant::now();
+    assert!(fs.read(fh, 0, 4096).await.is_err());
+    assert!(again.elapsed() <= super::GRACE + Duration::from_millis(50), "second read took {:?}", again.elapsed());
+    // Thawed: the same open file reads.
+    source.set(Mode::Serve);
+    let got = fs.read(fh, 0, 4096).await.unwrap();
+    assert_eq!(&got[..], &big[..4096]);
+    // And the outage is over: a later failure gets a whole timeout again.
+    source.set(Mode::Frozen);
+    let later = Instant::now();
+    assert!(fs.read(fh, 1 << 20, 4096).await.is_err());
+    assert!(later.elapsed() >= READ_TIMEOUT, "a new outage gets the whole timeout");
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_are_retried_within_the_deadline() {
+    let (fs, source, big) = fake_fs();
+    let fh = open_big(&fs);
+    source.fail_first.store(3, Ordering::SeqCst);
+    let started = Instant::now();
+    let got = fs.read(fh, 100_000, 50_000).await.unwrap();
+    assert_eq!(&got[..], &big[100_000..150_000]);
+    assert_eq!(source.fetches().len(), 4, "three failures, then success");
+    assert!(started.elapsed() < READ_TIMEOUT);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_is_down_then_recovers_reads_on_the_same_mount() {
+    let (fs, source, big) = fake_fs();
+    let fh = open_big(&fs);
+    source.set(Mode::Down);
+    let started = Instant::now();
+    let err = fs.read(fh, 0, 4096).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let took = started.elapsed();
+    assert!(took >= READ_TIMEOUT && took <= READ_TIMEOUT + Duration::from_millis(100), "failed after {took:?}");
+    assert!(source.fetches().len() > 3, "retried with backoff: {} attempts", source.fetches().len());
+    assert!(source.fetches().len() < 40, "backoff bounds the attempts: {}", source.fetches().len());
+
+    // Back within a read's deadline: that read succeeds.
+    let fs2 = fs.clone();
+    let reader = tokio::spawn(async move { fs2.read(fh, 8192, 4096).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    source.set(Mode::Serve);
+    let got = reader.await.unwrap().unwrap();
+    assert_eq!(&got[..], &big[8192..12288]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn refusals_are_not_retried() {
+    let (fs, source, _) = fake_fs();
+    let fh = open_big(&fs);
+    source.set(Mode::Forbidden);
+    let err = fs.read(fh, 0, 4096).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES);
+    assert_eq!(source.fetches().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_readers_of_a_missing_chunk_share_one_fetch() {
+    let (fs, source, big) = fake_fs();
+    source.set(Mode::Frozen);
+    let fhs: Vec<u64> = (0..4).map(|_| open_big(&fs)).collect();
+    let readers: Vec<_> = fhs
+        .iter()
+        .map(|&fh| {
+            let fs = fs.clone();
+            tokio::spawn(async move { fs.read(fh, 1 << 20, 1000).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(source.fetches().len(), 1, "one fetch for four readers");
+    source.set(Mode::Serve);
+    // The frozen attempt never returns; the readers fail at the deadline, then one new fetch
+    // serves every reader.
+    for r in readers {
+        assert!(r.await.unwrap().is_err());
+    }
+    let got = fs.read(fhs[0], 1 << 20, 1000).await.unwrap();
+    assert_eq!(&got[..], &big[1 << 20..(1 << 20) + 1000]);
+}
+
+#[tokio::test]
+async fn chunks_are_shared_only_between_catalogs_of_one_owner() {
+    let source = FakeSource::new(CS, &[]);
+    let catalog =
+        |dir: &str, owner: &str| Arc::new(MountedCatalog::new(dir.into(), dir.into(), owner.into(), source.clone()));
+    let fs = NatsterFs::new(
+        vec![catalog("a", "AOWNER1"), catalog("b", "AOWNER1"), catalog("c", "AOWNER2")],
+        FsOptions::default(),
+    );
+    let open = |catalog| OpenFile { catalog, entry: entry("/x.mp4", 10), readahead: Mutex::new(ReadAhead::new(1, 2)) };
+    assert_eq!(fs.key(&open(0), 4096, 0), fs.key(&open(1), 4096, 0), "same owner: cached once");
+    assert_ne!(fs.key(&open(0), 4096, 0), fs.key(&open(2), 4096, 0), "another owner cannot plant chunks");
+}
+
+#[tokio::test]
+async fn listing_builds_folders_and_diffs_on_refresh() {
+    let (fs, _, _) = fake_fs();
+    fs.apply_listing(0, &summary(vec![entry("/a/b/one.mp4", 10), entry("/two.mp4", 20)], "r1"));
+    let c = fs.lookup(ROOT_INO, "c").unwrap();
+    assert!(c.is_dir);
+    let a = fs.lookup(c.ino, "a").unwrap();
+    let b = fs.lookup(a.ino, "b").unwrap();
+    let one = fs.lookup(b.ino, "one.mp4").unwrap();
+    assert_eq!((one.size, one.perm, one.is_dir), (10, 0o444, false));
+    assert_eq!(fs.xattrs(one.ino).unwrap()[0].1, hash_of("/a/b/one.mp4"));
+
+    // one.mp4 removed (its folders with it), two.mp4 changed, three.mp4 added.
+    let mut two = entry("/two.mp4", 30);
+    two.hash = hash_of("/two-v2.mp4");
+    let inv = fs.apply_listing(0, &summary(vec![two, entry("/three.mp4", 5)], "r2"));
+    assert!(matches!(fs.lookup(c.ino, "a"), Err(FsError::NotFound)));
+    let two = fs.lookup(c.ino, "two.mp4").unwrap();
+    assert_eq!(two.size, 30);
+    assert!(fs.lookup(c.ino, "three.mp4").is_ok());
+    assert!(inv.entries.contains(&(c.ino, "a".to_string())));
+    assert!(inv.inodes.contains(&two.ino), "changed file's pages must be dropped");
+    assert!(inv.inodes.contains(&c.ino), "the catalog folder's attributes changed");
+    let remembered = fs.tree().inos.len();
+    assert_eq!(remembered, 3, "only the folder and its two files keep inode numbers");
+    let names: Vec<String> = fs.readdir(c.ino).unwrap().into_iter().map(|(_, _, n)| n).collect();
+    assert_eq!(names, [".", "..", "three.mp4", "two.mp4"]);
+    assert_eq!(fs.catalogs[0].revision(), "r2");
+}
