@@ -12,6 +12,9 @@ use super::{header_u64, CatalogClient, ClientError, ClientInner, Result, Route};
 use crate::crypto::CryptoError;
 use crate::protocol::{self, DownloadRequest, DownloadResponse, Operation};
 
+/// How long the first chunk of a v1 download may take (the download may wait its turn).
+const V1_FIRST_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Set by an original server on chunks it transcoded instead of sending the file as listed.
 const HEADER_TRANSCODING: &str = "x-natster-transcoding";
 
@@ -49,7 +52,12 @@ impl CatalogClient {
         let mut early: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
         let mut written = 0u64;
         while next < reply.total_chunks {
-            let wait = inner.options.chunk_timeout * (inner.options.retries + 1);
+            // Our server queues v1 downloads fairly and acknowledges at once, so the first
+            // chunk may come only when our turn does; after that they stream.
+            let mut wait = inner.options.chunk_timeout * (inner.options.retries + 1);
+            if next == 0 && early.is_empty() {
+                wait = wait.max(V1_FIRST_CHUNK_WAIT);
+            }
             let msg = match tokio::time::timeout(wait, rx.recv()).await {
                 Ok(Some(m)) => m,
                 _ => return Err(ClientError::Timeout(inner.catalog.clone())),
