@@ -102,6 +102,7 @@ async fn reads_survive_catalog_server_and_nats_server_restarts() {
     served = Some(Served::start(&env.home, &env.nats, "media").await);
     assert_eq!(finish(reader, &m), sum_one, "bytes read across a catalog server restart differ");
     assert!(killed_at < BIG as u64, "the restart happened mid-read");
+    eprintln!("catalog server killed after {} MiB of {} MiB read", killed_at >> 20, BIG >> 20);
 
     // 2. nats-server restarts mid-read (same port; every client reconnects).
     let progress = Arc::new(AtomicU64::new(0));
@@ -194,6 +195,7 @@ async fn a_frozen_server_gives_eio_by_the_read_timeout_and_reads_after_it_thaws(
     let thaw = Thaw(served.pid());
     let offset = 6 * 1024 * 1024;
     let (frozen, took) = timed_pread(&path, offset, 4096);
+    eprintln!("frozen server: EIO after {took:?} (read timeout 3 s)");
     let err = frozen.expect_err("a read from a frozen server returned data");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     assert!(
@@ -239,6 +241,7 @@ async fn a_catalog_whose_listing_never_answers_does_not_hold_up_the_mount() {
     let started = Instant::now();
     let m = Mounted::start(&env.home, &[]);
     let up = started.elapsed();
+    eprintln!("mount with a silent catalog up after {up:?}");
     assert!(up < Duration::from_secs(3), "mount took {up:?} to appear (promised 2 s, plus process start)");
     let path = m.path().join("media/ok.bin");
     let got = bounded("read of the answering catalog", MOUNT_IO_DEADLINE, move || std::fs::read(path));
@@ -261,6 +264,7 @@ async fn mount_stops_within_two_seconds_while_nats_is_down() {
     let started = Instant::now();
     m.stop();
     let took = started.elapsed();
+    eprintln!("mount stopped {took:?} after SIGTERM with NATS down");
     assert!(took < Duration::from_millis(2500), "mount took {took:?} to stop after SIGTERM");
     assert!(!is_mounted(&path), "stale mount left behind");
 }

@@ -30,7 +30,7 @@ use crate::protocol::CatalogSummary;
 use crate::server::HEARTBEAT_SUBJECT;
 
 /// Longest the mount waits for first listings before it appears.
-pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1500);
+pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1000);
 /// Bound on fetching one whole listing (all its pages).
 pub const LISTING_DEADLINE: Duration = Duration::from_secs(60);
 /// Listings fetched at once.
