@@ -1,6 +1,7 @@
 //! The mount on a real FUSE filesystem, over a real nats-server and catalog server, read with
 //! real programs (`ls`, `sha256sum`, `dd`, `cat`, `ffprobe`, `touch`, `mkdir`, `rm`, `mv`).
-//! Skipped (with a message) where /dev/fuse or fusermount3 is missing.
+//! Without /dev/fuse or fusermount3 each test is recorded as skipped (see `require_fuse!`),
+//! and fails under `CI=true`.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::mounted::{fuse_available, Mounted, UNMOUNT_DEADLINE};
+use common::mounted::{Mounted, UNMOUNT_DEADLINE};
 use common::*;
 use futures::StreamExt;
 use natster_mount::fs::mount::is_mounted;
@@ -69,9 +70,7 @@ fn sample_tree() -> Vec<(&'static str, Vec<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_content_and_random_reads_match_the_source() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let env = env_with(&sample_tree()).await;
     let m = Mounted::start(&env.home, &[]);
     let catalog = m.path().join("media");
@@ -115,9 +114,7 @@ fn xattr(path: &Path, name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dd_at_random_offsets_and_parallel_cats_are_exact() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let big = pseudo_random_bytes(3, 64 * 1024 * 1024);
     let env = env_with(&[("big.bin", big.clone())]).await;
     let m = Mounted::start(&env.home, &[]);
@@ -178,9 +175,7 @@ async fn count_reads(nats: &NatsServer) -> (Arc<AtomicU64>, tokio::task::JoinHan
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_read_sends_no_chunk_request_and_writes_fail_with_erofs() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let bytes = pseudo_random_bytes(4, 3 * 1024 * 1024);
     // The same bytes under two names: one hash, so the second file is served from the
     // chunk cache though the kernel has never seen its pages.
@@ -225,9 +220,7 @@ async fn second_read_sends_no_chunk_request_and_writes_fail_with_erofs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffprobe_reads_the_sample_video_duration() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let mp4 = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/media/trailers/natster-demo.mp4"))
         .expect("examples/media sample mp4");
     let env = env_with(&[("trailers/natster-demo.mp4", mp4)]).await;
@@ -244,9 +237,7 @@ async fn ffprobe_reads_the_sample_video_duration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_catalog_gives_eio_in_time_while_cached_data_reads() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let cached = pseudo_random_bytes(5, 1024 * 1024);
     let uncached = pseudo_random_bytes(6, 1024 * 1024);
     let mut env = env_with(&[("cached.bin", cached.clone()), ("uncached.bin", uncached)]).await;
@@ -273,9 +264,7 @@ async fn offline_catalog_gives_eio_in_time_while_cached_data_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_changes_appear_in_the_mount() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let env =
         env_with(&[("keep.txt", b"keep".to_vec()), ("gone.txt", b"gone".to_vec()), ("grow.txt", b"1".to_vec())]).await;
     let m = Mounted::start(&env.home, &["--listing-ttl", "60"]);
@@ -306,9 +295,7 @@ async fn listing_changes_appear_in_the_mount() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_mountpoints_get_one_line_explanations() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let env = env_with(&[("x.txt", b"x".to_vec())]).await;
     let missing = env.home.run_async(["mount", "/does/not/exist"]).await;
     missing.assert_failure("mount on a missing folder");
@@ -354,9 +341,7 @@ const RSS_OVERHEAD: u64 = 96 * 1024 * 1024;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_stays_under_the_cache_budget_plus_fixed_overhead() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let nats = NatsServer::start();
     let home = TestHome::new();
     home.init(&nats.url()).await;
@@ -410,9 +395,7 @@ async fn memory_stays_under_the_cache_budget_plus_fixed_overhead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v1_only_peer_is_read_through_the_mount_and_the_cli() {
-    if !fuse_available() {
-        return;
-    }
+    require_fuse!();
     let small = pseudo_random_bytes(7, 700_000);
     let nats = NatsServer::start();
     let home = TestHome::new();
