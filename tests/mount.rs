@@ -491,8 +491,8 @@ fn peak_rss(pid: u32) -> u64 {
 }
 
 /// What the mount may hold beyond its chunk cache: the mount-wide read-ahead budget in
-/// flight (64 MiB, README), plus 48 MiB for the rest: the binary and runtime (about 15 MiB
-/// resident before any read), FUSE request buffers and the NATS client's buffers (a few
+/// flight (64 MiB, README), plus 48 MiB for the rest: the binary and runtime (8 MiB
+/// resident before any read, measured), FUSE request buffers and the NATS client's buffers (a few
 /// MiB), listings and allocator slack. Without a cache budget the 2 GiB stream alone would
 /// pass this bound many times over.
 const RSS_OVERHEAD: u64 = (64 + 48) * 1024 * 1024;
