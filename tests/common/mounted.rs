@@ -141,18 +141,27 @@ impl Mounted {
     }
 
     /// Unmounts with SIGTERM and checks the process exits cleanly and the mount is gone.
-    pub fn stop(mut self) {
-        let status = self.terminate().expect("mount process did not exit after SIGTERM");
-        assert!(status.success(), "mount exited with {status}:\n{}", self.log());
-        assert!(!is_mounted(self.dir.path()), "still mounted after SIGTERM");
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Like [`Mounted::stop`], with another signal (SIGINT: Ctrl-C).
+    pub fn stop_with(mut self, signal: i32) {
+        let status = self.terminate_with(signal).unwrap_or_else(|| panic!("mount did not exit after signal {signal}"));
+        assert!(status.success(), "mount exited with {status} after signal {signal}:\n{}", self.log());
+        assert!(!is_mounted(self.dir.path()), "still mounted after signal {signal}");
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.terminate_with(libc::SIGTERM)
+    }
+
+    fn terminate_with(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);
         }
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let until = Instant::now() + UNMOUNT_DEADLINE;
         while Instant::now() < until {
             if let Ok(Some(status)) = self.child.try_wait() {
