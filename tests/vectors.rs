@@ -89,6 +89,9 @@ fn the_vector_opens_and_parses_with_our_code() {
     }
 }
 
+/// One chunk as the vector has it: subject, literal headers (name, value), plaintext.
+type VectorChunk = (String, Vec<(String, String)>, Vec<u8>);
+
 fn protocol_subject(catalog: &str, op: &str) -> String {
     format!("natster.catalog.{catalog}.{op}")
 }
@@ -108,7 +111,7 @@ async fn our_client_downloads_from_an_original_peer_speaking_the_vector() {
     let reply_json = s(&v, "reply_json").to_string();
     let sender = nkeys::XKey::from_seed(s(&v, "sender_seed")).unwrap();
     // (subject, literal headers, plaintext) of each chunk, as the vector has them.
-    let chunks: Vec<(String, Vec<(String, String)>, Vec<u8>)> = v["chunks"]
+    let chunks: Vec<VectorChunk> = v["chunks"]
         .as_array()
         .unwrap()
         .iter()
