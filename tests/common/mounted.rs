@@ -18,12 +18,19 @@ pub const MOUNT_IO_DEADLINE: Duration = Duration::from_secs(120);
 /// then detaches the mount, which ends the hung call.
 pub fn bounded<T: Send + 'static>(what: &str, deadline: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let worker = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
     match rx.recv_timeout(deadline) {
         Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {deadline:?} (the mount hangs)"),
+        // `f` panicked (an assertion inside it): fail with its panic, not as a hang.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("{what} ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {deadline:?} (the mount hangs)")
+        }
     }
 }
 pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(10);
