@@ -734,15 +734,15 @@ async fn tampered_chunks_fail_authentication() {
         bad[pos] ^= 0x01;
         assert_eq!(key.open(0, &bad), Err(CryptoError::Authentication(0)), "flipped {what} byte accepted");
     }
-    assert!(key.open(0, &c0[..c0.len() - 1]).is_err(), "truncated chunk accepted");
-    assert!(key.open(0, &c0[..NONCE_LEN]).is_err(), "nonce-only chunk accepted");
+    assert_eq!(key.open(0, &c0[..c0.len() - 1]), Err(CryptoError::Authentication(0)), "truncated chunk accepted");
+    assert_eq!(key.open(0, &c0[..NONCE_LEN]), Err(CryptoError::Authentication(0)), "nonce-only chunk accepted");
     assert_eq!(key.open(1, c0), Err(CryptoError::Authentication(1)), "chunk 0 accepted as chunk 1");
     assert_eq!(key.open(0, c1), Err(CryptoError::Authentication(0)), "chunk 1 accepted as chunk 0");
 
     // Replay into another session of the same file: its key refuses this session's chunks.
     let (other_session, other_key) = raw_open(&fx, &EphemeralKey::generate(), &hash).await;
     assert_ne!(other_session, session);
-    assert!(other_key.open(0, c0).is_err(), "a chunk opened in another session");
+    assert_eq!(other_key.open(0, c0), Err(CryptoError::Authentication(0)), "a chunk opened in another session");
 
     // A key bound to anything else (here: another catalog name) does not open it either.
     let reply =
@@ -762,7 +762,11 @@ async fn tampered_chunks_fail_authentication() {
     let right = me.agree(&server_xkey, &wrong).unwrap();
     let c = raw_read(&fx, &s3, 0, 1).await;
     assert!(right.open(0, &c[&0]).is_ok());
-    assert!(wrong_catalog.open(0, &c[&0]).is_err(), "key bound to another catalog opened a chunk");
+    assert_eq!(
+        wrong_catalog.open(0, &c[&0]),
+        Err(CryptoError::Authentication(0)),
+        "key bound to another catalog opened a chunk"
+    );
 }
 
 /// Sets the modification time of `path`.
@@ -849,7 +853,10 @@ async fn changed_files_are_refused() {
     let (sneaky_hash, sneaky_len) = (sneaky_src.hash(), sneaky_src.bytes.len() as u64);
     let download = client::download_to_file(&fx.client, &sneaky_hash, sneaky_len, &sneaky_target, |_| {});
     let result = within("sneaky download", download).await;
-    assert!(result.is_err(), "sneaky download accepted");
+    let err = result.expect_err("sneaky download accepted");
+    // The README: a whole-file sha256 mismatch keeps nothing and says so.
+    assert!(format!("{err:#}").contains("do not match the catalog's sha256"), "{err:#}");
+    assert!(format!("{err:#}").contains("nothing was kept"), "{err:#}");
     assert_eq!(file_names(out.path()), Vec::<String>::new(), "a failed download left files");
 
     // The unchanged file is still served.
@@ -960,9 +967,11 @@ async fn paths_outside_the_root_are_not_served() {
     assert!(log.contains("refusing to serve"), "the server did not log its refusals:\n{}", tail(&log, 20));
 
     // The client never hands an escaping path to its caller.
-    if let Ok(listing) = fx.client.get().await {
-        assert!(listing.entries.iter().all(|e| !e.path.contains("..")), "client accepted an escaping path");
-    }
+    // It drops such entries (one bad entry must not hide the rest) and keeps the clean ones.
+    let listing = fx.client.get().await.expect("the edited listing still loads");
+    let paths: Vec<&str> = listing.entries.iter().map(|e| e.path.as_str()).collect();
+    assert!(paths.iter().all(|p| !p.split('/').any(|c| c == "..")), "client accepted an escaping path: {paths:?}");
+    assert!(paths.contains(&"/inside.txt") && !paths.contains(&"/../outside-1.txt"), "{paths:?}");
     // What is inside is still served.
     let f = fx.client.open(&sha256_hex(b"inside"), None).await.expect("inside.txt after the edit");
     assert_eq!(f.read_range(0, 100).await.unwrap(), b"inside");

@@ -18,23 +18,87 @@ pub const MOUNT_IO_DEADLINE: Duration = Duration::from_secs(120);
 /// then detaches the mount, which ends the hung call.
 pub fn bounded<T: Send + 'static>(what: &str, deadline: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
+    let worker = std::thread::spawn(move || {
         let _ = tx.send(f());
     });
     match rx.recv_timeout(deadline) {
         Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {deadline:?} (the mount hangs)"),
+        // `f` panicked (an assertion inside it): fail with its panic, not as a hang.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => match worker.join() {
+            Err(panic) => std::panic::resume_unwind(panic),
+            Ok(()) => panic!("{what} ended without a result"),
+        },
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not finish within {deadline:?} (the mount hangs)")
+        }
     }
 }
 pub const UNMOUNT_DEADLINE: Duration = Duration::from_secs(10);
 
-pub fn fuse_available() -> bool {
-    let ok = Path::new("/dev/fuse").exists()
-        && Command::new("fusermount3").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    if !ok {
-        eprintln!("skipping: /dev/fuse or fusermount3 is missing (scripts/setup.sh installs fuse3)");
+/// Why FUSE tests cannot run here, or `None` when /dev/fuse and fusermount3 are present.
+pub fn fuse_missing() -> Option<String> {
+    if !Path::new("/dev/fuse").exists() {
+        return Some(
+            "/dev/fuse is missing (scripts/setup.sh installs fuse3; containers need --device /dev/fuse)".into(),
+        );
     }
-    ok
+    let fusermount = Command::new("fusermount3").arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status();
+    if fusermount.is_err() {
+        return Some("fusermount3 is missing (scripts/setup.sh installs fuse3)".into());
+    }
+    None
+}
+
+/// [`fuse_available_for`] named after the running test: libtest names each test's thread
+/// after the test (tokio::test runs the body on that thread), so resilience.rs's plain
+/// `if !fuse_available() { return; }` is reported by name too.
+pub fn fuse_available() -> bool {
+    let thread = std::thread::current();
+    let name = match thread.name() {
+        Some(n) if n != "main" => format!("{}::{n}", env!("CARGO_CRATE_NAME")),
+        _ => format!("{}::(a FUSE test)", env!("CARGO_CRATE_NAME")),
+    };
+    fuse_available_for(&name)
+}
+
+/// Whether the FUSE test `test` can run. Without FUSE: under `CI=true` it panics (a CI
+/// machine must run every test); otherwise it records `SKIPPED <test>: <reason>` on stderr
+/// and as one line appended to the file named by `NATSTER_SKIP_LOG`, which scripts/test.sh
+/// counts, so a skip is never reported as a pass.
+pub fn fuse_available_for(test: &str) -> bool {
+    let Some(reason) = fuse_missing() else { return true };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test} needs FUSE and CI=true forbids skipping it: {reason}");
+    }
+    let line = format!("SKIPPED {test}: {reason}\n");
+    eprint!("{line}");
+    if let Some(log) = std::env::var_os("NATSTER_SKIP_LOG") {
+        use std::io::Write;
+        // One write of one short line with O_APPEND: lines from parallel tests do not mix.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("NATSTER_SKIP_LOG");
+        f.write_all(line.as_bytes()).expect("write NATSTER_SKIP_LOG");
+    }
+    false
+}
+
+/// The running test's path (`crate::module::function`) from the type name of an item
+/// declared inside it; used by [`require_fuse!`].
+pub fn test_name_from(item_type_name: &str) -> String {
+    let name = item_type_name.strip_suffix("::here").unwrap_or(item_type_name);
+    name.replace("::{{closure}}", "")
+}
+
+/// `require_fuse!();` at the top of a FUSE test: returns from the test, recorded as
+/// skipped by name, when FUSE is missing (and fails under `CI=true`).
+#[macro_export]
+macro_rules! require_fuse {
+    () => {{
+        fn here() {}
+        let name = $crate::common::mounted::test_name_from(std::any::type_name_of_val(&here));
+        if !$crate::common::mounted::fuse_available_for(&name) {
+            return;
+        }
+    }};
 }
 
 /// `natster-mount mount --foreground` as a child; Drop sends SIGTERM, waits (bounded), and
@@ -84,18 +148,27 @@ impl Mounted {
     }
 
     /// Unmounts with SIGTERM and checks the process exits cleanly and the mount is gone.
-    pub fn stop(mut self) {
-        let status = self.terminate().expect("mount process did not exit after SIGTERM");
-        assert!(status.success(), "mount exited with {status}:\n{}", self.log());
-        assert!(!is_mounted(self.dir.path()), "still mounted after SIGTERM");
+    pub fn stop(self) {
+        self.stop_with(libc::SIGTERM);
+    }
+
+    /// Like [`Mounted::stop`], with another signal (SIGINT: Ctrl-C).
+    pub fn stop_with(mut self, signal: i32) {
+        let status = self.terminate_with(signal).unwrap_or_else(|| panic!("mount did not exit after signal {signal}"));
+        assert!(status.success(), "mount exited with {status} after signal {signal}:\n{}", self.log());
+        assert!(!is_mounted(self.dir.path()), "still mounted after signal {signal}");
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.terminate_with(libc::SIGTERM)
+    }
+
+    fn terminate_with(&mut self, signal: i32) -> Option<std::process::ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
             return Some(status);
         }
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         let until = Instant::now() + UNMOUNT_DEADLINE;
         while Instant::now() < until {
             if let Ok(Some(status)) = self.child.try_wait() {
