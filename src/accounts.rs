@@ -96,6 +96,9 @@ pub mod jwt {
         pub name: String,
         /// Subject public key.
         pub sub: String,
+        /// Expiry, seconds since the epoch (absent: never expires).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub exp: Option<i64>,
         pub nats: N,
     }
 
@@ -107,6 +110,7 @@ pub mod jwt {
                 iss: String::new(),
                 name: name.to_string(),
                 sub: subject.to_string(),
+                exp: None,
                 nats,
             }
         }
@@ -268,7 +272,7 @@ pub mod jwt {
         }
     }
 
-    fn now() -> i64 {
+    pub fn now() -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
