@@ -9,9 +9,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client::{self, CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
-use crate::index::{self, ProgressEvent};
+use crate::index::{self, Catalog, ProgressEvent};
 use crate::protocol::{self, CatalogEntry};
 use crate::server::{CatalogServer, ServerOptions};
+use crate::serving::ServeRecord;
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {
@@ -30,29 +31,99 @@ impl Globals {
     }
 }
 
-pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
-    if !(server.starts_with("nats://")
-        || server.starts_with("tls://")
-        || server.starts_with("ws://")
-        || server.starts_with("wss://"))
-        && server.contains("://")
-    {
-        bail!("server URL '{server}' has an unknown scheme; use nats://HOST:PORT");
+/// Checks a server URL list as `init` takes it: comma-separated `[scheme://][user[:pass]@]host[:port]`,
+/// scheme nats, tls, ws or wss, a port required when no scheme is given.
+pub fn validate_server_urls(server: &str) -> Result<()> {
+    let help = "write nats://HOST:PORT (e.g. nats://127.0.0.1:4222; several separated by commas)";
+    if server.trim().is_empty() {
+        bail!("--server is empty; {help}");
     }
-    let creds = match creds {
+    for url in server.split(',').map(str::trim) {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, url),
+        };
+        if let Some(scheme) = scheme {
+            if !["nats", "tls", "ws", "wss"].contains(&scheme.to_ascii_lowercase().as_str()) {
+                bail!("server URL '{url}' has an unknown scheme '{scheme}'; {help}");
+            }
+        }
+        let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
+        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+            match v6.split_once(']') {
+                Some((h, tail)) => (h, tail.strip_prefix(':')),
+                None => bail!("server URL '{url}' has an unclosed IPv6 address; {help}"),
+            }
+        } else {
+            match host_port.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (host_port, None),
+            }
+        };
+        let host_ok =
+            !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+        if !host_ok {
+            bail!("server URL '{url}' has no valid host; {help}");
+        }
+        match port {
+            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            Some(p) => bail!("server URL '{url}' has an invalid port '{p}'; {help}"),
+            None if scheme.is_none() => bail!("'{url}' is not a NATS server URL; {help}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// `init`: writes the context. A context run through `init` again keeps what it had (creds,
+/// account, imports) unless new creds name another account.
+pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
+    validate_server_urls(server)?;
+    let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
+    context.server = server.trim().to_string();
+    match creds {
         Some(c) => {
             let c = std::fs::canonicalize(c)
                 .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
-            Some(c)
+            let account = crate::accounts::creds_account(&c)?;
+            if context.account_public_key.as_deref() != Some(account.as_str()) {
+                if !context.imports.is_empty() {
+                    eprintln!(
+                        "note: these creds belong to another account ({account}); the {} import(s) of the previous account were dropped",
+                        context.imports.len()
+                    );
+                }
+                context.imports.clear();
+                let operator = crate::accounts::Operator::load(&crate::sharing::operator_home(g)).ok();
+                context.account_name = operator.and_then(|op| op.account_by_key(&account)).map(|r| r.name);
+                context.account_public_key = Some(account);
+            }
+            context.creds = Some(c);
         }
-        None => None,
-    };
-    let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
-    context.server = server.to_string();
-    context.creds = creds;
+        None => {
+            if let Some(kept) = &context.creds {
+                println!("keeping creds {} (give --creds FILE to change them)", kept.display());
+            }
+        }
+    }
     let path = context.save(&g.home, &g.context)?;
     println!("context '{}' written to {}", g.context, path.display());
+    if let Some(account) = &context.account_public_key {
+        println!("account {account}");
+    }
     Ok(())
+}
+
+/// A clap value parser: seconds, greater than 0 and at most `MAX`.
+pub fn parse_seconds<const MAX: u64>(s: &str) -> std::result::Result<Duration, String> {
+    let range = format!("must be greater than 0 and at most {MAX} seconds");
+    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds; it {range}"))?;
+    if v.is_finite() && v > 0.0 && v <= MAX as f64 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(range)
+    }
 }
 
 fn bar(total: u64, what: &str) -> ProgressBar {
@@ -66,7 +137,27 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>) -> Result<()> {
+pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>, force: bool) -> Result<()> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    // A name means one catalog: an imported one keeps its name (its subjects would clash).
+    if let Some(import) = g.load_context().ok().and_then(|c| c.imports.into_iter().find(|i| i.catalog == name)) {
+        bail!(
+            "catalog {name} is already imported from {}; pick another name or `natster-mount catalog unimport {name}` first",
+            import.owner
+        );
+    }
+    if Catalog::file_path(&g.home, name).exists() && !force {
+        let old = Catalog::load(&g.home, name)?;
+        let new_root = std::fs::canonicalize(dir).ok();
+        if let Some(new_root) = new_root.filter(|r| Path::new(&old.root_dir) != r.as_path()) {
+            bail!(
+                "catalog {name} indexes {}; pass --force to re-root it at {} (its {} files would be dropped)",
+                old.root_dir,
+                new_root.display(),
+                old.entries.len()
+            );
+        }
+    }
     let started = Instant::now();
     let progress = bar(0, "hashing");
     let (catalog, report) = index::index_folder(&g.home, name, dir, description, &|event| match event {
@@ -87,16 +178,64 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
         catalog.root_dir,
         started.elapsed().as_secs_f64()
     );
-    println!("written to {}", index::Catalog::file_path(&g.home, name).display());
+    println!("written to {}", Catalog::file_path(&g.home, name).display());
     Ok(())
 }
 
-pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions) -> Result<()> {
+pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let other = ServeRecord::load_live(&g.home, name);
+    if let Some(other) = other.as_ref().filter(|_| !force) {
+        bail!(
+            "catalog '{name}' is already served by {}; stop that one, or pass --force to serve it twice",
+            other.whereabouts()
+        );
+    }
     let nats = g.connect().await?;
+    if !force {
+        // A server from another home or machine of this account leaves no record here; ask.
+        let probe = ClientOptions { request_timeout: g.timeout.min(Duration::from_secs(2)), ..client_options(g) };
+        match CatalogClient::new(nats.clone(), name, probe)?.get().await {
+            Ok(_) | Err(client::ClientError::Refused { .. }) => bail!(
+                "another server already answers for catalog '{name}' (not started from {}); stop it, or pass --force to serve it twice",
+                g.home.path().display()
+            ),
+            Err(_) => {}
+        }
+    }
+    let allow_all = options.allow_all;
     let server = CatalogServer::new(nats, g.home.clone(), name, options)?;
+    // A forced second server leaves the first one's record in place.
+    let _record = match other {
+        None => Some(ServeRecord::current(name, allow_all).save(&g.home)?),
+        Some(_) => None,
+    };
     eprintln!("serving catalog '{name}'; Ctrl-C to stop");
     server.run(shutdown_signal()).await
+}
+
+/// SIGINT and SIGTERM handlers installed at once, so that from creation on neither signal kills
+/// the process before it can clean up.
+pub struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub fn new() -> Result<Shutdown> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
+        Ok(Shutdown { term, int })
+    }
+
+    /// Resolves with the signal's name and number.
+    pub async fn recv(&mut self) -> (&'static str, i32) {
+        tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", libc::SIGTERM),
+            _ = self.int.recv() => ("SIGINT", libc::SIGINT),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -187,6 +326,11 @@ fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a Catalog
     entries.iter().find(|e| e.path == wanted)
 }
 
+/// `catalog download`. A signal drops the download future, whose temporary file is deleted
+/// on drop; nothing is left behind on any exit path. With OUT `-` the file is downloaded and
+/// verified into an unlinked temporary file first and only then copied to standard output, so a
+/// reader never receives a byte that failed the sha256 check (the price: the file's size in
+/// `$TMPDIR`, and no output before the download ends).
 pub async fn catalog_download(
     g: &Globals,
     name: &str,
@@ -195,22 +339,55 @@ pub async fn catalog_download(
     force: bool,
     options: ClientOptions,
 ) -> Result<()> {
+    let mut shutdown = Shutdown::new()?;
+    let outcome = {
+        let download = download(g, name, what, out, force, options);
+        tokio::pin!(download);
+        tokio::select! {
+            done = &mut download => Ok(done),
+            signal = shutdown.recv() => Err(signal),
+        }
+        // The download future, and with it every temporary file, is dropped here.
+    };
+    match outcome {
+        Ok(done) => done,
+        Err((name, number)) => {
+            eprintln!("error: download interrupted by {name}; nothing was kept");
+            // Exit at once, with the shell's code for a signal: a copy to standard output may
+            // still block a runtime thread, and the runtime would wait for it.
+            std::process::exit(128 + number)
+        }
+    }
+}
+
+async fn download(g: &Globals, name: &str, what: &str, out: &Path, force: bool, options: ClientOptions) -> Result<()> {
     if options.window == 0 || options.batch == 0 || options.batch > protocol::MAX_CHUNKS_PER_READ {
         bail!("--window must be at least 1 and --batch 1..={}", protocol::MAX_CHUNKS_PER_READ);
     }
+    let to_stdout = out.as_os_str() == "-";
     let nats = g.connect().await?;
     let client = CatalogClient::new(nats, name, options)?;
     let summary = client.get().await?;
     let entry = find_entry(&summary.entries, what).with_context(|| {
         format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
     })?;
-    let out: PathBuf = if out.is_dir() {
-        let base = entry.path.rsplit('/').next().unwrap_or("download");
+    let base = entry.path.rsplit('/').next().filter(|b| !b.is_empty()).unwrap_or("download");
+    // Held until the copy to stdout starts; removed with everything in it when dropped.
+    let mut staging = None;
+    let out: PathBuf = if to_stdout {
+        let dir = tempfile::Builder::new()
+            .prefix(".natster-download-")
+            .tempdir()
+            .context("cannot create a temporary folder for the download; set TMPDIR to a writable folder")?;
+        let path = dir.path().join(base);
+        staging = Some(dir);
+        path
+    } else if out.is_dir() {
         out.join(base)
     } else {
         out.to_path_buf()
     };
-    if let Ok(meta) = std::fs::symlink_metadata(&out) {
+    if let (Ok(meta), false) = (std::fs::symlink_metadata(&out), to_stdout) {
         if !meta.is_file() {
             bail!("{} exists and is not a regular file; give a new file name or a folder", out.display());
         }
@@ -225,15 +402,45 @@ pub async fn catalog_download(
     progress.finish_and_clear();
     let written = written?;
     let secs = started.elapsed().as_secs_f64().max(1e-6);
-    println!(
-        "{} ({}) → {} in {:.2}s, {}/s, sha256 verified",
-        entry.path,
-        human_size(written),
-        out.display(),
-        secs,
-        human_size((written as f64 / secs) as u64)
-    );
+    let summary = |to: &str| {
+        format!(
+            "{} ({}) → {to} in {:.2}s, {}/s, sha256 verified",
+            entry.path,
+            human_size(written),
+            secs,
+            human_size((written as f64 / secs) as u64)
+        )
+    };
+    if let Some(staging) = staging {
+        let mut file = std::fs::File::open(&out).with_context(|| format!("cannot read {}", out.display()))?;
+        // Unlinked before the copy: even a reader closing the pipe (SIGPIPE) leaves nothing.
+        drop(staging);
+        tokio::task::spawn_blocking(move || {
+            let mut stdout = std::io::stdout().lock();
+            std::io::copy(&mut file, &mut stdout).and_then(|_| std::io::Write::flush(&mut stdout))
+        })
+        .await
+        .context("the copy to standard output failed")?
+        .context("cannot write to standard output")?;
+        eprintln!("{}", summary("standard output"));
+        return Ok(());
+    }
+    // Like any file a program creates: 0666 less the umask (the temporary file was 0600).
+    crate::context::set_mode(&out, 0o666 & !umask())?;
+    println!("{}", summary(&out.display().to_string()));
     Ok(())
+}
+
+/// This process's umask, from /proc (reading it with umask(2) would briefly change it for
+/// every thread); 022 if unknown.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("Umask:"))?.to_string();
+            u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
+        })
+        .unwrap_or(0o022)
 }
 
 /// Parses a byte count: a plain number, or one with a K/M/G/T suffix (powers of 1024).
@@ -369,4 +576,34 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     crate::fs::mount::umount(mountpoint)?;
     println!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_urls() {
+        for good in [
+            "nats://127.0.0.1:4222",
+            "tls://h.example:4443",
+            "wss://h.example",
+            "127.0.0.1:4222",
+            "nats://u:p@h:1,nats://[::1]:4222",
+        ] {
+            assert!(validate_server_urls(good).is_ok(), "{good}");
+        }
+        for bad in ["notaurl", "", "http://h:1", "nats://:4222", "nats://h:0", "nats://h:x", "nats://h:1,", "[::1:4222"]
+        {
+            assert!(validate_server_urls(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds::<10>("1.5"), Ok(Duration::from_millis(1500)));
+        for bad in ["0", "-1", "11", "nan", "inf", "x"] {
+            assert!(parse_seconds::<10>(bad).unwrap_err().contains("greater than 0 and at most 10 seconds"), "{bad}");
+        }
+    }
 }
