@@ -1169,7 +1169,11 @@ impl LocalServer {
             match tokio::time::timeout(Duration::from_millis(500), read_info(addr)).await {
                 Ok(Some(info)) if info.server_name == self.name => return Ok(()),
                 Ok(Some(info)) => {
-                    bail!("another nats-server ({}) answers on {addr}; choose another port", info.server_name)
+                    bail!(
+                        "another nats-server ({}) already answers on {addr}; stop it (is `operator up` already \
+                         running?) and try again",
+                        info.server_name
+                    )
                 }
                 _ => {}
             }
