@@ -2,6 +2,7 @@
 //! calls these; the work itself lives in the concept modules.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -13,6 +14,42 @@ use crate::index::{self, Catalog, ProgressEvent};
 use crate::protocol::{self, CatalogEntry};
 use crate::server::{CatalogServer, ServerOptions};
 use crate::serving::ServeRecord;
+
+/// Whether a closed standard output ends the process (one-shot commands) or is ignored
+/// (servers and mounts, which must outlive whatever reads their output).
+static QUIET_EXIT_ON_CLOSED_STDOUT: AtomicBool = AtomicBool::new(false);
+
+pub fn set_quiet_exit_on_closed_stdout(quiet: bool) {
+    QUIET_EXIT_ON_CLOSED_STDOUT.store(quiet, Ordering::Relaxed);
+}
+
+/// Writes one line to standard output. `println!` panics when the reader has gone away
+/// (`natster-mount catalog ls | head -1`). Resetting SIGPIPE to its default would end the
+/// process quietly too, but async-nats writes its socket with writev(2), which raises SIGPIPE
+/// when a server drops the connection: that would kill a download before it can remove its
+/// temporary file. So SIGPIPE stays ignored and a closed stdout is handled here: a one-shot
+/// command exits 0 at once (every command prints only after its state is saved), a daemon
+/// drops the line.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+    if let Err(e) = written {
+        if QUIET_EXIT_ON_CLOSED_STDOUT.load(Ordering::Relaxed) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `println!` through [`write_line`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::write_line(format_args!($($arg)*)) };
+}
+pub(crate) use outln;
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {
@@ -82,35 +119,31 @@ pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
     validate_server_urls(server)?;
     let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
     context.server = server.trim().to_string();
-    match creds {
-        Some(c) => {
-            let c = std::fs::canonicalize(c)
-                .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
-            let account = crate::accounts::creds_account(&c)?;
-            if context.account_public_key.as_deref() != Some(account.as_str()) {
-                if !context.imports.is_empty() {
-                    eprintln!(
+    if let Some(c) = creds {
+        let c = std::fs::canonicalize(c)
+            .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
+        let account = crate::accounts::creds_account(&c)?;
+        if context.account_public_key.as_deref() != Some(account.as_str()) {
+            if !context.imports.is_empty() {
+                eprintln!(
                         "note: these creds belong to another account ({account}); the {} import(s) of the previous account were dropped",
                         context.imports.len()
                     );
-                }
-                context.imports.clear();
-                let operator = crate::accounts::Operator::load(&crate::sharing::operator_home(g)).ok();
-                context.account_name = operator.and_then(|op| op.account_by_key(&account)).map(|r| r.name);
-                context.account_public_key = Some(account);
             }
-            context.creds = Some(c);
+            context.imports.clear();
+            let operator = crate::accounts::Operator::load(&crate::sharing::operator_home(g)).ok();
+            context.account_name = operator.and_then(|op| op.account_by_key(&account)).map(|r| r.name);
+            context.account_public_key = Some(account);
         }
-        None => {
-            if let Some(kept) = &context.creds {
-                println!("keeping creds {} (give --creds FILE to change them)", kept.display());
-            }
-        }
+        context.creds = Some(c);
     }
     let path = context.save(&g.home, &g.context)?;
-    println!("context '{}' written to {}", g.context, path.display());
+    if let (None, Some(kept)) = (creds, &context.creds) {
+        outln!("keeping creds {} (give --creds FILE to change them)", kept.display());
+    }
+    outln!("context '{}' written to {}", g.context, path.display());
     if let Some(account) = &context.account_public_key {
-        println!("account {account}");
+        outln!("account {account}");
     }
     Ok(())
 }
@@ -168,7 +201,7 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
     for skipped in &report.skipped {
         eprintln!("skipped {skipped}");
     }
-    println!(
+    outln!(
         "catalog '{}': {} files ({} hashed, {} unchanged, {} removed) from {} in {:.2}s",
         catalog.name,
         report.files,
@@ -178,7 +211,7 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
         catalog.root_dir,
         started.elapsed().as_secs_f64()
     );
-    println!("written to {}", Catalog::file_path(&g.home, name).display());
+    outln!("written to {}", Catalog::file_path(&g.home, name).display());
     Ok(())
 }
 
@@ -265,7 +298,7 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
     let client = CatalogClient::new(nats, name, client_options(g))?;
     let summary = client.get().await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     let rows: Vec<[String; 4]> = summary
@@ -275,7 +308,7 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
         .collect();
     print_table(["PATH", "SIZE", "MIME TYPE", "HASH"], &rows);
     let bytes: u64 = summary.entries.iter().map(|e| e.byte_size).sum();
-    println!(
+    outln!(
         "{} files, {} — catalog '{}' revision {}",
         summary.entries.len(),
         human_size(bytes),
@@ -294,7 +327,7 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     }
     let line = |cells: [&str; N]| {
         let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(header);
     for row in rows {
@@ -415,19 +448,22 @@ async fn download(g: &Globals, name: &str, what: &str, out: &Path, force: bool, 
         let mut file = std::fs::File::open(&out).with_context(|| format!("cannot read {}", out.display()))?;
         // Unlinked before the copy: even a reader closing the pipe (SIGPIPE) leaves nothing.
         drop(staging);
-        tokio::task::spawn_blocking(move || {
+        let copied = tokio::task::spawn_blocking(move || {
             let mut stdout = std::io::stdout().lock();
             std::io::copy(&mut file, &mut stdout).and_then(|_| std::io::Write::flush(&mut stdout))
         })
         .await
-        .context("the copy to standard output failed")?
-        .context("cannot write to standard output")?;
+        .context("the copy to standard output failed")?;
+        match copied {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()), // the reader went away
+            other => other.context("cannot write to standard output")?,
+        };
         eprintln!("{}", summary("standard output"));
         return Ok(());
     }
     // Like any file a program creates: 0666 less the umask (the temporary file was 0600).
     crate::context::set_mode(&out, 0o666 & !umask())?;
-    println!("{}", summary(&out.display().to_string()));
+    outln!("{}", summary(&out.display().to_string()));
     Ok(())
 }
 
@@ -549,7 +585,7 @@ fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
     let deadline = Instant::now() + g.timeout * 3 + Duration::from_secs(5);
     loop {
         if crate::fs::mount::is_mounted(&mountpoint) {
-            println!(
+            outln!(
                 "mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`",
                 mountpoint.display(),
                 child.id(),
@@ -574,7 +610,7 @@ fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
 
 pub fn umount(mountpoint: &Path) -> Result<()> {
     crate::fs::mount::umount(mountpoint)?;
-    println!("unmounted {}", mountpoint.display());
+    outln!("unmounted {}", mountpoint.display());
     Ok(())
 }
 

@@ -168,13 +168,9 @@ fn main() -> ExitCode {
             | Command::Mount { .. }
             | Command::Operator(OperatorCommand::Up { .. })
     );
-    if !daemon {
-        // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly, as
-        // C tools do, instead of panicking in println!. Long-running commands keep Rust's
-        // SIGPIPE-ignored default: a closed log pipe must not kill a server or a mount.
-        // SAFETY: called before any thread exists; SIG_DFL is a valid disposition.
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    }
+    // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly with
+    // status 0 at its next line of output; a long-running one keeps running.
+    cli::set_quiet_exit_on_closed_stdout(!daemon);
     // One-shot commands return every connection failure as their one-line error, so
     // async-nats' own ERROR lines would only repeat it.
     let default_level = if daemon { "natster_mount=info,warn" } else { "warn,async_nats=off" };

@@ -9,7 +9,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{self, LocalServer, LocalServerOptions, Operator};
-use crate::cli::Globals;
+use crate::cli::{outln, Globals};
 use crate::client::ClientError;
 use crate::context::{Context, Home, ImportedCatalog};
 use crate::index::Catalog;
@@ -83,9 +83,9 @@ pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
     op_home.ensure()?;
     let operator = Operator::init(&op_home)?;
     let port = local_port(&op_home, port)?;
-    println!("operator {} in {}", operator.public_key(), operator.dir().display());
-    println!("system account {}", operator.system_account_key());
-    println!("local server will listen on {}", local_url(port));
+    outln!("operator {} in {}", operator.public_key(), operator.dir().display());
+    outln!("system account {}", operator.system_account_key());
+    outln!("local server will listen on {}", local_url(port));
     Ok(())
 }
 
@@ -99,7 +99,7 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     options.port = port;
     options.trace = trace;
     let server = LocalServer::start(&operator, options).await?;
-    println!(
+    outln!(
         "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
         server.url(),
         operator.accounts().len(),
@@ -107,7 +107,7 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     );
     crate::cli::shutdown_signal().await;
     server.stop();
-    println!("nats-server stopped");
+    outln!("nats-server stopped");
     Ok(())
 }
 
@@ -142,9 +142,9 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
         imports: Vec::new(),
     };
     let path = context.save(&g.home, &g.context)?;
-    println!("account '{name}' {}", record.public_key);
-    println!("creds {} (mode 0600)", record.creds.display());
-    println!("context '{}' written to {}", g.context, path.display());
+    outln!("account '{name}' {}", record.public_key);
+    outln!("creds {} (mode 0600)", record.creds.display());
+    outln!("context '{}' written to {}", g.context, path.display());
     Ok(())
 }
 
@@ -182,20 +182,20 @@ pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Resu
     let mut list = ShareList::load(&g.home, catalog)?;
     if share {
         if list.allows(&key) {
-            println!("catalog '{catalog}' is already shared with {}", account_label(g, &key));
+            outln!("catalog '{catalog}' is already shared with {}", account_label(g, &key));
             return Ok(());
         }
         list.accounts.push(key.clone());
         list.save(&g.home)?;
-        println!("catalog '{catalog}' shared with {}", account_label(g, &key));
-        println!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+        outln!("catalog '{catalog}' shared with {}", account_label(g, &key));
+        outln!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
     } else {
         if !list.allows(&key) {
             bail!("catalog '{catalog}' is not shared with {}; nothing to undo", account_label(g, &key));
         }
         list.accounts.retain(|a| a != &key);
         list.save(&g.home)?;
-        println!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
+        outln!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
     }
     Ok(())
 }
@@ -246,7 +246,7 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
         let Some((mut operator, my_name)) = managing_operator(g, &my_key) else {
             let name = context.account_name.clone().unwrap_or_else(|| my_key.clone());
             for line in accounts::nsc_import_commands(&name, &my_key, catalog, &owner_key)? {
-                println!("{line}");
+                outln!("{line}");
             }
             bail!(
                 "account {my_key} is not managed by this machine's operator: add the two imports above with nsc \
@@ -264,7 +264,7 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
     }
     context.imports.push(record);
     context.save(&g.home, &g.context)?;
-    println!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
+    outln!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
     report_owner_answer(g, &context, catalog, &owner_key, &my_key).await;
     Ok(())
 }
@@ -284,7 +284,7 @@ async fn report_owner_answer(g: &Globals, context: &Context, catalog: &str, owne
         Err(e) => Err(e),
     };
     match answer {
-        Ok(summary) => println!("the owner's server answered: {} files", summary.entries.len()),
+        Ok(summary) => outln!("the owner's server answered: {} files", summary.entries.len()),
         Err(ClientError::Refused { code: 403, .. }) => eprintln!(
             "note: the owner's server answered 403: not shared with you yet; ask the owner to run \
              `natster-mount catalog share {catalog} {me}`"
@@ -316,6 +316,7 @@ pub async fn catalog_unimport(g: &Globals, catalog: &str) -> Result<()> {
     };
     let import = context.imports[position].clone();
     let my_key = account_key(g, &context)?;
+    let mut nsc_hint = None;
     match managing_operator(g, &my_key) {
         Some((mut operator, my_name)) => {
             let in_jwt = operator.catalog_imports(&my_name)?.contains(&import);
@@ -334,32 +335,32 @@ pub async fn catalog_unimport(g: &Globals, catalog: &str) -> Result<()> {
         None => {
             let [service, stream] = accounts::catalog_imports(&my_key, catalog, &import.owner)?;
             let account = context.account_name.clone().unwrap_or_else(|| my_key.clone());
-            println!(
+            nsc_hint = Some(format!(
                 "remove the imports from account {account} with nsc (or in Synadia Cloud): `nsc delete import \
                  --account {account} --subject '{}'` and the same for '{}'",
                 service.subject, stream.subject
-            );
+            ));
         }
     }
     context.imports.remove(position);
     context.save(&g.home, &g.context)?;
-    println!("catalog '{catalog}' of {} is no longer imported", account_label(g, &import.owner));
+    if let Some(hint) = nsc_hint {
+        outln!("{hint}");
+    }
+    outln!("catalog '{catalog}' of {} is no longer imported", account_label(g, &import.owner));
     Ok(())
 }
 
 pub async fn whoami(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
-    println!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
-    println!("server:   {}", context.server);
+    outln!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
+    outln!("server:   {}", context.server);
     match (&context.account_name, &context.account_public_key) {
-        (Some(name), Some(key)) => println!("account:  {name} {key}"),
-        (None, Some(key)) => println!("account:  {key}"),
-        _ => println!("account:  (none recorded; the server's default account)"),
+        (Some(name), Some(key)) => outln!("account:  {name} {key}"),
+        (None, Some(key)) => outln!("account:  {key}"),
+        _ => outln!("account:  (none recorded; the server's default account)"),
     }
-    println!(
-        "creds:    {}",
-        context.creds.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "(none)".into())
-    );
+    outln!("creds:    {}", context.creds.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "(none)".into()));
     let status = match context.connect(g.timeout.min(Duration::from_secs(3))).await {
         Ok(_) => "connected".to_string(),
         Err(e) => match e.downcast_ref::<crate::context::CredentialsRefused>() {
@@ -367,36 +368,36 @@ pub async fn whoami(g: &Globals) -> Result<()> {
             None => "server not reachable".to_string(),
         },
     };
-    println!("status:   {status}");
+    outln!("status:   {status}");
     Ok(())
 }
 
 pub fn catalog_ls(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
-    println!("shared by me:");
+    outln!("shared by me:");
     let own = crate::index::catalog_names(&g.home);
     if own.is_empty() {
-        println!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
+        outln!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
     }
     for catalog in &own {
         if let Some(serving) = ServeRecord::load_live(&g.home, catalog).filter(|r| r.allow_all) {
-            println!("  {catalog}: every importer (--allow-all, served by {})", serving.whereabouts());
+            outln!("  {catalog}: every importer (--allow-all, served by {})", serving.whereabouts());
             continue;
         }
         let list = ShareList::load(&g.home, catalog)?;
         if list.accounts.is_empty() {
-            println!("  {catalog}: only you");
+            outln!("  {catalog}: only you");
         }
         for key in &list.accounts {
-            println!("  {catalog}: {}", account_label(g, key));
+            outln!("  {catalog}: {}", account_label(g, key));
         }
     }
-    println!("imported (shared with me):");
+    outln!("imported (shared with me):");
     if context.imports.is_empty() {
-        println!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
+        outln!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
     }
     for import in &context.imports {
-        println!("  {} from {}", import.catalog, account_label(g, &import.owner));
+        outln!("  {} from {}", import.catalog, account_label(g, &import.owner));
     }
     Ok(())
 }
