@@ -1,5 +1,15 @@
 //! The commands' bodies: what each subcommand does and prints. `main.rs` parses arguments and
-//! calls these; the work itself lives in the concept modules.
+//! calls these; the work itself lives in the concept modules. `download` holds `catalog
+//! download`, `parse` the value parsers and checks of what users type.
+//!
+//! Invariants and tricky cases:
+//! - Standard output goes through `outln!` ([`write_line`]): a one-shot command whose reader went away
+//!   (`| head -1`) exits 0 at its next line, so every command prints only after its state is
+//!   saved; daemons (serve, mount, operator up) drop such lines and keep running.
+//! - `init` run again keeps the context's creds, account and imports unless new creds name
+//!   another account.
+//! - `catalog serve` leaves a [`ServeRecord`] while it runs, and refuses (unless `--force`) a
+//!   catalog that a live record or another answering server already serves.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +21,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::client::{self, CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
 use crate::index::{self, Catalog, ProgressEvent};
-use crate::protocol::{self, CatalogEntry};
+use crate::protocol;
 use crate::server::{CatalogServer, ServerOptions};
 use crate::serving::ServeRecord;
 
@@ -51,6 +61,12 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+mod download;
+mod parse;
+
+pub use download::catalog_download;
+pub use parse::{parse_seconds, parse_size, validate_server_urls};
+
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {
     pub home: Home,
@@ -68,51 +84,6 @@ impl Globals {
     }
 }
 
-/// Checks a server URL list as `init` takes it: comma-separated `[scheme://][user[:pass]@]host[:port]`,
-/// scheme nats, tls, ws or wss, a port required when no scheme is given.
-pub fn validate_server_urls(server: &str) -> Result<()> {
-    let help = "write nats://HOST:PORT (e.g. nats://127.0.0.1:4222; several separated by commas)";
-    if server.trim().is_empty() {
-        bail!("--server is empty; {help}");
-    }
-    for url in server.split(',').map(str::trim) {
-        let (scheme, rest) = match url.split_once("://") {
-            Some((scheme, rest)) => (Some(scheme), rest),
-            None => (None, url),
-        };
-        if let Some(scheme) = scheme {
-            if !["nats", "tls", "ws", "wss"].contains(&scheme.to_ascii_lowercase().as_str()) {
-                bail!("server URL '{url}' has an unknown scheme '{scheme}'; {help}");
-            }
-        }
-        let authority = rest.split_once('/').map_or(rest, |(a, _)| a);
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
-            match v6.split_once(']') {
-                Some((h, tail)) => (h, tail.strip_prefix(':')),
-                None => bail!("server URL '{url}' has an unclosed IPv6 address; {help}"),
-            }
-        } else {
-            match host_port.rsplit_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (host_port, None),
-            }
-        };
-        let host_ok =
-            !host.is_empty() && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
-        if !host_ok {
-            bail!("server URL '{url}' has no valid host; {help}");
-        }
-        match port {
-            Some(p) if p.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            Some(p) => bail!("server URL '{url}' has an invalid port '{p}'; {help}"),
-            None if scheme.is_none() => bail!("'{url}' is not a NATS server URL; {help}"),
-            None => {}
-        }
-    }
-    Ok(())
-}
-
 /// `init`: writes the context. A context run through `init` again keeps what it had (creds,
 /// account, imports) unless new creds name another account.
 pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
@@ -126,9 +97,10 @@ pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
         if context.account_public_key.as_deref() != Some(account.as_str()) {
             if !context.imports.is_empty() {
                 eprintln!(
-                        "note: these creds belong to another account ({account}); the {} import(s) of the previous account were dropped",
-                        context.imports.len()
-                    );
+                    "note: these creds belong to another account ({account}); the {} import(s) of the previous \
+                     account were dropped",
+                    context.imports.len()
+                );
             }
             context.imports.clear();
             let operator = crate::accounts::Operator::load(&crate::sharing::operator_home(g)).ok();
@@ -146,17 +118,6 @@ pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
         outln!("account {account}");
     }
     Ok(())
-}
-
-/// A clap value parser: seconds, greater than 0 and at most `MAX`.
-pub fn parse_seconds<const MAX: u64>(s: &str) -> std::result::Result<Duration, String> {
-    let range = format!("must be greater than 0 and at most {MAX} seconds");
-    let v: f64 = s.trim().parse().map_err(|_| format!("'{s}' is not a number of seconds; it {range}"))?;
-    if v.is_finite() && v > 0.0 && v <= MAX as f64 {
-        Ok(Duration::from_secs_f64(v))
-    } else {
-        Err(range)
-    }
 }
 
 fn bar(total: u64, what: &str) -> ProgressBar {
@@ -350,156 +311,6 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
-/// Picks the entry a user named by hash or by path (with or without the leading `/`).
-fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a CatalogEntry> {
-    if protocol::is_sha256_hex(what) {
-        return entries.iter().find(|e| e.hash == what);
-    }
-    let wanted = format!("/{}", what.trim_start_matches('/'));
-    entries.iter().find(|e| e.path == wanted)
-}
-
-/// `catalog download`. A signal drops the download future, whose temporary file is deleted
-/// on drop; nothing is left behind on any exit path. With OUT `-` the file is downloaded and
-/// verified into an unlinked temporary file first and only then copied to standard output, so a
-/// reader never receives a byte that failed the sha256 check (the price: the file's size in
-/// `$TMPDIR`, and no output before the download ends).
-pub async fn catalog_download(
-    g: &Globals,
-    name: &str,
-    what: &str,
-    out: &Path,
-    force: bool,
-    options: ClientOptions,
-) -> Result<()> {
-    let mut shutdown = Shutdown::new()?;
-    let outcome = {
-        let download = download(g, name, what, out, force, options);
-        tokio::pin!(download);
-        tokio::select! {
-            done = &mut download => Ok(done),
-            signal = shutdown.recv() => Err(signal),
-        }
-        // The download future, and with it every temporary file, is dropped here.
-    };
-    match outcome {
-        Ok(done) => done,
-        Err((name, number)) => {
-            eprintln!("error: download interrupted by {name}; nothing was kept");
-            // Exit at once, with the shell's code for a signal: a copy to standard output may
-            // still block a runtime thread, and the runtime would wait for it.
-            std::process::exit(128 + number)
-        }
-    }
-}
-
-async fn download(g: &Globals, name: &str, what: &str, out: &Path, force: bool, options: ClientOptions) -> Result<()> {
-    if options.window == 0 || options.batch == 0 || options.batch > protocol::MAX_CHUNKS_PER_READ {
-        bail!("--window must be at least 1 and --batch 1..={}", protocol::MAX_CHUNKS_PER_READ);
-    }
-    let to_stdout = out.as_os_str() == "-";
-    let nats = g.connect().await?;
-    let client = CatalogClient::new(nats, name, options)?;
-    let summary = client.get().await?;
-    let entry = find_entry(&summary.entries, what).with_context(|| {
-        format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
-    })?;
-    let base = entry.path.rsplit('/').next().filter(|b| !b.is_empty()).unwrap_or("download");
-    // Held until the copy to stdout starts; removed with everything in it when dropped.
-    let mut staging = None;
-    let out: PathBuf = if to_stdout {
-        let dir = tempfile::Builder::new()
-            .prefix(".natster-download-")
-            .tempdir()
-            .context("cannot create a temporary folder for the download; set TMPDIR to a writable folder")?;
-        let path = dir.path().join(base);
-        staging = Some(dir);
-        path
-    } else if out.is_dir() {
-        out.join(base)
-    } else {
-        out.to_path_buf()
-    };
-    if let (Ok(meta), false) = (std::fs::symlink_metadata(&out), to_stdout) {
-        if !meta.is_file() {
-            bail!("{} exists and is not a regular file; give a new file name or a folder", out.display());
-        }
-        if !force {
-            bail!("{} already exists; remove it or pass --force to replace it", out.display());
-        }
-    }
-    let started = Instant::now();
-    let progress = bar(entry.byte_size, "downloading");
-    let written =
-        client::download_to_file(&client, &entry.hash, entry.byte_size, &out, |n| progress.set_position(n)).await;
-    progress.finish_and_clear();
-    let written = written?;
-    let secs = started.elapsed().as_secs_f64().max(1e-6);
-    let summary = |to: &str| {
-        format!(
-            "{} ({}) → {to} in {:.2}s, {}/s, sha256 verified",
-            entry.path,
-            human_size(written),
-            secs,
-            human_size((written as f64 / secs) as u64)
-        )
-    };
-    if let Some(staging) = staging {
-        let mut file = std::fs::File::open(&out).with_context(|| format!("cannot read {}", out.display()))?;
-        // Unlinked before the copy: even a reader closing the pipe (SIGPIPE) leaves nothing.
-        drop(staging);
-        let copied = tokio::task::spawn_blocking(move || {
-            let mut stdout = std::io::stdout().lock();
-            std::io::copy(&mut file, &mut stdout).and_then(|_| std::io::Write::flush(&mut stdout))
-        })
-        .await
-        .context("the copy to standard output failed")?;
-        match copied {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()), // the reader went away
-            other => other.context("cannot write to standard output")?,
-        };
-        eprintln!("{}", summary("standard output"));
-        return Ok(());
-    }
-    // Like any file a program creates: 0666 less the umask (the temporary file was 0600).
-    crate::context::set_mode(&out, 0o666 & !umask())?;
-    outln!("{}", summary(&out.display().to_string()));
-    Ok(())
-}
-
-/// This process's umask, from /proc (reading it with umask(2) would briefly change it for
-/// every thread); 022 if unknown.
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            let line = s.lines().find(|l| l.starts_with("Umask:"))?.to_string();
-            u32::from_str_radix(line.trim_start_matches("Umask:").trim(), 8).ok()
-        })
-        .unwrap_or(0o022)
-}
-
-/// Parses a byte count: a plain number, or one with a K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 0),
-        Some((i, _)) => {
-            let shift = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 0,
-                "K" => 10,
-                "M" => 20,
-                "G" => 30,
-                "T" => 40,
-                other => return Err(format!("unknown size unit '{other}'; use K, M, G or T")),
-            };
-            (&t[..i], shift)
-        }
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 268435456, 256M or 1G"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
-}
-
 pub struct MountArgs {
     pub mountpoint: PathBuf,
     pub cache_size: u64,
@@ -612,34 +423,4 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     crate::fs::mount::umount(mountpoint)?;
     outln!("unmounted {}", mountpoint.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn server_urls() {
-        for good in [
-            "nats://127.0.0.1:4222",
-            "tls://h.example:4443",
-            "wss://h.example",
-            "127.0.0.1:4222",
-            "nats://u:p@h:1,nats://[::1]:4222",
-        ] {
-            assert!(validate_server_urls(good).is_ok(), "{good}");
-        }
-        for bad in ["notaurl", "", "http://h:1", "nats://:4222", "nats://h:0", "nats://h:x", "nats://h:1,", "[::1:4222"]
-        {
-            assert!(validate_server_urls(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn seconds() {
-        assert_eq!(parse_seconds::<10>("1.5"), Ok(Duration::from_millis(1500)));
-        for bad in ["0", "-1", "11", "nan", "inf", "x"] {
-            assert!(parse_seconds::<10>(bad).unwrap_err().contains("greater than 0 and at most 10 seconds"), "{bad}");
-        }
-    }
 }
