@@ -55,9 +55,6 @@ fn local_port(op: &Home, wanted: Option<u16>) -> Result<u16> {
             free(4222).or_else(|_| free(0)).context("cannot find a free loopback port")?
         }
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
     std::fs::write(&path, serde_json::to_vec(&LocalServerSettings { port })?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(port)
