@@ -857,6 +857,26 @@ pub fn creds_jwt(creds: &str) -> Option<&str> {
     (!body.is_empty() && !body.starts_with("---")).then_some(body)
 }
 
+/// The account whose user a creds file holds: its user JWT's `issuer_account` when an account
+/// signing key issued it (nsc, Synadia Cloud), else the JWT's issuer `iss`.
+pub fn creds_account(path: &Path) -> Result<String> {
+    let text = read_text(path)?;
+    let token = creds_jwt(&text).ok_or_else(|| {
+        anyhow!(
+            "{} is not a NATS creds file (no user JWT block); give the .creds file of your NATS user",
+            path.display()
+        )
+    })?;
+    let claims: Claims<UserNats> = jwt::decode(token)
+        .with_context(|| format!("{} holds no valid user JWT; get a fresh creds file", path.display()))?;
+    if claims.nats.claim_type != jwt::USER {
+        bail!("{} holds a {} JWT, not a user JWT; give a user's creds file", path.display(), claims.nats.claim_type);
+    }
+    let account = claims.nats.issuer_account.filter(|a| !a.is_empty()).unwrap_or(claims.iss);
+    check_account_key(&account, &format!("the account of the user in {}", path.display()))?;
+    Ok(account)
+}
+
 fn create_private_dir(path: &Path) -> Result<()> {
     fs::create_dir(path).with_context(|| format!("cannot create {}", path.display()))?;
     set_mode(path, 0o700)
@@ -1141,12 +1161,23 @@ impl LocalServer {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.port));
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if self.log_tail(20).contains("address already in use") {
+                    bail!(
+                        "port {} is already in use by another program; stop it (or is `operator up` already running?) \
+                         and try again",
+                        self.port
+                    );
+                }
                 bail!("nats-server exited ({status}) before accepting connections:\n{}", self.log_tail(20));
             }
             match tokio::time::timeout(Duration::from_millis(500), read_info(addr)).await {
                 Ok(Some(info)) if info.server_name == self.name => return Ok(()),
                 Ok(Some(info)) => {
-                    bail!("another nats-server ({}) answers on {addr}; choose another port", info.server_name)
+                    bail!(
+                        "another nats-server ({}) already answers on {addr}; stop it (is `operator up` already \
+                         running?) and try again",
+                        info.server_name
+                    )
                 }
                 _ => {}
             }
@@ -1278,6 +1309,30 @@ mod tests {
         let text = format_creds("eyJhbGc.x.y", "SUAAAA");
         assert_eq!(creds_jwt(&text), Some("eyJhbGc.x.y"));
         assert!(text.contains("-----BEGIN USER NKEY SEED-----\nSUAAAA\n------END USER NKEY SEED------"));
+    }
+
+    #[test]
+    fn creds_account_prefers_issuer_account() {
+        let dir = tempfile::tempdir().expect("dir");
+        let account = KeyPair::new_account();
+        let signing = KeyPair::new_account();
+        let user = KeyPair::new_user();
+        let write = |issuer: &KeyPair, issuer_account: Option<String>| {
+            let mut nats = UserNats::unlimited();
+            nats.issuer_account = issuer_account;
+            let token = encode(&mut Claims::new("u", &user.public_key(), nats), issuer).expect("encode");
+            let path = dir.path().join("u.creds");
+            fs::write(&path, format_creds(&token, &user.seed().expect("seed"))).expect("write");
+            path
+        };
+        // Issued by the account key itself: the account is `iss`.
+        assert_eq!(creds_account(&write(&account, None)).expect("account"), account.public_key());
+        // Issued by a signing key (nsc, Synadia Cloud): the account is `issuer_account`.
+        let by_signing_key = write(&signing, Some(account.public_key()));
+        assert_eq!(creds_account(&by_signing_key).expect("account"), account.public_key());
+        let not_creds = dir.path().join("x.creds");
+        fs::write(&not_creds, "hello").expect("write");
+        assert!(creds_account(&not_creds).is_err());
     }
 
     #[test]

@@ -54,6 +54,13 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("cannot set permissions of {}", path.display()))
 }
 
+/// The server answered, but refused the context's credentials.
+#[derive(Debug, thiserror::Error)]
+#[error("the server at {server} refused these credentials (authorization violation); check --creds (`natster-mount init --server URL --creds FILE`)")]
+pub struct CredentialsRefused {
+    pub server: String,
+}
+
 /// A catalog this context has imported from another account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImportedCatalog {
@@ -133,9 +140,14 @@ impl Context {
             // Chunks are published in bursts; a deep client buffer keeps bursts off the
             // slow-consumer path.
             .subscription_capacity(64 * 1024);
-        let connect = async_nats::connect_with_options(self.server.as_str(), options);
+        // A comma-separated list is several servers to try (async-nats parses a string as one).
+        let servers: Vec<&str> = self.server.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let connect = async_nats::connect_with_options(servers.as_slice(), options);
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
+                Err(CredentialsRefused { server: self.server.clone() }.into())
+            }
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")).with_context(|| self.unreachable()),
             Err(_) => Err(anyhow::anyhow!("timed out after {timeout:?}")).with_context(|| self.unreachable()),
         }

@@ -14,6 +14,7 @@ pub mod fs;
 pub mod index;
 pub mod protocol;
 pub mod server;
+pub mod serving;
 pub mod shares;
 pub mod sharing;
 pub mod store;

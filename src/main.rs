@@ -20,9 +20,9 @@ struct Args {
     /// Context to use (a file $NATSTER_HOME/<context>.context).
     #[arg(long, global = true, default_value = DEFAULT_CONTEXT, env = "NATSTER_CONTEXT")]
     context: String,
-    /// Seconds to wait for any single request before giving up.
-    #[arg(long, global = true, default_value_t = 5.0)]
-    timeout: f64,
+    /// Seconds to wait for any single request before giving up (at most 3600).
+    #[arg(long, global = true, default_value = "5", value_parser = cli::parse_seconds::<3600>)]
+    timeout: Duration,
     /// Log filter (error, warn, info, debug, or a tracing filter).
     #[arg(long, global = true, env = "NATSTER_LOG")]
     log: Option<String>,
@@ -51,11 +51,11 @@ enum Command {
         #[arg(long, default_value = "256M", value_parser = cli::parse_size)]
         cache_size: u64,
         /// Seconds before a read that the network cannot serve fails with EIO.
-        #[arg(long, default_value_t = 10.0)]
-        read_timeout: f64,
+        #[arg(long, default_value = "10", value_parser = cli::parse_seconds::<86400>)]
+        read_timeout: Duration,
         /// Seconds between listing refreshes (heartbeats refresh sooner).
-        #[arg(long, default_value_t = 30.0)]
-        listing_ttl: f64,
+        #[arg(long, default_value = "30", value_parser = cli::parse_seconds::<86400>)]
+        listing_ttl: Duration,
         /// Stay in the foreground (logs to stderr) instead of detaching.
         #[arg(long, short = 'f')]
         foreground: bool,
@@ -73,13 +73,14 @@ enum Command {
 enum OperatorCommand {
     /// Create the operator and its system account (once; again does nothing).
     Init {
-        /// Loopback port for the local nats-server (default 4222 if free).
-        #[arg(long)]
+        /// Loopback port for the local nats-server (default 4222 if free); chosen once.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
     },
     /// Run nats-server in operator mode (full resolver, JetStream) until Ctrl-C.
     Up {
-        #[arg(long)]
+        /// Loopback port, only if `operator init` did not choose one yet (contexts point there).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
         /// Log every protocol message (for audits: no seed ever appears).
         #[arg(long, hide = true)]
@@ -97,6 +98,9 @@ enum CatalogCommand {
         dir: PathBuf,
         #[arg(long)]
         description: Option<String>,
+        /// Re-root an existing catalog at DIR (its files under the old folder are dropped).
+        #[arg(long)]
+        force: bool,
     },
     /// Serve catalog NAME to its owner and to the accounts it is shared with.
     Serve {
@@ -110,6 +114,9 @@ enum CatalogCommand {
         /// Behave as an original Natster server: `get` and v1 `download` only (for testing).
         #[arg(long, hide = true)]
         v1_only: bool,
+        /// Serve even if another server already serves this catalog.
+        #[arg(long)]
+        force: bool,
     },
     /// Share catalog NAME with an account (public key, or a local operator account's name).
     Share { name: String, account: String },
@@ -123,6 +130,8 @@ enum CatalogCommand {
         #[arg(long)]
         external: bool,
     },
+    /// Undo `catalog import NAME`: remove the imports from your account and this context.
+    Unimport { name: String },
     /// List catalogs shared by me and imported by me.
     Ls,
     /// List the files of catalog NAME.
@@ -137,7 +146,7 @@ enum CatalogCommand {
         name: String,
         /// The file's sha256 or its path in the catalog.
         file: String,
-        /// Where to write it (a folder keeps the file's name).
+        /// Where to write it (a folder keeps the file's name; `-` is standard output).
         out: PathBuf,
         /// Replace OUT if it exists.
         #[arg(long)]
@@ -153,12 +162,18 @@ enum CatalogCommand {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let default_level = match &args.command {
+    let daemon = matches!(
+        &args.command,
         Command::Catalog(CatalogCommand::Serve { .. })
-        | Command::Mount { .. }
-        | Command::Operator(OperatorCommand::Up { .. }) => "natster_mount=info,warn",
-        _ => "warn",
-    };
+            | Command::Mount { .. }
+            | Command::Operator(OperatorCommand::Up { .. })
+    );
+    // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly with
+    // status 0 at its next line of output; a long-running one keeps running.
+    cli::set_quiet_exit_on_closed_stdout(!daemon);
+    // One-shot commands return every connection failure as their one-line error, so
+    // async-nats' own ERROR lines would only repeat it.
+    let default_level = if daemon { "natster_mount=info,warn" } else { "warn,async_nats=off" };
     let filter = args.log.clone().unwrap_or_else(|| default_level.to_string());
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -179,29 +194,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
-        anyhow::bail!("--timeout must be between 0 and 3600 seconds");
-    }
-    let globals =
-        Globals { home: Home::from_env()?, context: args.context, timeout: Duration::from_secs_f64(args.timeout) };
+    let globals = Globals { home: Home::from_env()?, context: args.context, timeout: args.timeout };
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Command::Init { server, creds } => cli::init(&globals, &server, creds.as_deref()),
         Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground } => {
-            let seconds = |v: f64, what: &str| {
-                if v.is_finite() && v > 0.0 && v <= 86400.0 {
-                    Ok(Duration::from_secs_f64(v))
-                } else {
-                    Err(anyhow::anyhow!("--{what} must be between 0 and 86400 seconds"))
-                }
-            };
-            let args = cli::MountArgs {
-                mountpoint,
-                cache_size,
-                read_timeout: seconds(read_timeout, "read-timeout")?,
-                listing_ttl: seconds(listing_ttl, "listing-ttl")?,
-                foreground,
-            };
+            let args = cli::MountArgs { mountpoint, cache_size, read_timeout, listing_ttl, foreground };
             drop(runtime);
             cli::mount(&globals, args)
         }
@@ -213,12 +211,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             OperatorCommand::AddAccount { name } => runtime.block_on(sharing::operator_add_account(&globals, &name)),
         },
         Command::Catalog(c) => match c {
-            CatalogCommand::New { name, dir, description } => {
-                cli::catalog_new(&globals, &name, &dir, description.as_deref())
+            CatalogCommand::New { name, dir, description, force } => {
+                cli::catalog_new(&globals, &name, &dir, description.as_deref(), force)
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only } => {
+            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force } => {
                 let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
-                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options));
+                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force));
                 // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
                 runtime.shutdown_timeout(Duration::from_millis(500));
                 served
@@ -228,6 +226,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             CatalogCommand::Import { name, owner, external } => {
                 runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external))
             }
+            CatalogCommand::Unimport { name } => runtime.block_on(sharing::catalog_unimport(&globals, &name)),
             CatalogCommand::Ls => sharing::catalog_ls(&globals),
             CatalogCommand::Contents { name, json } => runtime.block_on(cli::catalog_contents(&globals, &name, json)),
             CatalogCommand::Download { name, file, out, force, window, batch } => {

@@ -9,10 +9,12 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{self, LocalServer, LocalServerOptions, Operator};
-use crate::cli::Globals;
+use crate::cli::{outln, Globals};
+use crate::client::ClientError;
 use crate::context::{Context, Home, ImportedCatalog};
 use crate::index::Catalog;
 use crate::protocol;
+use crate::serving::ServeRecord;
 use crate::shares::ShareList;
 
 /// Where the local operator keeps its state: `$NATSTER_OPERATOR_HOME`, else `$NATSTER_HOME`.
@@ -34,23 +36,38 @@ fn settings_path(op: &Home) -> PathBuf {
     Operator::dir_in(op).join("local-server.json")
 }
 
+/// The stored port; `wanted` only when none is stored yet (then it is stored). A different
+/// `wanted` is refused: every context of this operator points at the stored one.
 fn local_port(op: &Home, wanted: Option<u16>) -> Result<u16> {
     let path = settings_path(op);
     let stored: Option<LocalServerSettings> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let port = match (wanted, &stored) {
-        (Some(p), _) => p,
-        (None, Some(s)) => return Ok(s.port),
+        (Some(p), Some(s)) if p != s.port => bail!(
+            "the operator is already initialised on port {} (its contexts point there); leave out --port, or use \
+             another NATSTER_OPERATOR_HOME for a second operator",
+            s.port
+        ),
+        (_, Some(s)) => return Ok(s.port),
+        (Some(p), None) => p,
         (None, None) => {
             let free =
                 |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).and_then(|l| l.local_addr()).map(|a| a.port());
             free(4222).or_else(|_| free(0)).context("cannot find a free loopback port")?
         }
     };
-    if stored.as_ref().map(|s| s.port) != Some(port) {
-        std::fs::write(&path, serde_json::to_vec(&LocalServerSettings { port })?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    std::fs::write(&path, serde_json::to_vec(&LocalServerSettings { port })?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(port)
+}
+
+/// Checks `wanted` against the stored port before anything is created.
+fn check_port(op: &Home, wanted: Option<u16>) -> Result<()> {
+    let stored: Option<LocalServerSettings> =
+        std::fs::read(settings_path(op)).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if let (Some(_), Some(_)) = (wanted, &stored) {
+        local_port(op, wanted)?;
+    }
+    Ok(())
 }
 
 fn local_url(port: u16) -> String {
@@ -59,17 +76,19 @@ fn local_url(port: u16) -> String {
 
 pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
     let op_home = operator_home(g);
+    check_port(&op_home, port)?;
     op_home.ensure()?;
     let operator = Operator::init(&op_home)?;
     let port = local_port(&op_home, port)?;
-    println!("operator {} in {}", operator.public_key(), operator.dir().display());
-    println!("system account {}", operator.system_account_key());
-    println!("local server will listen on {}", local_url(port));
+    outln!("operator {} in {}", operator.public_key(), operator.dir().display());
+    outln!("system account {}", operator.system_account_key());
+    outln!("local server will listen on {}", local_url(port));
     Ok(())
 }
 
 pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<()> {
     let op_home = operator_home(g);
+    check_port(&op_home, port)?;
     op_home.ensure()?;
     let operator = Operator::init(&op_home)?;
     let port = local_port(&op_home, port)?;
@@ -77,7 +96,7 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     options.port = port;
     options.trace = trace;
     let mut server = LocalServer::start(&operator, options).await?;
-    println!(
+    outln!(
         "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
         server.url(),
         operator.accounts().len(),
@@ -101,7 +120,7 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     }
     // Stops within the 2 s promise: 1.5 s for a clean exit, then it is killed.
     server.shutdown(Duration::from_millis(1500)).await;
-    println!("nats-server stopped");
+    outln!("nats-server stopped");
     Ok(())
 }
 
@@ -136,9 +155,9 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
         imports: Vec::new(),
     };
     let path = context.save(&g.home, &g.context)?;
-    println!("account '{name}' {}", record.public_key);
-    println!("creds {} (mode 0600)", record.creds.display());
-    println!("context '{}' written to {}", g.context, path.display());
+    outln!("account '{name}' {}", record.public_key);
+    outln!("creds {} (mode 0600)", record.creds.display());
+    outln!("context '{}' written to {}", g.context, path.display());
     Ok(())
 }
 
@@ -176,20 +195,20 @@ pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Resu
     let mut list = ShareList::load(&g.home, catalog)?;
     if share {
         if list.allows(&key) {
-            println!("catalog '{catalog}' is already shared with {}", account_label(g, &key));
+            outln!("catalog '{catalog}' is already shared with {}", account_label(g, &key));
             return Ok(());
         }
         list.accounts.push(key.clone());
         list.save(&g.home)?;
-        println!("catalog '{catalog}' shared with {}", account_label(g, &key));
-        println!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+        outln!("catalog '{catalog}' shared with {}", account_label(g, &key));
+        outln!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
     } else {
         if !list.allows(&key) {
             bail!("catalog '{catalog}' is not shared with {}; nothing to undo", account_label(g, &key));
         }
         list.accounts.retain(|a| a != &key);
         list.save(&g.home)?;
-        println!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
+        outln!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
     }
     Ok(())
 }
@@ -198,13 +217,34 @@ fn own_key_hint(context: Option<&Context>) -> String {
     context.and_then(|c| c.account_public_key.clone()).unwrap_or_else(|| "<your account key>".into())
 }
 
+/// The context's account key: recorded by `operator add-account` or `init --creds`, else
+/// read from its creds (contexts written before `init` recorded it).
+fn account_key(g: &Globals, context: &Context) -> Result<String> {
+    if let Some(key) = &context.account_public_key {
+        return Ok(key.clone());
+    }
+    match &context.creds {
+        Some(creds) => accounts::creds_account(creds),
+        None => bail!(
+            "context '{}' names no account; create one with `natster-mount operator add-account NAME`, or bring \
+             your creds with `natster-mount init --server URL --creds FILE`",
+            g.context
+        ),
+    }
+}
+
+/// The local operator and the name of `key` in it, if it manages that account.
+fn managing_operator(g: &Globals, key: &str) -> Option<(Operator, String)> {
+    let operator = Operator::load(&operator_home(g)).ok()?;
+    let name = operator.account_by_key(key)?.name;
+    Some((operator, name))
+}
+
 pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: bool) -> Result<()> {
     protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
     let owner_key = resolve_account(g, owner)?;
     let mut context = g.load_context()?;
-    let (Some(my_key), Some(my_name)) = (context.account_public_key.clone(), context.account_name.clone()) else {
-        bail!("context '{}' names no account; create one with `natster-mount operator add-account NAME`", g.context);
-    };
+    let my_key = account_key(g, &context)?;
     if owner_key == my_key {
         bail!("catalog '{catalog}' is your own; it needs no import");
     }
@@ -216,11 +256,10 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
     }
     let record = ImportedCatalog { catalog: catalog.to_string(), owner: owner_key.clone() };
     if !external {
-        let op_home = operator_home(g);
-        let managed = Operator::load(&op_home).ok().filter(|op| op.account_by_key(&my_key).is_some());
-        let Some(mut operator) = managed else {
-            for line in accounts::nsc_import_commands(&my_name, &my_key, catalog, &owner_key)? {
-                println!("{line}");
+        let Some((mut operator, my_name)) = managing_operator(g, &my_key) else {
+            let name = context.account_name.clone().unwrap_or_else(|| my_key.clone());
+            for line in accounts::nsc_import_commands(&name, &my_key, catalog, &owner_key)? {
+                outln!("{line}");
             }
             bail!(
                 "account {my_key} is not managed by this machine's operator: add the two imports above with nsc \
@@ -233,52 +272,145 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
             None => eprintln!("note: the local server is not running; the import takes effect at `operator up`"),
         }
     }
+    if context.account_public_key.is_none() {
+        context.account_public_key = Some(my_key.clone());
+    }
     context.imports.push(record);
     context.save(&g.home, &g.context)?;
-    println!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
+    outln!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
+    report_owner_answer(g, &context, catalog, &owner_key, &my_key).await;
+    Ok(())
+}
+
+/// Asks the owner's server for the catalog once, and says what it answered: the import is
+/// kept either way (the owner may share or come online later).
+async fn report_owner_answer(g: &Globals, context: &Context, catalog: &str, owner: &str, me: &str) {
+    let timeout = g.timeout.min(Duration::from_secs(2));
+    let nats = match context.connect(timeout).await {
+        Ok(n) => n,
+        Err(e) => return eprintln!("note: cannot check the catalog now: {e:#}"),
+    };
+    let options = crate::client::ClientOptions { request_timeout: timeout, ..crate::cli::client_options(g) };
+    let owner = account_label(g, owner);
+    let answer = match crate::client::CatalogClient::new(nats, catalog, options) {
+        Ok(client) => client.get().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(summary) => outln!("the owner's server answered: {} files", summary.entries.len()),
+        Err(ClientError::Refused { code: 403, .. }) => eprintln!(
+            "note: the owner's server answered 403: not shared with you yet; ask the owner to run \
+             `natster-mount catalog share {catalog} {me}`"
+        ),
+        Err(ClientError::Refused { code: 404, .. }) => {
+            eprintln!(
+                "note: the owner's server answered 404: it has no catalog '{catalog}'; check the name with the owner"
+            )
+        }
+        // Across accounts nats-server 2.9 turns "no responders" into silence: both mean the same.
+        Err(ClientError::NoResponders(_) | ClientError::Timeout(_)) => eprintln!(
+            "note: no server answers for catalog '{catalog}' of {owner}: it is offline or has no catalog of that name \
+             (or the imports are not in your account yet); the import is kept"
+        ),
+        Err(e) => eprintln!("note: the owner's server answered: {e}"),
+    }
+}
+
+/// `catalog unimport`: removes the two imports from the account JWT (pushed to the running
+/// local server; put back if the push fails), then drops the import from the context.
+pub async fn catalog_unimport(g: &Globals, catalog: &str) -> Result<()> {
+    protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
+    let mut context = g.load_context()?;
+    let Some(position) = context.imports.iter().position(|i| i.catalog == catalog) else {
+        bail!(
+            "context '{}' does not import a catalog '{catalog}'; `natster-mount catalog ls` lists its imports",
+            g.context
+        );
+    };
+    let import = context.imports[position].clone();
+    let my_key = account_key(g, &context)?;
+    let mut nsc_hint = None;
+    match managing_operator(g, &my_key) {
+        Some((mut operator, my_name)) => {
+            let in_jwt = operator.catalog_imports(&my_name)?.contains(&import);
+            if in_jwt {
+                operator.remove_catalog_import(&my_name, catalog, &import.owner)?;
+                if let Some(sys) = system_connection(&operator, &context.server).await {
+                    if let Err(e) = operator.push_account(&sys, &my_name).await {
+                        operator.add_catalog_import(&my_name, catalog, &import.owner)?;
+                        return Err(e.context("the import is kept; try again when the server runs"));
+                    }
+                } else {
+                    eprintln!("note: the local server is not running; the removal takes effect at `operator up`");
+                }
+            }
+        }
+        None => {
+            let [service, stream] = accounts::catalog_imports(&my_key, catalog, &import.owner)?;
+            let account = context.account_name.clone().unwrap_or_else(|| my_key.clone());
+            nsc_hint = Some(format!(
+                "remove the imports from account {account} with nsc (or in Synadia Cloud): `nsc delete import \
+                 --account {account} --subject '{}'` and the same for '{}'",
+                service.subject, stream.subject
+            ));
+        }
+    }
+    context.imports.remove(position);
+    context.save(&g.home, &g.context)?;
+    if let Some(hint) = nsc_hint {
+        outln!("{hint}");
+    }
+    outln!("catalog '{catalog}' of {} is no longer imported", account_label(g, &import.owner));
     Ok(())
 }
 
 pub async fn whoami(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
-    println!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
-    println!("server:   {}", context.server);
+    outln!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
+    outln!("server:   {}", context.server);
     match (&context.account_name, &context.account_public_key) {
-        (Some(name), Some(key)) => println!("account:  {name} {key}"),
-        (None, Some(key)) => println!("account:  {key}"),
-        _ => println!("account:  (none recorded; the server's default account)"),
+        (Some(name), Some(key)) => outln!("account:  {name} {key}"),
+        (None, Some(key)) => outln!("account:  {key}"),
+        _ => outln!("account:  (none recorded; the server's default account)"),
     }
-    println!(
-        "creds:    {}",
-        context.creds.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "(none)".into())
-    );
-    let reachable = context.connect(g.timeout.min(Duration::from_secs(3))).await.is_ok();
-    println!("status:   {}", if reachable { "connected" } else { "server not reachable" });
+    outln!("creds:    {}", context.creds.as_ref().map(|c| c.display().to_string()).unwrap_or_else(|| "(none)".into()));
+    let status = match context.connect(g.timeout.min(Duration::from_secs(3))).await {
+        Ok(_) => "connected".to_string(),
+        Err(e) => match e.downcast_ref::<crate::context::CredentialsRefused>() {
+            Some(refused) => refused.to_string(),
+            None => "server not reachable".to_string(),
+        },
+    };
+    outln!("status:   {status}");
     Ok(())
 }
 
 pub fn catalog_ls(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
-    println!("shared by me:");
+    outln!("shared by me:");
     let own = crate::index::catalog_names(&g.home);
     if own.is_empty() {
-        println!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
+        outln!("  (no catalogs; create one with `natster-mount catalog new NAME DIR`)");
     }
     for catalog in &own {
+        if let Some(serving) = ServeRecord::load_live(&g.home, catalog).filter(|r| r.allow_all) {
+            outln!("  {catalog}: every importer (--allow-all, served by {})", serving.whereabouts());
+            continue;
+        }
         let list = ShareList::load(&g.home, catalog)?;
         if list.accounts.is_empty() {
-            println!("  {catalog}: only you");
+            outln!("  {catalog}: only you");
         }
         for key in &list.accounts {
-            println!("  {catalog}: {}", account_label(g, key));
+            outln!("  {catalog}: {}", account_label(g, key));
         }
     }
-    println!("imported (shared with me):");
+    outln!("imported (shared with me):");
     if context.imports.is_empty() {
-        println!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
+        outln!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
     }
     for import in &context.imports {
-        println!("  {} from {}", import.catalog, account_label(g, &import.owner));
+        outln!("  {} from {}", import.catalog, account_label(g, &import.owner));
     }
     Ok(())
 }

@@ -367,12 +367,39 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Du
     }
 }
 
-/// Unmounts `path`; a stale mount is detached lazily.
+/// Unmounts `path` if it is a natster-mount FUSE mount; refuses anything else, naming what is
+/// mounted there. Ours shows in /proc/self/mountinfo as type `fuse.natster-mount` (mounted
+/// through fusermount3, which passes the subtype) or as type `fuse` with source `natster` (fuser
+/// mounting directly as root, where the kernel gets no subtype). A stale mount (ENOTCONN) is
+/// detached lazily.
 pub fn umount(path: &Path) -> Result<()> {
+    /// Type and source of the topmost mount on `abs`, if any: the two fields after ` - `.
+    fn mount_type(abs: &Path) -> Option<(String, String)> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let wanted = abs.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
+        // The last line for a mountpoint is the topmost of mounts stacked on it.
+        info.lines()
+            .rev()
+            .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+            .filter_map(|l| {
+                let mut fields = l.split_once(" - ")?.1.split(' ');
+                Some((fields.next()?.to_string(), fields.next().unwrap_or_default().to_string()))
+            })
+            .next()
+    }
     let stale = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
-    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if !stale && !is_mounted(&abs) {
-        bail!("{} is not mounted", path.display());
+    // A stale mount cannot be resolved itself (stat fails): resolve its parent instead.
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        match (absolute.parent().and_then(|p| std::fs::canonicalize(p).ok()), absolute.file_name()) {
+            (Some(parent), Some(name)) => parent.join(name),
+            _ => absolute,
+        }
+    });
+    match mount_type(&abs) {
+        None => bail!("{} is not mounted", path.display()),
+        Some((kind, source)) if kind == "fuse.natster-mount" || (kind == "fuse" && source == "natster") => {}
+        Some((kind, _)) => bail!("{} is a {kind} mount, not natster-mount; use umount(8)", path.display()),
     }
     let mut cmd = std::process::Command::new("fusermount3");
     cmd.arg("-u");

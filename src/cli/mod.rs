@@ -1,7 +1,18 @@
 //! The commands' bodies: what each subcommand does and prints. `main.rs` parses arguments and
-//! calls these; the work itself lives in the concept modules.
+//! calls these; the work itself lives in the concept modules. `download` holds `catalog
+//! download`, `parse` the value parsers and checks of what users type.
+//!
+//! Invariants and tricky cases:
+//! - Standard output goes through `outln!` ([`write_line`]): a one-shot command whose reader went away
+//!   (`| head -1`) exits 0 at its next line, so every command prints only after its state is
+//!   saved; daemons (serve, mount, operator up) drop such lines and keep running.
+//! - `init` run again keeps the context's creds, account and imports unless new creds name
+//!   another account.
+//! - `catalog serve` leaves a [`ServeRecord`] while it runs, and refuses (unless `--force`) a
+//!   catalog that a live record or another answering server already serves.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
@@ -9,9 +20,52 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client::{self, CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
-use crate::index::{self, ProgressEvent};
-use crate::protocol::{self, CatalogEntry};
+use crate::index::{self, Catalog, ProgressEvent};
+use crate::protocol;
 use crate::server::{CatalogServer, ServerOptions};
+use crate::serving::ServeRecord;
+
+/// Whether a closed standard output ends the process (one-shot commands) or is ignored
+/// (servers and mounts, which must outlive whatever reads their output).
+static QUIET_EXIT_ON_CLOSED_STDOUT: AtomicBool = AtomicBool::new(false);
+
+pub fn set_quiet_exit_on_closed_stdout(quiet: bool) {
+    QUIET_EXIT_ON_CLOSED_STDOUT.store(quiet, Ordering::Relaxed);
+}
+
+/// Writes one line to standard output. `println!` panics when the reader has gone away
+/// (`natster-mount catalog ls | head -1`). Resetting SIGPIPE to its default would end the
+/// process quietly too, but async-nats writes its socket with writev(2), which raises SIGPIPE
+/// when a server drops the connection: that would kill a download before it can remove its
+/// temporary file. So SIGPIPE stays ignored and a closed stdout is handled here: a one-shot
+/// command exits 0 at once (every command prints only after its state is saved), a daemon
+/// drops the line.
+pub fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+    if let Err(e) = written {
+        if QUIET_EXIT_ON_CLOSED_STDOUT.load(Ordering::Relaxed) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("error: cannot write to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// `println!` through [`write_line`].
+macro_rules! outln {
+    ($($arg:tt)*) => { $crate::cli::write_line(format_args!($($arg)*)) };
+}
+pub(crate) use outln;
+
+mod download;
+mod parse;
+
+pub use download::catalog_download;
+pub use parse::{parse_seconds, parse_size, validate_server_urls};
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {
@@ -30,28 +84,39 @@ impl Globals {
     }
 }
 
+/// `init`: writes the context. A context run through `init` again keeps what it had (creds,
+/// account, imports) unless new creds name another account.
 pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
-    if !(server.starts_with("nats://")
-        || server.starts_with("tls://")
-        || server.starts_with("ws://")
-        || server.starts_with("wss://"))
-        && server.contains("://")
-    {
-        bail!("server URL '{server}' has an unknown scheme; use nats://HOST:PORT");
-    }
-    let creds = match creds {
-        Some(c) => {
-            let c = std::fs::canonicalize(c)
-                .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
-            Some(c)
-        }
-        None => None,
-    };
+    validate_server_urls(server)?;
     let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
-    context.server = server.to_string();
-    context.creds = creds;
+    context.server = server.trim().to_string();
+    if let Some(c) = creds {
+        let c = std::fs::canonicalize(c)
+            .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
+        let account = crate::accounts::creds_account(&c)?;
+        if context.account_public_key.as_deref() != Some(account.as_str()) {
+            if !context.imports.is_empty() {
+                eprintln!(
+                    "note: these creds belong to another account ({account}); the {} import(s) of the previous \
+                     account were dropped",
+                    context.imports.len()
+                );
+            }
+            context.imports.clear();
+            let operator = crate::accounts::Operator::load(&crate::sharing::operator_home(g)).ok();
+            context.account_name = operator.and_then(|op| op.account_by_key(&account)).map(|r| r.name);
+            context.account_public_key = Some(account);
+        }
+        context.creds = Some(c);
+    }
     let path = context.save(&g.home, &g.context)?;
-    println!("context '{}' written to {}", g.context, path.display());
+    if let (None, Some(kept)) = (creds, &context.creds) {
+        outln!("keeping creds {} (give --creds FILE to change them)", kept.display());
+    }
+    outln!("context '{}' written to {}", g.context, path.display());
+    if let Some(account) = &context.account_public_key {
+        outln!("account {account}");
+    }
     Ok(())
 }
 
@@ -66,7 +131,27 @@ fn bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
-pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>) -> Result<()> {
+pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>, force: bool) -> Result<()> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    // A name means one catalog: an imported one keeps its name (its subjects would clash).
+    if let Some(import) = g.load_context().ok().and_then(|c| c.imports.into_iter().find(|i| i.catalog == name)) {
+        bail!(
+            "catalog {name} is already imported from {}; pick another name or `natster-mount catalog unimport {name}` first",
+            import.owner
+        );
+    }
+    if Catalog::file_path(&g.home, name).exists() && !force {
+        let old = Catalog::load(&g.home, name)?;
+        let new_root = std::fs::canonicalize(dir).ok();
+        if let Some(new_root) = new_root.filter(|r| Path::new(&old.root_dir) != r.as_path()) {
+            bail!(
+                "catalog {name} indexes {}; pass --force to re-root it at {} (its {} files would be dropped)",
+                old.root_dir,
+                new_root.display(),
+                old.entries.len()
+            );
+        }
+    }
     let started = Instant::now();
     let progress = bar(0, "hashing");
     let (catalog, report) = index::index_folder(&g.home, name, dir, description, &|event| match event {
@@ -77,7 +162,7 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
     for skipped in &report.skipped {
         eprintln!("skipped {skipped}");
     }
-    println!(
+    outln!(
         "catalog '{}': {} files ({} hashed, {} unchanged, {} removed) from {} in {:.2}s",
         catalog.name,
         report.files,
@@ -87,16 +172,64 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
         catalog.root_dir,
         started.elapsed().as_secs_f64()
     );
-    println!("written to {}", index::Catalog::file_path(&g.home, name).display());
+    outln!("written to {}", Catalog::file_path(&g.home, name).display());
     Ok(())
 }
 
-pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions) -> Result<()> {
+pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let other = ServeRecord::load_live(&g.home, name);
+    if let Some(other) = other.as_ref().filter(|_| !force) {
+        bail!(
+            "catalog '{name}' is already served by {}; stop that one, or pass --force to serve it twice",
+            other.whereabouts()
+        );
+    }
     let nats = g.connect().await?;
+    if !force {
+        // A server from another home or machine of this account leaves no record here; ask.
+        let probe = ClientOptions { request_timeout: g.timeout.min(Duration::from_secs(2)), ..client_options(g) };
+        match CatalogClient::new(nats.clone(), name, probe)?.get().await {
+            Ok(_) | Err(client::ClientError::Refused { .. }) => bail!(
+                "another server already answers for catalog '{name}' (not started from {}); stop it, or pass --force to serve it twice",
+                g.home.path().display()
+            ),
+            Err(_) => {}
+        }
+    }
+    let allow_all = options.allow_all;
     let server = CatalogServer::new(nats, g.home.clone(), name, options)?;
+    // A forced second server leaves the first one's record in place.
+    let _record = match other {
+        None => Some(ServeRecord::current(name, allow_all).save(&g.home)?),
+        Some(_) => None,
+    };
     eprintln!("serving catalog '{name}'; Ctrl-C to stop");
     server.run(shutdown_signal()).await
+}
+
+/// SIGINT and SIGTERM handlers installed at once, so that from creation on neither signal kills
+/// the process before it can clean up.
+pub struct Shutdown {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    pub fn new() -> Result<Shutdown> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
+        let int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
+        Ok(Shutdown { term, int })
+    }
+
+    /// Resolves with the signal's name and number.
+    pub async fn recv(&mut self) -> (&'static str, i32) {
+        tokio::select! {
+            _ = self.term.recv() => ("SIGTERM", libc::SIGTERM),
+            _ = self.int.recv() => ("SIGINT", libc::SIGINT),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -126,7 +259,7 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
     let client = CatalogClient::new(nats, name, client_options(g))?;
     let summary = client.get().await?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
     let rows: Vec<[String; 4]> = summary
@@ -136,7 +269,7 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
         .collect();
     print_table(["PATH", "SIZE", "MIME TYPE", "HASH"], &rows);
     let bytes: u64 = summary.entries.iter().map(|e| e.byte_size).sum();
-    println!(
+    outln!(
         "{} files, {} — catalog '{}' revision {}",
         summary.entries.len(),
         human_size(bytes),
@@ -155,7 +288,7 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     }
     let line = |cells: [&str; N]| {
         let parts: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        println!("{}", parts.join("  ").trim_end());
+        outln!("{}", parts.join("  ").trim_end());
     };
     line(header);
     for row in rows {
@@ -176,85 +309,6 @@ pub fn human_size(bytes: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
-}
-
-/// Picks the entry a user named by hash or by path (with or without the leading `/`).
-fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a CatalogEntry> {
-    if protocol::is_sha256_hex(what) {
-        return entries.iter().find(|e| e.hash == what);
-    }
-    let wanted = format!("/{}", what.trim_start_matches('/'));
-    entries.iter().find(|e| e.path == wanted)
-}
-
-pub async fn catalog_download(
-    g: &Globals,
-    name: &str,
-    what: &str,
-    out: &Path,
-    force: bool,
-    options: ClientOptions,
-) -> Result<()> {
-    if options.window == 0 || options.batch == 0 || options.batch > protocol::MAX_CHUNKS_PER_READ {
-        bail!("--window must be at least 1 and --batch 1..={}", protocol::MAX_CHUNKS_PER_READ);
-    }
-    let nats = g.connect().await?;
-    let client = CatalogClient::new(nats, name, options)?;
-    let summary = client.get().await?;
-    let entry = find_entry(&summary.entries, what).with_context(|| {
-        format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
-    })?;
-    let out: PathBuf = if out.is_dir() {
-        let base = entry.path.rsplit('/').next().unwrap_or("download");
-        out.join(base)
-    } else {
-        out.to_path_buf()
-    };
-    if let Ok(meta) = std::fs::symlink_metadata(&out) {
-        if !meta.is_file() {
-            bail!("{} exists and is not a regular file; give a new file name or a folder", out.display());
-        }
-        if !force {
-            bail!("{} already exists; remove it or pass --force to replace it", out.display());
-        }
-    }
-    let started = Instant::now();
-    let progress = bar(entry.byte_size, "downloading");
-    let written =
-        client::download_to_file(&client, &entry.hash, entry.byte_size, &out, |n| progress.set_position(n)).await;
-    progress.finish_and_clear();
-    let written = written?;
-    let secs = started.elapsed().as_secs_f64().max(1e-6);
-    println!(
-        "{} ({}) → {} in {:.2}s, {}/s, sha256 verified",
-        entry.path,
-        human_size(written),
-        out.display(),
-        secs,
-        human_size((written as f64 / secs) as u64)
-    );
-    Ok(())
-}
-
-/// Parses a byte count: a plain number, or one with a K/M/G/T suffix (powers of 1024).
-pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let (digits, shift) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 0),
-        Some((i, _)) => {
-            let shift = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 0,
-                "K" => 10,
-                "M" => 20,
-                "G" => 30,
-                "T" => 40,
-                other => return Err(format!("unknown size unit '{other}'; use K, M, G or T")),
-            };
-            (&t[..i], shift)
-        }
-    };
-    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a size; write e.g. 268435456, 256M or 1G"))?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 pub struct MountArgs {
@@ -342,7 +396,7 @@ fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
     let deadline = Instant::now() + g.timeout * 3 + Duration::from_secs(5);
     loop {
         if crate::fs::mount::is_mounted(&mountpoint) {
-            println!(
+            outln!(
                 "mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`",
                 mountpoint.display(),
                 child.id(),
@@ -367,6 +421,6 @@ fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
 
 pub fn umount(mountpoint: &Path) -> Result<()> {
     crate::fs::mount::umount(mountpoint)?;
-    println!("unmounted {}", mountpoint.display());
+    outln!("unmounted {}", mountpoint.display());
     Ok(())
 }
