@@ -85,6 +85,32 @@ fn decode_xkey(xkey: &str) -> Result<[u8; 32], CryptoError> {
     nkeys::from_public_key(xkey).map(|(_, raw)| raw).map_err(|_| CryptoError::BadPeerKey)
 }
 
+/// The xkey string (`X…`) of a raw X25519 public key: how a peer would send any point,
+/// including a malicious one (nkeys only encodes keys it derived itself).
+pub fn xkey_from_raw_public(raw: [u8; 32]) -> String {
+    const CURVE_PREFIX: u8 = 23 << 3;
+    let mut data = Vec::with_capacity(35);
+    data.push(CURVE_PREFIX);
+    data.extend_from_slice(&raw);
+    let mut crc = 0u16;
+    for byte in &data {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    data.extend_from_slice(&crc.to_le_bytes());
+    data_encoding::BASE32_NOPAD.encode(&data)
+}
+
+/// True if `xkey` is a valid xkey whose X25519 point has small order: a shared secret with it is
+/// the same for every party (all zeros), so nothing sealed to it is secret.
+pub fn is_low_order_xkey(xkey: &str) -> bool {
+    let Ok(raw) = decode_xkey(xkey) else { return false };
+    let probe = StaticSecret::random_from_rng(rand::rngs::OsRng);
+    !probe.diffie_hellman(&PublicKey::from(raw)).was_contributory()
+}
+
 /// A session's chunk cipher.
 pub struct SessionKey {
     cipher: XChaCha20Poly1305,
@@ -175,6 +201,22 @@ pub fn new_session_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn low_order_xkeys_are_recognised() {
+        let real = EphemeralKey::generate();
+        let raw = decode_xkey(real.public_xkey()).unwrap();
+        assert_eq!(xkey_from_raw_public(raw), real.public_xkey(), "encoding matches nkeys'");
+        assert!(!is_low_order_xkey(real.public_xkey()));
+        // 0 and 1 are points of small order on Curve25519.
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        for raw in [[0u8; 32], one] {
+            let xkey = xkey_from_raw_public(raw);
+            assert!(nkeys::XKey::from_public_key(&xkey).is_ok(), "a valid xkey string");
+            assert!(is_low_order_xkey(&xkey));
+        }
+    }
 
     fn pair() -> (SessionKey, SessionKey) {
         let client = EphemeralKey::generate();

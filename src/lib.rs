@@ -11,6 +11,7 @@ pub mod client;
 pub mod context;
 pub mod crypto;
 pub mod fs;
+pub mod identity;
 pub mod index;
 pub mod protocol;
 pub mod server;

@@ -5,7 +5,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Protocol generation advertised in `get` replies; readers use it to pick v2 over v1.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `get` and `open` replies are signed by the catalog server ([`Envelope::proof`]) and
+/// `open` requests by the reader; 2 (unsigned) is no longer spoken.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// v1 chunk size, fixed by the original Natster.
 pub const V1_CHUNK_SIZE: usize = 4096;
@@ -150,6 +152,10 @@ pub struct Envelope<T> {
     pub error: Option<String>,
     #[serde(default = "none", skip_serializing_if = "Option::is_none")]
     pub data: Option<T>,
+    /// The catalog server's signature over `data` (protocol 3; additive, original peers
+    /// ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<crate::identity::Proof>,
 }
 
 fn none<T>() -> Option<T> {
@@ -158,13 +164,25 @@ fn none<T>() -> Option<T> {
 
 impl<T: Serialize> Envelope<T> {
     pub fn ok(data: T) -> Vec<u8> {
-        encode(&Envelope { code: 200, error: None, data: Some(data) })
+        encode(&Envelope { code: 200, error: None, data: Some(data), proof: None })
     }
+}
+
+/// A success reply whose `data` is `data_json` exactly as given (the bytes the proof signs).
+pub fn signed_ok(data_json: &[u8], proof: &crate::identity::Proof) -> Vec<u8> {
+    let proof = serde_json::to_vec(proof).unwrap_or_default();
+    let mut out = Vec::with_capacity(data_json.len() + proof.len() + 32);
+    out.extend_from_slice(br#"{"code":200,"data":"#);
+    out.extend_from_slice(data_json);
+    out.extend_from_slice(br#","proof":"#);
+    out.extend_from_slice(&proof);
+    out.push(b'}');
+    out
 }
 
 /// An error reply; `code` follows HTTP (400, 403, 404, 409, 500, 503).
 pub fn error_reply(code: u16, message: &str) -> Vec<u8> {
-    encode(&Envelope::<()> { code, error: Some(message.to_string()), data: None })
+    encode(&Envelope::<()> { code, error: Some(message.to_string()), data: None, proof: None })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -218,6 +236,9 @@ fn v1() -> u32 {
 pub struct GetRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<u64>,
+    /// Random, echoed into the reply's signature so an old signed listing cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
 
 /// v1 `download` request (the original's).
@@ -244,6 +265,9 @@ pub struct DownloadResponse {
 pub struct OpenRequest {
     pub hash: String,
     pub client_xkey: String,
+    /// The reader's signature over catalog, hash and `client_xkey`, with its user JWT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader: Option<crate::identity::Proof>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

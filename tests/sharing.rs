@@ -100,8 +100,11 @@ impl Person {
         self.context().connect(Duration::from_secs(5)).await.expect("connect with creds")
     }
 
+    /// A library client as this person's CLI makes it: signing as their user, trusting the
+    /// catalog's owner.
     async fn client(&self, catalog: &str) -> CatalogClient {
-        CatalogClient::new(self.nats().await, catalog, test_options()).expect("client")
+        CatalogClient::for_context(self.nats().await, &self.home.home(), &self.context(), catalog, test_options())
+            .expect("client")
     }
 }
 

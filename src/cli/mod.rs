@@ -190,7 +190,7 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
         // A server from another home or machine of this account leaves no record here; ask.
         let probe = ClientOptions { request_timeout: g.timeout.min(Duration::from_secs(2)), ..client_options(g) };
         match CatalogClient::new(nats.clone(), name, probe)?.get().await {
-            Ok(_) | Err(client::ClientError::Refused { .. }) => bail!(
+            Ok(_) | Err(client::ClientError::Refused { .. }) | Err(client::ClientError::Untrusted(..)) => bail!(
                 "another server already answers for catalog '{name}' (not started from {}); stop it, or pass --force to serve it twice",
                 g.home.path().display()
             ),
@@ -198,6 +198,9 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
         }
     }
     let allow_all = options.allow_all;
+    // Replies are signed as the serving user (creds), or the home's own key without accounts.
+    let identity = crate::identity::Identity::load(&g.home, &g.load_context()?)?;
+    let options = ServerOptions { identity: Some(std::sync::Arc::new(identity)), ..options };
     let server = CatalogServer::new(nats, g.home.clone(), name, options)?;
     // A forced second server leaves the first one's record in place.
     let _record = match other {
@@ -256,7 +259,7 @@ pub fn client_options(g: &Globals) -> ClientOptions {
 
 pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()> {
     let nats = g.connect().await?;
-    let client = CatalogClient::new(nats, name, client_options(g))?;
+    let client = CatalogClient::for_context(nats, &g.home, &g.load_context()?, name, client_options(g))?;
     let summary = client.get().await?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);

@@ -2,7 +2,10 @@
 //! the CLI sees it. Bounds what a peer can make us hold (entries, bytes), drops entries whose
 //! paths could escape or confuse a folder tree, and restarts a listing that changes mid-way.
 
+use std::sync::atomic::Ordering;
+
 use super::{CatalogClient, ClientError, Result};
+use crate::identity::Purpose;
 use crate::protocol::{self, CatalogEntry, CatalogSummary, GetRequest, Operation};
 
 /// Most entries a listing may have; bounds what a peer can make us hold.
@@ -15,10 +18,12 @@ fn listing_bytes(entries: &[CatalogEntry]) -> usize {
 }
 
 impl CatalogClient {
-    /// The whole listing, fetched page by page; restarts if it changes mid-way.
+    /// The whole listing, fetched page by page; restarts if it changes mid-way. Every page is
+    /// checked against the catalog's trust (signed by its owner's server) unless the catalog
+    /// is an original, v1-only peer that never signed.
     pub async fn get(&self) -> Result<CatalogSummary> {
         'listing: for _ in 0..3 {
-            let mut summary: CatalogSummary = self.inner.request(Operation::Get, &GetRequest { from: Some(0) }).await?;
+            let mut summary = self.page(0).await?;
             let Some(total) = summary.total_entries else {
                 // An original peer ignores `from` and sends everything at once.
                 drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
@@ -30,8 +35,7 @@ impl CatalogClient {
                 return Err(ClientError::Protocol(format!("listing has {total} entries, more than {MAX_ENTRIES}")));
             }
             while summary.entries.len() < total {
-                let from = summary.entries.len() as u64;
-                let page: CatalogSummary = self.inner.request(Operation::Get, &GetRequest { from: Some(from) }).await?;
+                let page = self.page(summary.entries.len() as u64).await?;
                 if page.revision != summary.revision {
                     continue 'listing;
                 }
@@ -49,6 +53,31 @@ impl CatalogClient {
             return Ok(summary);
         }
         Err(ClientError::Protocol("listing kept changing while it was read; try again".into()))
+    }
+
+    /// One page of the listing from entry `from`, its signature checked.
+    async fn page(&self, from: u64) -> Result<CatalogSummary> {
+        let inner = &self.inner;
+        let nonce = crate::crypto::new_session_id();
+        let reply =
+            inner.request_reply(Operation::Get, &GetRequest { from: Some(from), nonce: Some(nonce.clone()) }).await?;
+        let page: CatalogSummary = reply.parse(Operation::Get)?;
+        if reply.proof.is_some() || page.protocol >= protocol::PROTOCOL_VERSION {
+            inner.check_signed(&reply, Purpose::Listing, &[inner.catalog.as_bytes(), nonce.as_bytes()])?;
+            inner.unverified.store(false, Ordering::Relaxed);
+        } else if page.protocol >= 2 {
+            return Err(ClientError::Protocol(format!(
+                "catalog '{}' is served by an older natster-mount (protocol {}, unsigned); ask its owner to upgrade",
+                inner.catalog, page.protocol
+            )));
+        } else {
+            // An original peer cannot sign: taken, unless this catalog signed before.
+            inner.trust.allow_unsigned().map_err(|e| ClientError::Untrusted(inner.catalog.clone(), e))?;
+            if !inner.unverified.swap(true, Ordering::Relaxed) {
+                tracing::warn!(catalog = %inner.catalog, "catalog answers unsigned (an original Natster peer): its listing is not verified; files are still checked against their sha256");
+            }
+        }
+        Ok(page)
     }
 }
 

@@ -25,7 +25,7 @@ pub use listing::{MAX_ENTRIES, MAX_LISTING_BYTES};
 pub use session::RemoteFile;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::crypto::{CryptoError, SessionKey};
+use crate::identity::{Identity, IdentityError, PinStore, Proof, Purpose, Trust};
 use crate::protocol::{self, Envelope, Operation};
 use session::FileShared;
 
@@ -80,6 +81,8 @@ pub enum ClientError {
     Transcoded(String),
     #[error("invalid reply from catalog server: {0}")]
     Protocol(String),
+    #[error("catalog '{0}': {1}")]
+    Untrusted(String, IdentityError),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
     #[error("NATS error: {0}")]
@@ -134,8 +137,32 @@ struct ClientInner {
     options: ClientOptions,
     routes: Mutex<HashMap<String, Route>>,
     dispatcher: tokio::sync::OnceCell<tokio::task::JoinHandle<()>>,
-    /// Protocol generation the catalog's latest listing advertised (2 until one is seen).
+    /// Protocol generation the catalog's latest listing advertised (ours until one is seen).
     protocol: AtomicU32,
+    /// Signs this client's requests.
+    identity: Arc<Identity>,
+    /// Decides whose replies are accepted.
+    trust: Trust,
+    /// Set when the catalog answered unsigned (an original peer).
+    unverified: AtomicBool,
+}
+
+/// A success reply: `data` exactly as sent, and the proof over it if any.
+struct Reply {
+    data: Box<serde_json::value::RawValue>,
+    proof: Option<Proof>,
+}
+
+impl Reply {
+    fn parse<T: DeserializeOwned>(&self, op: Operation) -> Result<T> {
+        serde_json::from_str(self.data.get())
+            .map_err(|e| ClientError::Protocol(format!("{} reply has unexpected data: {e}", op.as_str())))
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.data.get().as_bytes()).into()
+    }
 }
 
 impl Drop for ClientInner {
@@ -153,7 +180,58 @@ pub struct CatalogClient {
 }
 
 impl CatalogClient {
+    /// A client that signs with a fresh key and pins the first server key it meets (in
+    /// memory): for tests and one-off use. Programs use [`CatalogClient::trusting`].
     pub fn new(nats: async_nats::Client, catalog: &str, options: ClientOptions) -> Result<Self> {
+        let trust = Trust::pin(catalog, PinStore::in_memory());
+        Self::trusting(nats, catalog, options, Arc::new(Identity::ephemeral()), trust)
+    }
+
+    /// The client a context reads `catalog` with: it signs as the context's identity and
+    /// accepts only the catalog's owner (the account it is imported from, or our own account;
+    /// without accounts, the server key pinned in the home at first contact).
+    pub fn for_context(
+        nats: async_nats::Client,
+        home: &crate::context::Home,
+        context: &crate::context::Context,
+        catalog: &str,
+        options: ClientOptions,
+    ) -> anyhow::Result<Self> {
+        let identity = Arc::new(Identity::load(home, context)?);
+        let owner = context
+            .imports
+            .iter()
+            .find(|i| i.catalog == catalog)
+            .map(|i| i.owner.as_str())
+            .or(context.account_public_key.as_deref());
+        Ok(Self::for_owner(nats, catalog, owner, options, identity, PinStore::in_home(home))?)
+    }
+
+    /// A client for `catalog` of account `owner` (None: no accounts, pin the server key).
+    pub fn for_owner(
+        nats: async_nats::Client,
+        catalog: &str,
+        owner: Option<&str>,
+        options: ClientOptions,
+        identity: Arc<Identity>,
+        pins: Arc<PinStore>,
+    ) -> Result<Self> {
+        let trust = match owner {
+            Some(owner) => Trust::account(owner, catalog, pins),
+            None => Trust::pin(catalog, pins),
+        };
+        Self::trusting(nats, catalog, options, identity, trust)
+    }
+
+    /// A client that signs its requests as `identity` and accepts only servers `trust` vouches
+    /// for.
+    pub fn trusting(
+        nats: async_nats::Client,
+        catalog: &str,
+        options: ClientOptions,
+        identity: Arc<Identity>,
+        trust: Trust,
+    ) -> Result<Self> {
         protocol::validate_catalog_name(catalog).map_err(ClientError::Io)?;
         Ok(CatalogClient {
             inner: Arc::new(ClientInner {
@@ -163,8 +241,17 @@ impl CatalogClient {
                 routes: Mutex::new(HashMap::new()),
                 dispatcher: tokio::sync::OnceCell::new(),
                 protocol: AtomicU32::new(protocol::PROTOCOL_VERSION),
+                identity,
+                trust,
+                unverified: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// True if the catalog answered unsigned (an original, v1-only peer): its listing is not
+    /// vouched for by its owner; its files are still checked against their sha256.
+    pub fn unverified(&self) -> bool {
+        self.inner.unverified.load(Ordering::Relaxed)
     }
 
     pub fn catalog(&self) -> &str {
@@ -205,6 +292,13 @@ impl ClientInner {
     }
 
     async fn request<Req: Serialize, Resp: DeserializeOwned>(&self, op: Operation, body: &Req) -> Result<Resp> {
+        let reply = self.request_reply(op, body).await?;
+        reply.parse(op)
+    }
+
+    /// One request/reply exchange; a success reply keeps its `data` as the exact bytes sent,
+    /// for the signature check.
+    async fn request_reply<Req: Serialize>(&self, op: Operation, body: &Req) -> Result<Reply> {
         let subject = protocol::catalog_subject(&self.catalog, op);
         let payload = serde_json::to_vec(body).map_err(|e| ClientError::Io(e.to_string()))?;
         let request = self.nats.request(subject, payload.into());
@@ -219,15 +313,25 @@ impl ClientInner {
             }
             Ok(Ok(msg)) => msg,
         };
-        let envelope: Envelope<Resp> = serde_json::from_slice(&msg.payload)
+        let envelope: Envelope<Box<serde_json::value::RawValue>> = serde_json::from_slice(&msg.payload)
             .map_err(|e| ClientError::Protocol(format!("{} reply is not a valid envelope: {e}", op.as_str())))?;
         match (envelope.code, envelope.data) {
-            (200, Some(data)) => Ok(data),
+            (200, Some(data)) => Ok(Reply { data, proof: envelope.proof }),
             (200, None) => Err(ClientError::Protocol(format!("{} reply has no data", op.as_str()))),
             (code, _) => {
                 Err(ClientError::Refused { code, message: envelope.error.unwrap_or_else(|| "no reason given".into()) })
             }
         }
+    }
+
+    /// Checks a signed reply's proof over `parts` followed by the sha256 of its data.
+    fn check_signed(&self, reply: &Reply, purpose: Purpose, parts: &[&[u8]]) -> Result<()> {
+        let digest = reply.digest();
+        let mut all: Vec<&[u8]> = parts.to_vec();
+        all.push(&digest);
+        self.trust
+            .check(reply.proof.as_ref(), purpose, &all)
+            .map_err(|e| ClientError::Untrusted(self.catalog.clone(), e))
     }
 
     /// Subscribes once to the catalog's media subject and routes chunks by last token.

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use super::CatalogClient;
 use super::{ChunkSender, ClientError, ClientInner, Delivery, Result, Route};
 use crate::crypto::{CryptoError, EphemeralKey, SessionBinding, SessionKey};
+use crate::identity::Purpose;
 use crate::protocol::{self, CloseRequest, OpenRequest, OpenResponse, Operation, ReadRequest, ReadResponse};
 
 impl CatalogClient {
@@ -58,12 +59,19 @@ impl ClientInner {
 
     async fn open_session(&self, hash: &str) -> Result<(SessionState, OpenResponse)> {
         let ephemeral = EphemeralKey::generate();
-        let reply: OpenResponse = self
-            .request(
-                Operation::Open,
-                &OpenRequest { hash: hash.to_string(), client_xkey: ephemeral.public_xkey().to_string() },
-            )
-            .await?;
+        let client_xkey = ephemeral.public_xkey();
+        let reader =
+            self.identity.prove(Purpose::Reader, &[self.catalog.as_bytes(), hash.as_bytes(), client_xkey.as_bytes()]);
+        let request =
+            OpenRequest { hash: hash.to_string(), client_xkey: client_xkey.to_string(), reader: Some(reader) };
+        let signed = self.request_reply(Operation::Open, &request).await?;
+        // The reply is bound to our fresh xkey: a reply made for anyone else does not verify.
+        self.check_signed(
+            &signed,
+            Purpose::Session,
+            &[self.catalog.as_bytes(), hash.as_bytes(), client_xkey.as_bytes()],
+        )?;
+        let reply: OpenResponse = signed.parse(Operation::Open)?;
         if !protocol::is_session_id(&reply.session) {
             return Err(ClientError::Protocol("open reply has a malformed session id".into()));
         }

@@ -25,6 +25,7 @@ use super::fuse::FuseAdapter;
 use super::{FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
 use crate::client::{CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
+use crate::identity::{Identity, PinStore};
 use crate::index::Catalog;
 use crate::protocol::CatalogSummary;
 use crate::server::HEARTBEAT_SUBJECT;
@@ -113,14 +114,29 @@ pub fn gather_catalogs(
     }
     let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
     let v1_max = options.fs.cache_bytes as u64 / 2;
-    let source = |name: &str| -> Result<Arc<RemoteSource>> {
-        let client = CatalogClient::new(nats.clone(), name, options.client.clone())?;
+    let identity = Arc::new(Identity::load(home, context)?);
+    let pins = PinStore::in_home(home);
+    // Own catalogs are ours (our account, or the key pinned at first contact without
+    // accounts); imports are their owner's.
+    let source = |name: &str, owner: Option<&str>| -> Result<Arc<RemoteSource>> {
+        let client = CatalogClient::for_owner(
+            nats.clone(),
+            name,
+            owner,
+            options.client.clone(),
+            identity.clone(),
+            pins.clone(),
+        )?;
         Ok(Arc::new(RemoteSource::new(client, v1_max)))
     };
     let mut gathered = Vec::new();
     for catalog in &own {
-        let mounted =
-            MountedCatalog::new(catalog.name.clone(), catalog.name.clone(), me.clone(), source(&catalog.name)?);
+        let mounted = MountedCatalog::new(
+            catalog.name.clone(),
+            catalog.name.clone(),
+            me.clone(),
+            source(&catalog.name, context.account_public_key.as_deref())?,
+        );
         gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
     }
     for import in &context.imports {
@@ -137,8 +153,12 @@ pub fn gather_catalogs(
                 None
             }
         };
-        let mounted =
-            MountedCatalog::new(dir_name, import.catalog.clone(), import.owner.clone(), source(&import.catalog)?);
+        let mounted = MountedCatalog::new(
+            dir_name,
+            import.catalog.clone(),
+            import.owner.clone(),
+            source(&import.catalog, Some(&import.owner))?,
+        );
         gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
     }
     Ok(gathered)

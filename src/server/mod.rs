@@ -35,9 +35,11 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::context::Home;
+use crate::identity::{Identity, Purpose};
 use crate::index::{Catalog, IndexEntry};
 use crate::protocol::{self, error_reply, Caller, Envelope, Operation};
 use crate::shares::LiveShareList;
+use sha2::Digest as _;
 
 pub use files::open_beneath;
 use files::{Checked, FileIdentity, Verifier};
@@ -63,6 +65,8 @@ pub struct ServerOptions {
     pub max_v1_waiting: usize,
     /// Answer only what an original Natster server answers (`get`, v1 `download`).
     pub v1_only: bool,
+    /// Signs `get` and `open` replies; a fresh key (no JWT) if none is given.
+    pub identity: Option<Arc<Identity>>,
 }
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
@@ -84,6 +88,7 @@ impl Default for ServerOptions {
             max_v1_transfers: 4,
             max_v1_waiting: 64,
             v1_only: false,
+            identity: None,
         }
     }
 }
@@ -93,8 +98,11 @@ struct Loaded {
     catalog: Catalog,
     /// The `get` reply, built once per load; pages are slices of its entries.
     summary: protocol::CatalogSummary,
-    /// The whole-listing reply (what an original reader asks for), serialized once.
+    /// The whole-listing reply of a v1-only server (unsigned, as an original's), serialized once.
     whole: Bytes,
+    /// The whole listing's `data` as signed replies carry it, and its sha256.
+    whole_data: Bytes,
+    whole_digest: [u8; 32],
     /// Serialized size of each summary entry, to cut pages under the NATS payload limit.
     entry_sizes: Vec<usize>,
     by_hash: HashMap<String, usize>,
@@ -126,6 +134,8 @@ struct Shared {
     /// requests arrive.
     reads: Arc<Semaphore>,
     verifier: Verifier,
+    /// The key replies are signed with (the serving user's, from its creds).
+    identity: Arc<Identity>,
 }
 
 /// A request refused with an envelope error code.
@@ -165,6 +175,7 @@ impl CatalogServer {
                 name: name.to_string(),
                 v1: v1::Queue::new(options.max_v1_transfers, options.max_v1_waiting),
                 reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
+                identity: options.identity.clone().unwrap_or_else(|| Arc::new(Identity::ephemeral())),
                 options,
                 loaded: RwLock::new(Arc::new(loaded)),
                 sessions: Mutex::new(lru::LruCache::new(max)),
@@ -248,6 +259,8 @@ fn load(home: &Home, name: &str, v1_only: bool) -> Result<Loaded> {
     let by_hash = catalog.entries.iter().enumerate().map(|(i, e)| (e.hash.clone(), i)).collect();
     let summary = catalog.summary();
     let entry_sizes = summary.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len() + 1).unwrap_or(0)).collect();
+    let whole_data = Bytes::from(serde_json::to_vec(&summary).context("cannot encode the listing")?);
+    let whole_digest: [u8; 32] = sha2::Sha256::digest(&whole_data).into();
     let whole = if v1_only {
         // As an original server: no `protocol` field (which readers take as v1), no revision.
         let mut original = serde_json::to_value(&summary).context("cannot encode the listing")?;
@@ -257,9 +270,9 @@ fn load(home: &Home, name: &str, v1_only: bool) -> Result<Loaded> {
         }
         Bytes::from(Envelope::ok(original))
     } else {
-        Bytes::from(Envelope::ok(&summary))
+        Bytes::new()
     };
-    Ok(Loaded { catalog, summary, whole, entry_sizes, by_hash, root, file_identity })
+    Ok(Loaded { catalog, summary, whole, whole_data, whole_digest, entry_sizes, by_hash, root, file_identity })
 }
 
 /// What changes whenever the catalog file is saved (saves are renames: the inode changes even
@@ -468,10 +481,18 @@ impl Shared {
         let loaded = self.loaded();
         let req: protocol::GetRequest =
             if payload.iter().all(|b| b.is_ascii_whitespace()) { Default::default() } else { parse(payload)? };
-        // An original server ignores `from` and always sends the whole listing.
-        let from = if self.options.v1_only { None } else { req.from };
-        let Some(from) = from else {
+        // An original server ignores `from` and always sends the whole listing, unsigned.
+        if self.options.v1_only {
             return Ok(loaded.whole.clone());
+        }
+        let nonce = req.nonce.unwrap_or_default();
+        if nonce.len() > 128 {
+            return Err(refuse(400, "nonce is longer than 128 characters"));
+        }
+        let Some(from) = req.from else {
+            return Ok(self
+                .signed_reply(Purpose::Listing, &[nonce.as_bytes()], &loaded.whole_data, loaded.whole_digest)
+                .into());
         };
         let total = loaded.summary.entries.len();
         let start = usize::try_from(from).unwrap_or(usize::MAX).min(total);
@@ -493,7 +514,19 @@ impl Shared {
             protocol: whole.protocol,
             total_entries: Some(total as u64),
         };
-        Ok(Envelope::ok(page).into())
+        let data = serde_json::to_vec(&page).map_err(|_| refuse(500, "cannot encode the listing"))?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+        Ok(self.signed_reply(Purpose::Listing, &[nonce.as_bytes()], &data, digest).into())
+    }
+
+    /// A success reply carrying `data`, signed for `purpose` over the catalog's name, `parts`
+    /// and `digest` (the sha256 of `data`).
+    fn signed_reply(&self, purpose: Purpose, parts: &[&[u8]], data: &[u8], digest: [u8; 32]) -> Vec<u8> {
+        let mut all: Vec<&[u8]> = Vec::with_capacity(parts.len() + 2);
+        all.push(self.name.as_bytes());
+        all.extend_from_slice(parts);
+        all.push(&digest);
+        protocol::signed_ok(data, &self.identity.prove(purpose, &all))
     }
 }
 

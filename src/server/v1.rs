@@ -84,6 +84,9 @@ impl Shared {
         let req: DownloadRequest = parse(payload)?;
         let target = nkeys::XKey::from_public_key(&req.target_xkey)
             .map_err(|_| refuse(400, "target_xkey is not a valid xkey public key"))?;
+        if crate::crypto::is_low_order_xkey(&req.target_xkey) {
+            return Err(refuse(400, "target_xkey is a low-order key: anyone could open what is sealed to it"));
+        }
         let (entry, file, identity) = self.open_indexed(&req.hash).await?;
         let admitted = self.v1.admit().ok_or_else(|| {
             refuse(

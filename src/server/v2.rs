@@ -21,7 +21,9 @@ use futures::StreamExt;
 use super::files::{self, FileIdentity};
 use super::{parse, refuse, Refusal, Shared};
 use crate::crypto::{self, EphemeralKey, SessionBinding, SessionKey};
+use crate::identity::Purpose;
 use crate::protocol::{self, Caller, CloseRequest, Envelope, OpenRequest, OpenResponse, ReadRequest, ReadResponse};
+use sha2::Digest as _;
 
 pub(super) struct Session {
     caller: Caller,
@@ -36,6 +38,7 @@ pub(super) struct Session {
 impl Shared {
     pub(super) async fn open(&self, caller: &Caller, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
         let req: OpenRequest = parse(payload)?;
+        self.check_reader(caller, &req)?;
         let (entry, file, indexed) = self.open_indexed(&req.hash).await?;
         let session = crypto::new_session_id();
         let ephemeral = EphemeralKey::generate();
@@ -63,7 +66,44 @@ impl Shared {
             last_used: Mutex::new(Instant::now()),
         };
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).put(session, Arc::new(state));
-        Ok(Envelope::ok(reply))
+        // Signed and bound to the reader's fresh xkey: nobody can pass off this session as
+        // their own, nor another server's session as ours.
+        let data = serde_json::to_vec(&reply).map_err(|_| refuse(500, "cannot encode the reply"))?;
+        let digest: [u8; 32] = sha2::Sha256::digest(&data).into();
+        Ok(self.signed_reply(Purpose::Session, &[req.hash.as_bytes(), req.client_xkey.as_bytes()], &data, digest))
+    }
+
+    /// The reader's signed identity must belong to the account the request came from (the
+    /// subject's first token, which nats-server guarantees), or to ours for our own account.
+    /// Without accounts there is nothing to check it against.
+    fn check_reader(&self, caller: &Caller, req: &OpenRequest) -> Result<(), Refusal> {
+        // Without accounts of our own we are not in operator mode: no account token is
+        // guaranteed, so there is nothing to check a reader's account against.
+        let expected = match (caller, self.identity.account()) {
+            (_, None) => None,
+            (Caller::Account(account), Some(_)) => Some(account.as_str()),
+            (Caller::Owner, Some(own)) => Some(own),
+        };
+        let Some(proof) = &req.reader else {
+            return match expected {
+                None => Ok(()),
+                Some(_) => Err(refuse(403, "the reader did not sign its open request; upgrade natster-mount")),
+            };
+        };
+        let parts: [&[u8]; 3] = [self.name.as_bytes(), req.hash.as_bytes(), req.client_xkey.as_bytes()];
+        let vouched =
+            proof.verify(Purpose::Reader, &parts).map_err(|e| refuse(403, format!("reader identity refused: {e}")))?;
+        match (expected, vouched.account.as_deref()) {
+            (None, _) => Ok(()),
+            (Some(expected), Some(found)) if expected == found => Ok(()),
+            (Some(expected), Some(found)) => Err(refuse(
+                403,
+                format!("the reader's signed identity belongs to account {found}, but the request came from account {expected}"),
+            )),
+            (Some(expected), None) => {
+                Err(refuse(403, format!("the reader signed without a JWT, but the request came from account {expected}")))
+            }
+        }
     }
 
     fn session(&self, caller: &Caller, id: &str) -> Result<Arc<Session>, Refusal> {
