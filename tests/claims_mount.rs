@@ -206,3 +206,91 @@ async fn read_ahead_of_many_files_stays_within_the_mount_wide_budget() {
     drop(handles); // open files keep the mount busy
     m.stop();
 }
+
+/// `natster-mount operator up`, as tests/sharing.rs runs it; Drop stops it.
+struct OperatorUp(std::process::Child, tempfile::NamedTempFile);
+
+impl Drop for OperatorUp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A CLI command of `home` against the machine's operator in `op`.
+async fn as_person(home: &TestHome, op: &Path, args: &[&str]) -> RunOutput {
+    let mut cmd = home.command(args);
+    cmd.env("NATSTER_OPERATOR_HOME", op);
+    tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT)).await.expect("command thread")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_unshared_while_mounted_reads_as_eacces() {
+    require_fuse!();
+    // The operator world of tests/sharing.rs: operator-mode nats-server, alice and bob.
+    let op_dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let op = op_dir.path();
+    let mut init = std::process::Command::new(bin());
+    init.args(["operator", "init", "--port", &free_port().to_string()])
+        .env("NATSTER_HOME", op)
+        .env("NATSTER_OPERATOR_HOME", op);
+    let out = run_with_timeout(init, COMMAND_TIMEOUT);
+    assert!(out.status.success(), "operator init: {}", out.stderr);
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let child = std::process::Command::new(bin())
+        .args(["operator", "up"])
+        .env("NATSTER_HOME", op)
+        .env("NATSTER_OPERATOR_HOME", op)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.reopen().expect("log"))
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("operator up");
+    let up = OperatorUp(child, log);
+    wait_for("operator up", std::time::Duration::from_secs(20), || {
+        let ready = std::fs::read_to_string(up.1.path()).unwrap_or_default().contains("Ctrl-C to stop");
+        async move { ready.then_some(()) }
+    })
+    .await;
+    let (alice, bob) = (TestHome::new(), TestHome::new());
+    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
+        as_person(home, op, &["operator", "add-account", name]).await.assert_success("add-account");
+    }
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    let clip = pseudo_random_bytes(34, (3 * MIB) as usize);
+    write_file(tree.path(), "clip.bin", &clip);
+    write_file(tree.path(), "later.txt", b"read only after the unshare\n");
+    as_person(&alice, op, &["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("new");
+    as_person(&alice, op, &["catalog", "share", "media", "bob"]).await.assert_success("share");
+    as_person(&bob, op, &["catalog", "import", "media", "alice"]).await.assert_success("import");
+    let serve_log = tempfile::NamedTempFile::new().expect("serve log");
+    let serve = alice
+        .command(["catalog", "serve", "media"])
+        .env("NATSTER_OPERATOR_HOME", op)
+        .stdout(std::process::Stdio::null())
+        .stderr(serve_log.reopen().expect("log"))
+        .spawn()
+        .expect("serve");
+    let _serve = OperatorUp(serve, serve_log); // the same kill-and-reap guard
+    let bob_contents = || as_person(&bob, op, &["catalog", "contents", "media"]);
+    wait_for("alice's catalog to answer bob", std::time::Duration::from_secs(20), || async {
+        bob_contents().await.status.success().then_some(())
+    })
+    .await;
+
+    let m = Mounted::start(&bob, &[]);
+    let read = |p: std::path::PathBuf| {
+        bounded(&format!("read of {}", p.display()), MOUNT_IO_DEADLINE, move || std::fs::read(p))
+    };
+    assert!(read(m.path().join("media/clip.bin")).unwrap() == clip, "bob reads alice's file");
+
+    as_person(&alice, op, &["catalog", "unshare", "media", "bob"]).await.assert_success("unshare");
+    // A file bob never read: its open is refused, and the mount says EACCES, not EIO.
+    let later = read(m.path().join("media/later.txt"));
+    assert_eq!(later.as_ref().map_err(|e| e.raw_os_error()).err(), Some(Some(libc::EACCES)), "{later:?}");
+    // What bob already read stays readable from the mount's cache.
+    let again = read(m.path().join("media/clip.bin"));
+    println!("re-read of the cached file after the unshare: {:?}", again.as_ref().map(Vec::len));
+    assert!(again.is_ok_and(|b| b == clip), "cached data no longer reads");
+    m.stop();
+}
