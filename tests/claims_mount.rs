@@ -260,6 +260,8 @@ async fn a_file_unshared_while_mounted_reads_as_eacces() {
     let clip = pseudo_random_bytes(34, (3 * MIB) as usize);
     write_file(tree.path(), "clip.bin", &clip);
     write_file(tree.path(), "later.txt", b"read only after the unshare\n");
+    let big = pseudo_random_bytes(35, (4 * MIB) as usize);
+    write_file(tree.path(), "big.bin", &big);
     as_person(&alice, op, &["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("new");
     as_person(&alice, op, &["catalog", "share", "media", "bob"]).await.assert_success("share");
     as_person(&bob, op, &["catalog", "import", "media", "alice"]).await.assert_success("import");
@@ -283,13 +285,27 @@ async fn a_file_unshared_while_mounted_reads_as_eacces() {
         bounded(&format!("read of {}", p.display()), MOUNT_IO_DEADLINE, move || std::fs::read(p))
     };
     assert!(read(m.path().join("media/clip.bin")).unwrap() == clip, "bob reads alice's file");
+    // A file bob has open with a session, read only at its start.
+    let open_big = open_direct(&m.path().join("media/big.bin"));
+    assert!(pread(&open_big, 0, 4096).unwrap() == big[..4096]);
 
     as_person(&alice, op, &["catalog", "unshare", "media", "bob"]).await.assert_success("unshare");
     // A file bob never read: its open is refused, and the mount says EACCES, not EIO.
     let later = read(m.path().join("media/later.txt"));
     assert_eq!(later.as_ref().map_err(|e| e.raw_os_error()).err(), Some(Some(libc::EACCES)), "{later:?}");
-    // What bob already read stays readable from the mount's cache.
-    let again = read(m.path().join("media/clip.bin"));
+    // The server checks every request: an uncached range of a file with an open session too.
+    assert_eq!(pread(&open_big, 3 * MIB, 4096).map(|b| b.len()), Err(libc::EACCES));
+    drop(open_big); // an open file keeps the mount busy
+                    // What bob already read stays readable from the mount's chunk cache (the kernel's page
+                    // cache dropped first, so the re-read reaches the mount; the server would refuse it).
+    let clip_path = m.path().join("media/clip.bin");
+    let p = clip_path.clone();
+    bounded("dropping the page cache", MOUNT_IO_DEADLINE, move || {
+        let f = File::open(p).expect("open");
+        // SAFETY: fadvise on an open descriptor.
+        assert_eq!(unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) }, 0);
+    });
+    let again = read(clip_path);
     println!("re-read of the cached file after the unshare: {:?}", again.as_ref().map(Vec::len));
     assert!(again.is_ok_and(|b| b == clip), "cached data no longer reads");
     m.stop();
