@@ -1,10 +1,11 @@
 //! One test per README claim that had none: xattrs (`description`, `owner`, `listxattr`, the
 //! size-0 length query, ERANGE, ENODATA), `<catalog>@<owner8>` folders, 0444/0555 and
-//! uid/gid, SIGINT unmounting, the `--chunk-size` and `--cache-size` limits, and the
-//! progress bar on a terminal, a stale mount reported and cleared by `umount`, and the
-//! client re-asking for late chunks and reopening a session the server forgot, and (ignored:
-//! a product bug) a signal with a file open. Real nats-server, real `catalog serve`, real FUSE mounts
-//! (recorded as skipped without FUSE, failing under `CI=true`); every touch of a mount bounded.
+//! uid/gid, SIGINT unmounting, the `--chunk-size` and `--cache-size` limits, the progress bar
+//! on a terminal, a stale mount reported and cleared by `umount`, the client re-asking for
+//! late chunks and reopening a session the server forgot, and (ignored until fixed) a signal
+//! with a file open. Read-path claims measured on the wire are in claims_mount.rs. Real
+//! nats-server, real `catalog serve`, real FUSE mounts (recorded as skipped without FUSE,
+//! failing under `CI=true`); every touch of a mount bounded.
 
 mod common;
 
