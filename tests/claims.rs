@@ -360,3 +360,30 @@ async fn a_session_the_server_forgot_is_reopened() {
     assert!(rest.as_ref().is_ok_and(|r| r[..] == bytes[CHUNK..]), "read after restart: {:?}", rest.map(|r| r.len()));
     assert_eq!(opens.settled().await, 2, "one new session opened");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug (or doc): src/client/session.rs fetch() aborts the read with Timeout when the ack of a \
+            read request times out (request_timeout, 5 s here), although src/client/mod.rs says a read gives up \
+            only after `retries` rounds without progress (1+2+3+4 s here)"]
+async fn a_read_outlasts_a_freeze_longer_than_request_timeout_within_its_retries() {
+    let bytes = pseudo_random_bytes(23, 3 * CHUNK + 11);
+    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
+    let served = Served::start(&home, &nats, "media").await;
+    let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    let frozen = Frozen::new(served.pid());
+    let len = bytes.len();
+    let read = tokio::spawn(async move { file.read_range(0, len).await });
+    // The 4th ask comes after 1+2+3 s, past request_timeout, and within retries (3 rounds);
+    // a read that gave up before it fails below with its error.
+    wait_for("the 4th ask for the first chunks, or the read's end", Duration::from_secs(15), || {
+        let asked = reads.reads().iter().filter(|r| r.first_chunk == 0).count();
+        let ended = read.is_finished();
+        async move { (asked >= 4 || ended).then_some(()) }
+    })
+    .await;
+    drop(frozen);
+    let got = within("the read after the server thawed", read).await.expect("read task");
+    assert!(got.as_ref().is_ok_and(|g| *g == bytes), "read after a 6 s freeze: {:?}", got.map(|g| g.len()));
+}
