@@ -1,8 +1,11 @@
 //! One test per README claim that had none: xattrs (`description`, `owner`, `listxattr`, the
 //! size-0 length query, ERANGE, ENODATA), `<catalog>@<owner8>` folders, 0444/0555 and
-//! uid/gid, SIGINT unmounting, the `--chunk-size` and `--cache-size` limits, and the
-//! progress bar on a terminal. Real nats-server, real `catalog serve`, real FUSE mounts
-//! (recorded as skipped without FUSE, failing under `CI=true`); every touch of a mount bounded.
+//! uid/gid, SIGINT unmounting, the `--chunk-size` and `--cache-size` limits, the progress bar
+//! on a terminal, a stale mount reported and cleared by `umount`, the client re-asking for
+//! late chunks and reopening a session the server forgot, and (ignored until fixed) a signal
+//! with a file open. Read-path claims measured on the wire are in claims_mount.rs. Real
+//! nats-server, real `catalog serve`, real FUSE mounts (recorded as skipped without FUSE,
+//! failing under `CI=true`); every touch of a mount bounded.
 
 mod common;
 
@@ -10,6 +13,8 @@ use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use natster_mount::fs::mount::is_mounted;
 
 use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
 use common::*;
@@ -158,6 +163,30 @@ async fn sigint_unmounts_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug: on SIGTERM/SIGINT with a file open, src/fs/mount.rs run() logs `unmount of .. failed: \
+            Device or resource busy` and then blocks in fuse_thread.join(); later signals are ignored and the \
+            process never exits, even after the file is closed"]
+async fn a_signal_with_a_file_open_explains_and_a_later_signal_unmounts() {
+    require_fuse!();
+    let (nats, home, _tree) = home_with(&[("x.txt", b"x".to_vec())]).await;
+    let _served = Served::start(&home, &nats, "media").await;
+    let m = Mounted::start(&home, &[]);
+    let x = m.path().join("media/x.txt");
+    let open = bounded("open", MOUNT_IO_DEADLINE, move || std::fs::File::open(x)).expect("open");
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) }, 0);
+    wait_for("the mount to say it is busy", Duration::from_secs(10), || {
+        let log = m.log();
+        async move { log.lines().find(|l| l.contains("busy")).map(str::to_string) }
+    })
+    .await;
+    let line = m.log().lines().find(|l| l.contains("busy")).unwrap_or_default().to_string();
+    assert!(line.contains("close"), "the busy message should say what to do: {line}");
+    drop(open);
+    m.stop(); // a second SIGTERM, with nothing open, unmounts and exits 0 within 10 s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_size_limits_are_enforced_with_a_clear_message() {
     let (nats, home, _tree) = home_with(&[("f.bin", pseudo_random_bytes(9, 20_000))]).await;
     const MAX: u32 = 1024 * 1024 - 4096; // README: 4 KiB to 1 MiB − 4 KiB
@@ -223,4 +252,138 @@ async fn catalog_new_shows_a_progress_bar_on_a_terminal_only() {
     let plain = home.run_async(["catalog", "new", "media", tree.path().to_str().unwrap()]).await;
     plain.assert_success("catalog new");
     assert!(!plain.stderr.contains("hashing"), "a progress bar on a pipe: {}", plain.stderr);
+}
+
+/// Detaches its folder lazily if it is still mounted or stale when dropped, so a failing
+/// test leaves no stale mount behind.
+struct LazyUnmount(PathBuf);
+
+impl Drop for LazyUnmount {
+    fn drop(&mut self) {
+        let stale = matches!(std::fs::metadata(&self.0), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+        if stale || is_mounted(&self.0) {
+            let _ = std::process::Command::new("fusermount3").arg("-uz").arg(&self.0).status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_mount_is_reported_stale_and_umount_clears_it() {
+    require_fuse!();
+    let (nats, home, _tree) = home_with(&[("x.txt", b"x".to_vec())]).await;
+    let _served = Served::start(&home, &nats, "media").await;
+    let dir = tempfile::Builder::new().prefix("natster-mnt-").tempdir().unwrap();
+    let _detach = LazyUnmount(dir.path().to_path_buf());
+    let read_x = |dir: &Path| {
+        let x = dir.join("media/x.txt");
+        bounded("read", MOUNT_IO_DEADLINE, move || std::fs::read(x))
+    };
+    let crashed = Mounted::start_at(&home, dir.path(), &[]);
+    assert_eq!(read_x(dir.path()).unwrap(), b"x");
+
+    // SAFETY: kill(2) on our own child. A killed FUSE process leaves its mount behind.
+    assert_eq!(unsafe { libc::kill(crashed.pid() as i32, libc::SIGKILL) }, 0);
+    let p = dir.path().to_path_buf();
+    wait_for("the mount to go stale (ENOTCONN)", Duration::from_secs(10), || {
+        let p = p.clone();
+        async move {
+            let stat = bounded("stat", MOUNT_IO_DEADLINE, move || std::fs::metadata(p));
+            matches!(stat, Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)).then_some(())
+        }
+    })
+    .await;
+
+    let mnt = dir.path().to_str().unwrap();
+    let again = home.run_async(["mount", mnt, "--foreground"]).await;
+    again.assert_failure("mount on a stale mount");
+    assert_eq!(
+        again.stderr_lines(),
+        [format!(
+            "error: {mnt} is a stale mount (Transport endpoint is not connected); run `natster-mount umount {mnt}` first"
+        )],
+        "{}",
+        again.stderr
+    );
+    let umount = home.run_async(["umount", mnt]).await;
+    umount.assert_success("umount of a stale mount");
+    assert!(!is_mounted(dir.path()), "still mounted after umount");
+    assert!(std::fs::metadata(dir.path()).unwrap().is_dir(), "the folder is usable again");
+
+    let fresh = Mounted::start_at(&home, dir.path(), &[]);
+    assert_eq!(read_x(dir.path()).unwrap(), b"x", "a new mount on the cleared folder reads");
+    fresh.stop();
+    drop(crashed);
+}
+
+const CHUNK: usize = 256 * 1024; // `catalog serve`'s default chunk size
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_chunks_are_asked_for_again_and_the_read_completes() {
+    let bytes = pseudo_random_bytes(21, 3 * CHUNK + 11);
+    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
+    let served = Served::start(&home, &nats, "media").await;
+    let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+
+    // The server freezes with the request unanswered: the client must ask again after
+    // chunk_timeout (1 s in test_options), and take the chunks once the server thaws.
+    let frozen = Frozen::new(served.pid());
+    let len = bytes.len();
+    let read = tokio::spawn(async move { file.read_range(0, len).await });
+    wait_for("the first chunks to be asked for again", Duration::from_secs(10), || {
+        let asked = reads.reads().iter().filter(|r| r.first_chunk == 0).count();
+        async move { (asked >= 2).then_some(()) }
+    })
+    .await;
+    drop(frozen);
+    let got = within("the read after the server thawed", read).await.expect("read task").expect("read");
+    assert!(got == bytes, "wrong bytes after re-asking ({} bytes)", got.len());
+    println!("read requests: {:?}", reads.reads().iter().map(|r| (r.first_chunk, r.count)).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_the_server_forgot_is_reopened() {
+    let bytes = pseudo_random_bytes(22, 3 * CHUNK + 11);
+    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
+    let served = Served::start(&home, &nats, "media").await;
+    let opens = Requests::record(&nats.url(), "natster.catalog.media.open").await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    assert_eq!(within("first read", file.read_range(0, 1000)).await.expect("read"), &bytes[..1000]);
+    assert_eq!(opens.settled().await, 1);
+
+    // A restarted server knows no sessions: the next read gets 404 and must reopen.
+    drop(served);
+    let _served = Served::start(&home, &nats, "media").await;
+    let rest = within("read after the restart", file.read_range(CHUNK as u64, bytes.len() - CHUNK)).await;
+    assert!(rest.as_ref().is_ok_and(|r| r[..] == bytes[CHUNK..]), "read after restart: {:?}", rest.map(|r| r.len()));
+    assert_eq!(opens.settled().await, 2, "one new session opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "product bug (or doc): src/client/session.rs fetch() aborts the read with Timeout when the ack of a \
+            read request times out (request_timeout, 5 s here), although src/client/mod.rs says a read gives up \
+            only after `retries` rounds without progress (1+2+3+4 s here)"]
+async fn a_read_outlasts_a_freeze_longer_than_request_timeout_within_its_retries() {
+    let bytes = pseudo_random_bytes(23, 3 * CHUNK + 11);
+    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
+    let served = Served::start(&home, &nats, "media").await;
+    let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    let frozen = Frozen::new(served.pid());
+    let len = bytes.len();
+    let read = tokio::spawn(async move { file.read_range(0, len).await });
+    // The 4th ask comes after 1+2+3 s, past request_timeout, and within retries (3 rounds);
+    // a read that gave up before it fails below with its error.
+    wait_for("the 4th ask for the first chunks, or the read's end", Duration::from_secs(15), || {
+        let asked = reads.reads().iter().filter(|r| r.first_chunk == 0).count();
+        let ended = read.is_finished();
+        async move { (asked >= 4 || ended).then_some(()) }
+    })
+    .await;
+    drop(frozen);
+    let got = within("the read after the server thawed", read).await.expect("read task");
+    assert!(got.as_ref().is_ok_and(|g| *g == bytes), "read after a 6 s freeze: {:?}", got.map(|g| g.len()));
 }

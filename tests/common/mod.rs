@@ -485,3 +485,80 @@ pub fn file_names(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Every message on `subject`, recorded by a plain subscription (which sees each request
+/// beside the catalog server's queue group); stops recording when dropped.
+pub struct Requests {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<bytes::Bytes>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Requests {
+    pub async fn record(url: &str, subject: &str) -> Requests {
+        use futures::StreamExt;
+        let client = connect(url).await;
+        let mut sub = client.subscribe(subject.to_string()).await.expect("subscribe");
+        client.flush().await.expect("flush");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while let Some(msg) = sub.next().await {
+                s.lock().unwrap().push(msg.payload);
+            }
+        });
+        Requests { seen, task }
+    }
+
+    pub fn len(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// The recorded messages parsed as v2 `read` requests.
+    pub fn reads(&self) -> Vec<natster_mount::protocol::ReadRequest> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().map(|p| serde_json::from_slice(p).expect("a read request")).collect()
+    }
+
+    /// The count once it has stopped moving: requests already sent reach the recorder in
+    /// milliseconds, so a count unchanged for 500 ms is final. Bounded at 20 s.
+    pub async fn settled(&self) -> usize {
+        let until = Instant::now() + Duration::from_secs(20);
+        let (mut last, mut since) = (self.len(), Instant::now());
+        loop {
+            tokio::time::sleep(POLL).await;
+            let now = self.len();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= Duration::from_millis(500) {
+                return now;
+            }
+            assert!(Instant::now() < until, "requests still arriving after 20 s ({now})");
+        }
+    }
+}
+
+impl Drop for Requests {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// SIGSTOPs process `pid` (a catalog server: it stops answering without closing anything);
+/// Drop sends SIGCONT, so a failing test never leaves it frozen.
+pub struct Frozen(pub u32);
+
+impl Frozen {
+    pub fn new(pid: u32) -> Frozen {
+        // SAFETY: kill(2) on a child of this test.
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0, "SIGSTOP {pid}");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a child of this test.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}

@@ -105,15 +105,24 @@ macro_rules! require_fuse {
 /// falls back to a lazy unmount and SIGKILL, so no stale mount survives a failing test.
 pub struct Mounted {
     child: Child,
-    dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    /// The temporary mountpoint [`Mounted::start`] made (none for [`Mounted::start_at`]).
+    _own_dir: Option<tempfile::TempDir>,
     log: tempfile::NamedTempFile,
 }
 
 impl Mounted {
     pub fn start(home: &TestHome, extra: &[&str]) -> Mounted {
         let dir = tempfile::Builder::new().prefix("natster-mnt-").tempdir().expect("mountpoint");
+        let mut m = Self::start_at(home, dir.path(), extra);
+        m._own_dir = Some(dir);
+        m
+    }
+
+    /// Like [`Mounted::start`], on the caller's (empty) folder `dir`.
+    pub fn start_at(home: &TestHome, dir: &Path, extra: &[&str]) -> Mounted {
         let log = tempfile::NamedTempFile::new().expect("mount log");
-        let mnt = dir.path().to_str().expect("utf-8 temp path").to_string();
+        let mnt = dir.to_str().expect("utf-8 temp path").to_string();
         let mut args = vec!["mount", mnt.as_str(), "--foreground"];
         args.extend_from_slice(extra);
         let child = home
@@ -123,9 +132,9 @@ impl Mounted {
             .stderr(log.reopen().expect("log"))
             .spawn()
             .expect("spawn mount");
-        let mut m = Mounted { child, dir, log };
+        let mut m = Mounted { child, dir: dir.to_path_buf(), _own_dir: None, log };
         let until = Instant::now() + MOUNT_DEADLINE;
-        while !is_mounted(m.dir.path()) {
+        while !is_mounted(&m.dir) {
             if let Ok(Some(status)) = m.child.try_wait() {
                 panic!("mount exited with {status}:\n{}", m.log());
             }
@@ -136,7 +145,7 @@ impl Mounted {
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     pub fn log(&self) -> String {
@@ -156,7 +165,7 @@ impl Mounted {
     pub fn stop_with(mut self, signal: i32) {
         let status = self.terminate_with(signal).unwrap_or_else(|| panic!("mount did not exit after signal {signal}"));
         assert!(status.success(), "mount exited with {status} after signal {signal}:\n{}", self.log());
-        assert!(!is_mounted(self.dir.path()), "still mounted after signal {signal}");
+        assert!(!is_mounted(&self.dir), "still mounted after signal {signal}");
     }
 
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
@@ -186,8 +195,8 @@ impl Drop for Mounted {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        if is_mounted(self.dir.path()) {
-            let _ = Command::new("fusermount3").arg("-uz").arg(self.dir.path()).status();
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
         }
         if std::thread::panicking() {
             eprintln!("--- mount log (last lines) ---\n{}", tail(&self.log(), 40));
