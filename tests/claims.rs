@@ -2,8 +2,8 @@
 //! size-0 length query, ERANGE, ENODATA), `<catalog>@<owner8>` folders, 0444/0555 and
 //! uid/gid, SIGINT unmounting, the `--chunk-size` and `--cache-size` limits, the progress bar
 //! on a terminal, a stale mount reported and cleared by `umount`, the client re-asking for
-//! late chunks and reopening a session the server forgot, and (ignored until fixed) a signal
-//! with a file open. Read-path claims measured on the wire are in claims_mount.rs. Real
+//! late chunks and reopening a session the server forgot (also through a freeze longer than
+//! one request timeout), and a signal with a file open detaching lazily. Read-path claims measured on the wire are in claims_mount.rs. Real
 //! nats-server, real `catalog serve`, real FUSE mounts (recorded as skipped without FUSE,
 //! failing under `CI=true`); every touch of a mount bounded.
 
@@ -163,27 +163,25 @@ async fn sigint_unmounts_cleanly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: on SIGTERM/SIGINT with a file open, src/fs/mount.rs run() logs `unmount of .. failed: \
-            Device or resource busy` and then blocks in fuse_thread.join(); later signals are ignored and the \
-            process never exits, even after the file is closed"]
-async fn a_signal_with_a_file_open_explains_and_a_later_signal_unmounts() {
+async fn a_signal_with_a_file_open_detaches_lazily_and_exits() {
     require_fuse!();
     let (nats, home, _tree) = home_with(&[("x.txt", b"x".to_vec())]).await;
     let _served = Served::start(&home, &nats, "media").await;
     let m = Mounted::start(&home, &[]);
+    let mnt = m.path().to_path_buf();
     let x = m.path().join("media/x.txt");
     let open = bounded("open", MOUNT_IO_DEADLINE, move || std::fs::File::open(x)).expect("open");
-    // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) }, 0);
-    wait_for("the mount to say it is busy", Duration::from_secs(10), || {
-        let log = m.log();
-        async move { log.lines().find(|l| l.contains("busy")).map(str::to_string) }
-    })
-    .await;
-    let line = m.log().lines().find(|l| l.contains("busy")).unwrap_or_default().to_string();
-    assert!(line.contains("close"), "the busy message should say what to do: {line}");
-    drop(open);
-    m.stop(); // a second SIGTERM, with nothing open, unmounts and exits 0 within 10 s
+    let started = std::time::Instant::now();
+    m.stop(); // SIGTERM with a file open: exits 0, not mounted, within the 2 s promise
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(3), "stopping with a file open took {took:?}");
+    // The open file reads as gone, and nothing hangs.
+    let read = bounded("read of a detached file", MOUNT_IO_DEADLINE, move || {
+        let mut buf = [0u8; 1];
+        std::os::unix::fs::FileExt::read_at(&open, &mut buf, 0)
+    });
+    assert!(read.is_err(), "a file of a stopped mount still read: {read:?}");
+    assert!(!natster_mount::fs::mount::is_mounted(&mnt), "left mounted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,9 +360,6 @@ async fn a_session_the_server_forgot_is_reopened() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug (or doc): src/client/session.rs fetch() aborts the read with Timeout when the ack of a \
-            read request times out (request_timeout, 5 s here), although src/client/mod.rs says a read gives up \
-            only after `retries` rounds without progress (1+2+3+4 s here)"]
 async fn a_read_outlasts_a_freeze_longer_than_request_timeout_within_its_retries() {
     let bytes = pseudo_random_bytes(23, 3 * CHUNK + 11);
     let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;

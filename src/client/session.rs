@@ -275,6 +275,9 @@ impl RemoteFile {
                             acks.push(self.request_read(from, n));
                         }
                     }
+                    // An acknowledgement that does not come in time is a stall like any other:
+                    // the rounds below ask again, and give up after `retries` without progress.
+                    Err(ClientError::Timeout(_)) => {}
                     Err(e) => return Err(e),
                 },
                 // Each round without progress waits longer before asking again, so a loaded

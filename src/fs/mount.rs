@@ -224,10 +224,11 @@ pub fn run(
     let notifier = session.notifier();
     let mut unmounter = session.unmount_callable();
     let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-    let fuse_thread = std::thread::Builder::new().name("fuse".into()).spawn(move || {
+    let (result_tx, result_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("fuse".into()).spawn(move || {
         let result = session.run();
         let _ = ended_tx.send(());
-        result
+        let _ = result_tx.send(result);
     })?;
     eprintln!("mounted {} catalog(s) on {}", fs.catalogs.len(), mountpoint.display());
 
@@ -243,13 +244,24 @@ pub fn run(
     invalidator.abort();
     if signalled {
         if let Err(e) = unmounter.unmount() {
-            tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+            if e.raw_os_error() == Some(libc::EBUSY) || e.to_string().contains("busy") {
+                // Never left mounted or stale: detached now, gone for good once files close.
+                tracing::warn!(
+                    "{} is busy (a program still has files open in it): detached it lazily, those files now fail to read; close them before unmounting next time",
+                    mountpoint.display()
+                );
+                detach_lazily(&mountpoint);
+            } else {
+                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+            }
         }
     }
-    match fuse_thread.join() {
+    // After a lazy detach the session lasts until the last open file closes; exiting ends it
+    // (the kernel aborts the connection), so wait only briefly.
+    match result_rx.recv_timeout(Duration::from_secs(1)) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!("FUSE session ended with: {e}"),
-        Err(_) => tracing::error!("FUSE thread panicked"),
+        Err(_) => tracing::info!("files still open in the detached mount; exiting ends their session"),
     }
     runtime.shutdown_timeout(Duration::from_millis(500));
     eprintln!("unmounted {}", mountpoint.display());
@@ -384,6 +396,17 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Du
         for i in due {
             refresher.spawn_refresh(i);
         }
+    }
+}
+
+/// Detaches the mount at `path` lazily (`fusermount3 -uz`): it leaves the namespace now.
+fn detach_lazily(path: &Path) {
+    match std::process::Command::new("fusermount3").arg("-uz").arg(path).output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            tracing::warn!("lazy unmount of {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim())
+        }
+        Err(e) => tracing::warn!("cannot run fusermount3 to detach {}: {e}", path.display()),
     }
 }
 
