@@ -13,6 +13,7 @@ use common::*;
 use futures::StreamExt;
 use natster_mount::client::{CatalogClient, ClientError};
 use natster_mount::context::Context;
+use natster_mount::identity::{Identity, PinStore};
 
 /// `natster-mount operator up --trace`; Drop stops it.
 struct OperatorUp {
@@ -253,6 +254,27 @@ async fn share_import_read_refuse_and_unshare() {
     // Absence of media can only be checked by waiting a bounded moment.
     let stray = tokio::time::timeout(Duration::from_millis(500), eve_media.next()).await;
     assert!(stray.is_err(), "media reached eve: {:?}", stray.ok().flatten().map(|m| m.subject));
+
+    // A reader on bob's connection signing as eve does not pass for bob: the server checks the
+    // signed identity against the account nats-server put in the subject.
+    let eve_creds = w.eve.context().creds.expect("eve's creds");
+    let eve_identity = std::sync::Arc::new(Identity::from_creds_file(&eve_creds).expect("eve identity"));
+    let alice_key = w.alice.key();
+    let posing = CatalogClient::for_owner(
+        w.bob.nats().await,
+        "media",
+        Some(&alice_key),
+        test_options(),
+        eve_identity,
+        PinStore::in_memory(),
+    )
+    .expect("client");
+    match posing.open(&hash, None).await {
+        Err(ClientError::Refused { code: 403, message }) => {
+            assert!(message.contains("belongs to account"), "{message}")
+        }
+        other => panic!("a reader signing as another account was not refused: {:?}", other.err()),
+    }
 
     // After unshare, bob's next open is refused.
     let bob = w.bob.client("media").await;
