@@ -91,8 +91,16 @@ async fn xattrs_carry_description_and_owner_and_follow_the_xattr_protocol() {
     names.sort();
     assert_eq!(
         names,
-        ["user.natster.description", "user.natster.hash", "user.natster.mime_type", "user.natster.owner"]
+        [
+            "user.natster.description",
+            "user.natster.hash",
+            "user.natster.mime_type",
+            "user.natster.owner",
+            "user.natster.verified"
+        ]
     );
+    let verified = getxattr(&clip, "user.natster.verified", 256).unwrap();
+    assert!(verified.starts_with(b"signed"), "{}", String::from_utf8_lossy(&verified));
     assert_eq!(len, names.iter().map(|n| n.len() + 1).sum::<usize>(), "size-0 listxattr reports the length");
 
     // Size 0 asks for the length; a too-small buffer is ERANGE; an unknown name is ENODATA.

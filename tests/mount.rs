@@ -581,6 +581,11 @@ async fn a_v1_only_peer_is_read_through_the_mount_and_the_cli() {
     let m = Mounted::start(&home, &[]);
     let mounted = m.path().join("media/old/peer.bin");
     assert_eq!(read(&mounted), small);
+    assert!(
+        xattr(&mounted, "user.natster.verified").starts_with("unverified"),
+        "an original peer is shown as unverified"
+    );
+    assert!(m.log().contains("answers unsigned"), "a log line says the catalog is unverified:\n{}", m.log());
     // A ranged read on a fresh descriptor, with the kernel's pages dropped, is served by the
     // mount from the chunks the v1 download cached.
     drop_page_cache(&mounted);

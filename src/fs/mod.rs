@@ -252,6 +252,10 @@ impl NatsterFs {
                 ("user.natster.mime_type", entry.mime_type.clone()),
                 ("user.natster.description", entry.description.clone()),
                 ("user.natster.owner", self.catalogs.get(*catalog).map(|c| c.owner.clone()).unwrap_or_default()),
+                (
+                    "user.natster.verified",
+                    self.catalogs.get(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
+                ),
             ]),
             NodeKind::Dir { .. } => Ok(Vec::new()),
         }

@@ -61,7 +61,7 @@ pub trait ChunkSource: Send + Sync {
         sink: ChunkSink<'a>,
     ) -> BoxFuture<'a, Result<(), FsError>>;
 
-    /// A word for logs and xattrs on how this catalog's bytes are checked.
+    /// How this catalog's answers are checked, for the `user.natster.verified` xattr.
     fn verification(&self) -> &'static str;
 }
 
@@ -245,10 +245,10 @@ impl ChunkSource for RemoteSource {
     }
 
     fn verification(&self) -> &'static str {
-        if self.client.speaks_v2() {
-            "v2: chunks authenticated per session"
+        if self.client.unverified() {
+            "unverified: an original Natster peer (no signatures); whole files are checked against their sha256"
         } else {
-            "v1: whole file checked against its sha256"
+            "signed: listing and sessions signed by the owner's catalog server"
         }
     }
 }
