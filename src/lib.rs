@@ -3,6 +3,15 @@
 //! (`server`); it is shared with another account by public key and imported by it; readers
 //! list and read it through `client`, or mount every catalog they can read (`fs`). The
 //! README describes the commands; each module's docs list its invariants.
+//!
+//! Security model, in short (the README has the whole table): access rests on NATS accounts
+//! (the account token that nats-server writes into every imported request, checked against
+//! the owner's share list); authenticity on signatures checked offline by each end (`identity`:
+//! the catalog server signs `get` and `open` replies with its user nkey and the JWT its
+//! account issued, the reader signs its `open`), so neither another account, nor another user
+//! of the reader's account, nor a NATS server in between can answer as the owner or learn a
+//! session key; confidentiality and integrity of media on per-session AEAD keys (`crypto`).
+//! Original (v1) peers cannot sign: they are read unverified, whole files checked by sha256.
 
 pub mod accounts;
 pub mod cache;
