@@ -218,3 +218,48 @@ async fn our_server_answers_a_download_as_the_vector_does() {
     let joined: Vec<u8> = got.into_values().flatten().collect();
     assert!(joined == file, "our server's chunks do not reassemble the file");
 }
+
+/// An original server that transcodes an mp4 on the fly sends other bytes than the listed
+/// file (and says so in `x-natster-transcoding`): our client refuses them with a message
+/// saying why, instead of a bare authentication failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcoded_bytes_from_an_original_peer_are_refused_with_the_reason() {
+    let v = vector();
+    let hash = s(&v["file"], "sha256").to_string();
+    let nats = NatsServer::start();
+    let peer = connect(&nats.url()).await;
+    let mut requests = peer.subscribe(s(&v, "request_subject").to_string()).await.unwrap();
+    peer.flush().await.unwrap();
+    let reply_json = s(&v, "reply_json").to_string();
+    let sender = nkeys::XKey::from_seed(s(&v, "sender_seed")).unwrap();
+    let first = &v["chunks"][0];
+    let subject = s(first, "subject").to_string();
+    let literal: Vec<(String, String)> = first["headers"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+        .collect();
+    let peer_task = tokio::spawn(async move {
+        let msg = requests.next().await.expect("a download request");
+        let req: Value = serde_json::from_slice(&msg.payload).expect("request is JSON");
+        let target = nkeys::XKey::from_public_key(req["target_xkey"].as_str().unwrap()).expect("target xkey");
+        peer.publish(msg.reply.unwrap(), reply_json.into_bytes().into()).await.unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, value) in &literal {
+            headers.insert(name.as_str(), value.as_str());
+        }
+        headers.insert("x-natster-transcoding", "true");
+        // A transcoded piece: sealed correctly, but not the listed file's bytes or length.
+        let sealed = sender.seal(&[7u8; 1000], &target).unwrap();
+        peer.publish_with_headers(subject, headers, sealed.into()).await.unwrap();
+        peer.flush().await.unwrap();
+    });
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let err = within("download_v1 of a transcoded file", client.download_v1(&hash, |_| Ok(())))
+        .await
+        .expect_err("transcoded bytes were accepted");
+    assert!(matches!(err, natster_mount::client::ClientError::Transcoded(_)), "{err}");
+    assert!(err.to_string().contains("transcoded bytes"), "{err}");
+    within("the fake peer", peer_task).await.expect("fake peer");
+}
