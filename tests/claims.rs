@@ -23,13 +23,7 @@ use common::*;
 /// their index), against a fresh nats-server.
 async fn home_with(files: &[(&str, Vec<u8>)]) -> (NatsServer, TestHome, tempfile::TempDir) {
     let nats = NatsServer::start();
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
-    for (rel, bytes) in files {
-        write_file(tree.path(), rel, bytes);
-    }
-    home.run_async(["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(&nats, files).await;
     (nats, home, tree)
 }
 
