@@ -14,6 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use natster_mount::client::RemoteFile;
 use natster_mount::fs::mount::is_mounted;
 
 use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
@@ -23,13 +24,7 @@ use common::*;
 /// their index), against a fresh nats-server.
 async fn home_with(files: &[(&str, Vec<u8>)]) -> (NatsServer, TestHome, tempfile::TempDir) {
     let nats = NatsServer::start();
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
-    for (rel, bytes) in files {
-        write_file(tree.path(), rel, bytes);
-    }
-    home.run_async(["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(&nats, files).await;
     (nats, home, tree)
 }
 
@@ -323,14 +318,31 @@ async fn a_killed_mount_is_reported_stale_and_umount_clears_it() {
 
 const CHUNK: usize = 256 * 1024; // `catalog serve`'s default chunk size
 
+/// `f.bin` (`bytes`) served in `media`, the catalog's `subject` requests recorded from
+/// before the file is opened through a library client. Destructure it binding every field
+/// (`_x`, never `_` or `..`: those drop the tree or nats-server at once).
+struct Opened {
+    file: RemoteFile,
+    recorded: Requests,
+    served: Served,
+    _tree: tempfile::TempDir,
+    home: TestHome,
+    nats: NatsServer,
+}
+
+async fn opened(bytes: &[u8], subject: &str) -> Opened {
+    let (nats, home, tree) = home_with(&[("f.bin", bytes.to_vec())]).await;
+    let served = Served::start(&home, &nats, "media").await;
+    let recorded = Requests::record(&nats.url(), &format!("natster.catalog.media.{subject}")).await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let file = within("open", client.open(&sha256_hex(bytes), None)).await.expect("open");
+    Opened { file, recorded, served, _tree: tree, home, nats }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_chunks_are_asked_for_again_and_the_read_completes() {
     let bytes = pseudo_random_bytes(21, 3 * CHUNK + 11);
-    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
-    let served = Served::start(&home, &nats, "media").await;
-    let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
-    let client = catalog_client(&connect(&nats.url()).await, "media");
-    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    let Opened { nats: _nats, home: _home, _tree, served, recorded: reads, file } = opened(&bytes, "read").await;
 
     // The server freezes with the request unanswered: the client must ask again after
     // chunk_timeout (1 s in test_options), and take the chunks once the server thaws.
@@ -351,11 +363,7 @@ async fn late_chunks_are_asked_for_again_and_the_read_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_the_server_forgot_is_reopened() {
     let bytes = pseudo_random_bytes(22, 3 * CHUNK + 11);
-    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
-    let served = Served::start(&home, &nats, "media").await;
-    let opens = Requests::record(&nats.url(), "natster.catalog.media.open").await;
-    let client = catalog_client(&connect(&nats.url()).await, "media");
-    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    let Opened { nats, home, _tree, served, recorded: opens, file } = opened(&bytes, "open").await;
     assert_eq!(within("first read", file.read_range(0, 1000)).await.expect("read"), &bytes[..1000]);
     assert_eq!(opens.settled().await, 1);
 
@@ -370,11 +378,7 @@ async fn a_session_the_server_forgot_is_reopened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_outlasts_a_freeze_longer_than_request_timeout_within_its_retries() {
     let bytes = pseudo_random_bytes(23, 3 * CHUNK + 11);
-    let (nats, home, _tree) = home_with(&[("f.bin", bytes.clone())]).await;
-    let served = Served::start(&home, &nats, "media").await;
-    let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
-    let client = catalog_client(&connect(&nats.url()).await, "media");
-    let file = within("open", client.open(&sha256_hex(&bytes), None)).await.expect("open");
+    let Opened { nats: _nats, home: _home, _tree, served, recorded: reads, file } = opened(&bytes, "read").await;
     let frozen = Frozen::new(served.pid());
     let len = bytes.len();
     let read = tokio::spawn(async move { file.read_range(0, len).await });

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
+use common::operator::*;
 use common::*;
 
 const CHUNK: u64 = 256 * 1024; // `catalog serve`'s default chunk size
@@ -25,13 +26,7 @@ const MIB: u64 = 1024 * 1024;
 /// A home serving catalog `media` indexed from `files`, against a fresh nats-server.
 async fn served_home(files: &[(&str, &[u8])]) -> (NatsServer, TestHome, Served, tempfile::TempDir) {
     let nats = NatsServer::start();
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
-    for (rel, bytes) in files {
-        write_file(tree.path(), rel, bytes);
-    }
-    home.run_async(["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(&nats, files).await;
     let served = Served::start(&home, &nats, "media").await;
     (nats, home, served, tree)
 }
@@ -207,80 +202,33 @@ async fn read_ahead_of_many_files_stays_within_the_mount_wide_budget() {
     m.stop();
 }
 
-/// `natster-mount operator up`, as tests/sharing.rs runs it; Drop stops it.
-struct OperatorUp(std::process::Child, tempfile::NamedTempFile);
-
-impl Drop for OperatorUp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A CLI command of `home` against the machine's operator in `op`.
-async fn as_person(home: &TestHome, op: &Path, args: &[&str]) -> RunOutput {
-    let mut cmd = home.command(args);
-    cmd.env("NATSTER_OPERATOR_HOME", op);
-    tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT)).await.expect("command thread")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_unshared_while_mounted_reads_as_eacces() {
     require_fuse!();
     // The operator world of tests/sharing.rs: operator-mode nats-server, alice and bob.
-    let op_dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let op_dir = operator_dir();
     let op = op_dir.path();
-    let mut init = std::process::Command::new(bin());
-    init.args(["operator", "init", "--port", &free_port().to_string()])
-        .env("NATSTER_HOME", op)
-        .env("NATSTER_OPERATOR_HOME", op);
-    let out = run_with_timeout(init, COMMAND_TIMEOUT);
-    assert!(out.status.success(), "operator init: {}", out.stderr);
-    let log = tempfile::NamedTempFile::new().expect("log");
-    let child = std::process::Command::new(bin())
-        .args(["operator", "up"])
-        .env("NATSTER_HOME", op)
-        .env("NATSTER_OPERATOR_HOME", op)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.reopen().expect("log"))
-        .stderr(log.reopen().expect("log"))
-        .spawn()
-        .expect("operator up");
-    let up = OperatorUp(child, log);
-    wait_for("operator up", std::time::Duration::from_secs(20), || {
-        let ready = std::fs::read_to_string(up.1.path()).unwrap_or_default().contains("Ctrl-C to stop");
-        async move { ready.then_some(()) }
-    })
-    .await;
-    let (alice, bob) = (TestHome::new(), TestHome::new());
-    for (home, name) in [(&alice, "alice"), (&bob, "bob")] {
-        as_person(home, op, &["operator", "add-account", name]).await.assert_success("add-account");
-    }
+    operator_init(op, free_port());
+    let _up = OperatorUp::start(op);
+    let alice = Person::with_account(op, "alice").await;
+    let bob = Person::with_account(op, "bob").await;
     let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
     let clip = pseudo_random_bytes(34, (3 * MIB) as usize);
     write_file(tree.path(), "clip.bin", &clip);
     write_file(tree.path(), "later.txt", b"read only after the unshare\n");
     let big = pseudo_random_bytes(35, (4 * MIB) as usize);
     write_file(tree.path(), "big.bin", &big);
-    as_person(&alice, op, &["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("new");
-    as_person(&alice, op, &["catalog", "share", "media", "bob"]).await.assert_success("share");
-    as_person(&bob, op, &["catalog", "import", "media", "alice"]).await.assert_success("import");
-    let serve_log = tempfile::NamedTempFile::new().expect("serve log");
-    let serve = alice
-        .command(["catalog", "serve", "media"])
-        .env("NATSTER_OPERATOR_HOME", op)
-        .stdout(std::process::Stdio::null())
-        .stderr(serve_log.reopen().expect("log"))
-        .spawn()
-        .expect("serve");
-    let _serve = OperatorUp(serve, serve_log); // the same kill-and-reap guard
-    let bob_contents = || as_person(&bob, op, &["catalog", "contents", "media"]);
+    alice.run(&["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("new");
+    alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
+    bob.run(&["catalog", "import", "media", "alice"]).await.assert_success("import");
+    let _serve = Serve::start(&alice, "media");
+    let bob_contents = || bob.run(&["catalog", "contents", "media"]);
     wait_for("alice's catalog to answer bob", std::time::Duration::from_secs(20), || async {
         bob_contents().await.status.success().then_some(())
     })
     .await;
 
-    let m = Mounted::start(&bob, &[]);
+    let m = Mounted::start(&bob.home, &[]);
     let read = |p: std::path::PathBuf| {
         bounded(&format!("read of {}", p.display()), MOUNT_IO_DEADLINE, move || std::fs::read(p))
     };
@@ -289,7 +237,7 @@ async fn a_file_unshared_while_mounted_reads_as_eacces() {
     let open_big = open_direct(&m.path().join("media/big.bin"));
     assert!(pread(&open_big, 0, 4096).unwrap() == big[..4096]);
 
-    as_person(&alice, op, &["catalog", "unshare", "media", "bob"]).await.assert_success("unshare");
+    alice.run(&["catalog", "unshare", "media", "bob"]).await.assert_success("unshare");
     // A file bob never read: its open is refused, and the mount says EACCES, not EIO.
     let later = read(m.path().join("media/later.txt"));
     assert_eq!(later.as_ref().map_err(|e| e.raw_os_error()).err(), Some(Some(libc::EACCES)), "{later:?}");

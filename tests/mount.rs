@@ -34,14 +34,7 @@ struct Env {
 
 async fn env_with(files: &[(&str, Vec<u8>)]) -> Env {
     let nats = NatsServer::start();
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
-    for (rel, bytes) in files {
-        write_file(tree.path(), rel, bytes);
-    }
-    let root = tree.path().to_str().expect("utf-8").to_string();
-    home.run_async(["catalog", "new", "media", root.as_str()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(&nats, files).await;
     let served = Served::start(&home, &nats, "media").await;
     Env { nats, home, tree, served: Some(served) }
 }

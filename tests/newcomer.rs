@@ -7,117 +7,17 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::mounted::{fuse_available, Mounted};
+use common::operator::*;
 use common::*;
 use natster_mount::accounts::{self, jwt, Operator};
-use natster_mount::client::{CatalogClient, ClientError};
-use natster_mount::context::{Context, Home};
+use natster_mount::client::ClientError;
+use natster_mount::context::Home;
 use natster_mount::fs::mount::is_mounted;
-
-/// `natster-mount operator up`; Drop stops it with SIGTERM (SIGKILL after 10 s).
-struct OperatorUp {
-    child: Child,
-    out: tempfile::NamedTempFile,
-}
-
-impl OperatorUp {
-    fn start(operator_home: &Path) -> OperatorUp {
-        let out = tempfile::NamedTempFile::new().expect("log");
-        let child = operator_command(operator_home, &["operator", "up"])
-            .stdout(out.reopen().expect("out"))
-            .stderr(out.reopen().expect("err"))
-            .spawn()
-            .expect("spawn operator up");
-        let mut up = OperatorUp { child, out };
-        let until = Instant::now() + Duration::from_secs(20);
-        while !up.output().contains("Ctrl-C to stop") {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("operator up exited with {status}:\n{}", up.output());
-            }
-            assert!(Instant::now() < until, "operator up not ready:\n{}", up.output());
-            std::thread::sleep(POLL);
-        }
-        up
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(self.out.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for OperatorUp {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The binary run as the operator (its home is also the operator home).
-fn operator_command(operator_home: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .env("NATSTER_HOME", operator_home)
-        .env("NATSTER_OPERATOR_HOME", operator_home)
-        .env_remove("NATSTER_CONTEXT")
-        .env_remove("NATSTER_LOG")
-        .stdin(Stdio::null());
-    cmd
-}
-
-fn run_operator(operator_home: &Path, args: &[&str]) -> RunOutput {
-    run_with_timeout(operator_command(operator_home, args), COMMAND_TIMEOUT)
-}
-
-/// One person: a home of their own, and the operator home they use (for a bring-your-own-creds
-/// person, an empty one: no local operator manages their account).
-struct Person {
-    home: TestHome,
-    operator_home: PathBuf,
-}
-
-impl Person {
-    async fn run(&self, args: &[&str]) -> RunOutput {
-        let mut cmd = self.home.command(args);
-        cmd.env("NATSTER_OPERATOR_HOME", &self.operator_home);
-        tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT)).await.expect("command thread")
-    }
-
-    fn context(&self) -> Context {
-        Context::load(&self.home.home(), "default").expect("context")
-    }
-
-    fn key(&self) -> String {
-        self.context().account_public_key.expect("account key")
-    }
-
-    async fn client(&self, catalog: &str) -> CatalogClient {
-        let nats = self.context().connect(Duration::from_secs(5)).await.expect("connect with creds");
-        CatalogClient::new(nats, catalog, test_options()).expect("client")
-    }
-}
-
-/// `catalog serve` as a child; Drop kills it.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// An operator-mode server with accounts alice and bob; alice serves `media` (not shared).
 struct World {
@@ -137,28 +37,18 @@ impl World {
 }
 
 async fn world() -> World {
-    let operator = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let operator = operator_dir();
     let op = operator.path().to_path_buf();
     let port = free_port();
-    run_operator(&op, &["operator", "init", "--port", &port.to_string()]).assert_success("operator init");
+    operator_init(&op, port);
     let up = OperatorUp::start(&op);
-    let alice = Person { home: TestHome::new(), operator_home: op.clone() };
-    let bob = Person { home: TestHome::new(), operator_home: op.clone() };
-    alice.run(&["operator", "add-account", "alice"]).await.assert_success("add-account alice");
-    bob.run(&["operator", "add-account", "bob"]).await.assert_success("add-account bob");
+    let alice = Person::with_account(&op, "alice").await;
+    let bob = Person::with_account(&op, "bob").await;
     let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
     write_file(tree.path(), "a.txt", b"hello\n");
     alice.run(&["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
-    let child = alice
-        .home
-        .command(["catalog", "serve", "media"])
-        .env("NATSTER_OPERATOR_HOME", &op)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("serve");
-    let serve = Serve(child);
-    let own = alice.client("media").await;
+    let serve = Serve::start(&alice, "media");
+    let own = alice.plain_client("media").await;
     wait_for("alice's catalog server", Duration::from_secs(20), || {
         let own = own.clone();
         async move { own.get().await.ok().map(|_| ()) }
@@ -177,13 +67,7 @@ struct Plain {
 
 async fn plain(files: &[(&str, Vec<u8>)], serve_args: &[&str]) -> Plain {
     let nats = NatsServer::start();
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
-    for (path, bytes) in files {
-        write_file(tree.path(), path, bytes);
-    }
-    home.run_async(["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(&nats, files).await;
     let served = Served::start_with(&home, &nats, "media", serve_args).await;
     Plain { served: Some(served), home, tree, nats }
 }
@@ -232,7 +116,7 @@ async fn bring_your_own_creds_imports_with_external() {
     let alice_key = w.alice.key();
     // Bob's creds in a fresh home that no local operator manages (the nsc / Synadia path).
     let no_operator = tempfile::tempdir().unwrap();
-    let byo = Person { home: TestHome::new(), operator_home: no_operator.path().to_path_buf() };
+    let byo = Person::new(no_operator.path());
     let init = byo.run(&["init", "--server", &w.url(), "--creds", bob_creds.to_str().unwrap()]).await;
     init.assert_success("init --creds");
     assert_eq!(byo.key(), bob_key, "the account comes from the creds' user JWT");
@@ -598,7 +482,7 @@ async fn import_reports_the_owner_answer_and_unimport_undoes_it() {
     assert_eq!(w.bob.context().imports.len(), 2, "both imports are kept");
 
     w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
-    let bob = w.bob.client("media").await;
+    let bob = w.bob.plain_client("media").await;
     assert!(bob.get().await.is_ok(), "bob reads after the share");
 
     let undo = w.bob.run(&["catalog", "unimport", "media"]).await;
@@ -611,7 +495,7 @@ async fn import_reports_the_owner_answer_and_unimport_undoes_it() {
     let in_jwt: Vec<String> = op.catalog_imports("bob").unwrap().into_iter().map(|i| i.catalog).collect();
     assert_eq!(in_jwt, vec!["nosuch".to_string()]);
     // The server applied the new JWT: bob's next request finds no import.
-    let after = w.bob.client("media").await.get().await;
+    let after = w.bob.plain_client("media").await.get().await;
     assert!(matches!(after, Err(ClientError::NoResponders(_))), "{after:?}");
     let twice = w.bob.run(&["catalog", "unimport", "media"]).await;
     twice.assert_failure("unimport twice");
@@ -633,7 +517,7 @@ async fn whoami_with_refused_creds_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let creds = dir.path().join("stranger.creds");
     std::fs::write(&creds, accounts::format_creds(&token, &user.seed().unwrap())).unwrap();
-    let stranger = Person { home: TestHome::new(), operator_home: dir.path().to_path_buf() };
+    let stranger = Person::new(dir.path());
     stranger.run(&["init", "--server", &w.url(), "--creds", creds.to_str().unwrap()]).await.assert_success("init");
     let who = stranger.run(&["whoami"]).await;
     assert!(

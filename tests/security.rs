@@ -38,13 +38,8 @@ fn forged_bytes() -> Vec<u8> {
 
 /// The real catalog: a home serving `media` with one file.
 async fn real_home(nats: &NatsServer) -> (TestHome, tempfile::TempDir, Vec<u8>) {
-    let home = TestHome::new();
-    home.init(&nats.url()).await;
-    let tree = tempfile::tempdir().expect("tree");
     let real = pseudo_random_bytes(77, SIZE);
-    write_file(tree.path(), "movie.bin", &real);
-    let root = tree.path().to_str().expect("utf-8").to_string();
-    home.run_async(["catalog", "new", "media", root.as_str()]).await.assert_success("catalog new");
+    let (home, tree) = home_with_catalog(nats, &[("movie.bin", &real)]).await;
     (home, tree, real)
 }
 

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use common::operator::*;
 use common::*;
 use futures::StreamExt;
 use natster_mount::client::ClientError;
@@ -366,26 +367,6 @@ async fn serve_survives_restarts_and_stops_while_nats_is_down() {
     }
 }
 
-/// Child processes of `pid` (from /proc).
-fn children_of(pid: u32) -> Vec<u32> {
-    let listed = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let mut kids: Vec<u32> = listed.split_whitespace().filter_map(|p| p.parse().ok()).collect();
-    if kids.is_empty() {
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-            // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
-            let Some(after) = stat.rsplit_once(')').map(|(_, rest)| rest.to_string()) else { continue };
-            let ppid = after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok());
-            if ppid == Some(pid) {
-                if let Ok(child) = entry.file_name().to_string_lossy().parse() {
-                    kids.push(child);
-                }
-            }
-        }
-    }
-    kids
-}
-
 fn alive(pid: u32) -> bool {
     // A reaped process has no /proc entry; a zombie is as good as gone.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -393,76 +374,14 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// `operator up` in `dir`, until "Ctrl-C to stop"; killed on drop.
-struct Up {
-    child: Child,
-    out: tempfile::NamedTempFile,
-}
-
-impl Up {
-    fn start(dir: &Path) -> Up {
-        let out = tempfile::NamedTempFile::new().expect("out");
-        let child = std::process::Command::new(bin())
-            .args(["operator", "up"])
-            .env("NATSTER_HOME", dir)
-            .env("NATSTER_OPERATOR_HOME", dir)
-            .stdin(Stdio::null())
-            .stdout(out.reopen().expect("out"))
-            .stderr(out.reopen().expect("err"))
-            .spawn()
-            .expect("operator up");
-        let mut up = Up { child, out };
-        let until = Instant::now() + Duration::from_secs(20);
-        while !up.output().contains("Ctrl-C to stop") {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("operator up exited with {status}:\n{}", up.output());
-            }
-            assert!(Instant::now() < until, "operator up not ready:\n{}", up.output());
-            std::thread::sleep(POLL);
-        }
-        up
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(self.out.path()).unwrap_or_default()
-    }
-
-    fn nats_server_pid(&self) -> u32 {
-        let kids = children_of(self.child.id());
-        assert_eq!(kids.len(), 1, "operator up should run exactly one nats-server: {kids:?}");
-        kids[0]
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        for pid in children_of(self.child.id()) {
-            // SAFETY: kill(2) on a process the test started (through operator up).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- operator up output ---\n{}", tail(&self.output(), 30));
-        }
-    }
-}
-
 /// 5. `operator up` stops its nats-server and exits within 2 s of SIGTERM; with its
 /// nats-server killed beforehand it still exits within 2 s (saying the server died).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_up_stops_within_two_seconds() {
-    let dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
-    let port = free_port().to_string();
-    let init = std::process::Command::new(bin())
-        .args(["operator", "init", "--port", &port])
-        .env("NATSTER_HOME", dir.path())
-        .env("NATSTER_OPERATOR_HOME", dir.path())
-        .output()
-        .expect("operator init");
-    assert!(init.status.success(), "operator init: {}", String::from_utf8_lossy(&init.stderr));
+    let dir = operator_dir();
+    operator_init(dir.path(), free_port());
 
-    let mut up = Up::start(dir.path());
+    let mut up = OperatorUp::start(dir.path());
     let nats_pid = up.nats_server_pid();
     let sent = Instant::now();
     signal(&up.child, libc::SIGTERM);
@@ -473,7 +392,7 @@ async fn operator_up_stops_within_two_seconds() {
     assert!(up.output().contains("nats-server stopped"), "{}", up.output());
 
     // nats-server killed under it, then SIGTERM.
-    let mut up = Up::start(dir.path());
+    let mut up = OperatorUp::start(dir.path());
     let nats_pid = up.nats_server_pid();
     // SAFETY: kill(2) on the nats-server operator up started for this test.
     unsafe { libc::kill(nats_pid as i32, libc::SIGKILL) };

@@ -5,128 +5,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use common::mounted::{bounded, fuse_available_for, Mounted, MOUNT_IO_DEADLINE};
+use common::operator::*;
 use common::*;
 use futures::StreamExt;
 use natster_mount::client::{CatalogClient, ClientError};
-use natster_mount::context::Context;
 use natster_mount::identity::{Identity, PinStore};
-
-/// `natster-mount operator up --trace`; Drop stops it.
-struct OperatorUp {
-    child: Child,
-    out: tempfile::NamedTempFile,
-    operator_home: PathBuf,
-}
-
-impl OperatorUp {
-    fn start(operator_home: &Path) -> OperatorUp {
-        let out = tempfile::NamedTempFile::new().expect("log");
-        let child = std::process::Command::new(bin())
-            .args(["operator", "up", "--trace"])
-            .env("NATSTER_HOME", operator_home)
-            .env("NATSTER_OPERATOR_HOME", operator_home)
-            .stdin(Stdio::null())
-            .stdout(out.reopen().expect("out"))
-            .stderr(out.reopen().expect("err"))
-            .spawn()
-            .expect("spawn operator up");
-        let mut up = OperatorUp { child, out, operator_home: operator_home.to_path_buf() };
-        let until = Instant::now() + Duration::from_secs(20);
-        while !up.output().contains("Ctrl-C to stop") {
-            if let Ok(Some(status)) = up.child.try_wait() {
-                panic!("operator up exited with {status}:\n{}", up.output());
-            }
-            assert!(Instant::now() < until, "operator up not ready:\n{}", up.output());
-            std::thread::sleep(POLL);
-        }
-        up
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(self.out.path()).unwrap_or_default()
-    }
-
-    /// nats-server's own log (with --trace: every protocol line).
-    fn server_log(&self) -> String {
-        std::fs::read_to_string(self.operator_home.join("operator/server/nats-server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for OperatorUp {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(POLL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One person: a NATSTER_HOME of their own, sharing the machine's operator.
-struct Person {
-    home: TestHome,
-    operator_home: PathBuf,
-}
-
-impl Person {
-    fn new(operator_home: &Path) -> Person {
-        Person { home: TestHome::new(), operator_home: operator_home.to_path_buf() }
-    }
-
-    async fn run(&self, args: &[&str]) -> RunOutput {
-        let mut cmd = self.home.command(args);
-        cmd.env("NATSTER_OPERATOR_HOME", &self.operator_home);
-        tokio::task::spawn_blocking(move || run_with_timeout(cmd, COMMAND_TIMEOUT)).await.expect("command thread")
-    }
-
-    fn context(&self) -> Context {
-        Context::load(&self.home.home(), "default").expect("context")
-    }
-
-    fn key(&self) -> String {
-        self.context().account_public_key.expect("account key")
-    }
-
-    async fn nats(&self) -> async_nats::Client {
-        self.context().connect(Duration::from_secs(5)).await.expect("connect with creds")
-    }
-
-    /// A library client as this person's CLI makes it: signing as their user, trusting the
-    /// catalog's owner.
-    async fn client(&self, catalog: &str) -> CatalogClient {
-        CatalogClient::for_context(self.nats().await, &self.home.home(), &self.context(), catalog, test_options())
-            .expect("client")
-    }
-}
-
-/// `catalog serve` as alice; Drop stops it.
-struct Serve(Child, tempfile::NamedTempFile);
-
-impl Serve {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.1.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            eprintln!("--- catalog serve log ---\n{}", tail(&self.log(), 30));
-        }
-    }
-}
 
 struct World {
     up: OperatorUp,
@@ -139,17 +26,10 @@ struct World {
 }
 
 async fn world() -> World {
-    let operator_dir = tempfile::Builder::new().prefix("natster-operator-").tempdir().expect("operator dir");
+    let operator_dir = operator_dir();
     let op = operator_dir.path().to_path_buf();
-    let port = free_port().to_string();
-    let init = std::process::Command::new(bin())
-        .args(["operator", "init", "--port", &port])
-        .env("NATSTER_HOME", &op)
-        .env("NATSTER_OPERATOR_HOME", &op)
-        .output()
-        .expect("operator init");
-    assert!(init.status.success(), "operator init: {}", String::from_utf8_lossy(&init.stderr));
-    let up = OperatorUp::start(&op);
+    operator_init(&op, free_port());
+    let up = OperatorUp::start_with(&op, &["--trace"]);
     let (alice, bob, eve) = (Person::new(&op), Person::new(&op), Person::new(&op));
     for (p, name) in [(&alice, "alice"), (&bob, "bob"), (&eve, "eve")] {
         p.run(&["operator", "add-account", name]).await.assert_success("add-account");
@@ -159,15 +39,7 @@ async fn world() -> World {
     write_file(tree.path(), "notes/read me.txt", b"hello bob\n");
     alice.run(&["catalog", "new", "media", tree.path().to_str().unwrap()]).await.assert_success("catalog new");
 
-    let log = tempfile::NamedTempFile::new().expect("serve log");
-    let child = alice
-        .home
-        .command(["catalog", "serve", "media"])
-        .stdout(Stdio::null())
-        .stderr(log.reopen().expect("log"))
-        .spawn()
-        .expect("serve");
-    let serve = Serve(child, log);
+    let serve = Serve::start(&alice, "media");
     let own = alice.client("media").await;
     wait_for("alice's catalog server", Duration::from_secs(20), || {
         let own = own.clone();

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod mounted;
+pub mod operator;
 
 use std::ffi::OsStr;
 use std::future::Future;
@@ -261,6 +262,23 @@ impl TestHome {
     pub async fn init(&self, url: &str) {
         self.run_async(["init", "--server", url]).await.assert_success("natster-mount init");
     }
+}
+
+/// A fresh home initialised against `nats`, with catalog `media` indexing `files` (not
+/// served); the tree stays on disk until the returned folder drops.
+pub async fn home_with_catalog<B: AsRef<[u8]>>(
+    nats: &NatsServer,
+    files: &[(&str, B)],
+) -> (TestHome, tempfile::TempDir) {
+    let home = TestHome::new();
+    home.init(&nats.url()).await;
+    let tree = tempfile::Builder::new().prefix("natster-tree-").tempdir().expect("tree");
+    for (rel, bytes) in files {
+        write_file(tree.path(), rel, bytes.as_ref());
+    }
+    let root = tree.path().to_str().expect("utf-8").to_string();
+    home.run_async(["catalog", "new", "media", root.as_str()]).await.assert_success("catalog new");
+    (home, tree)
 }
 
 /// Runs `cmd` with stdout and stderr captured in temporary files (no pipe can fill up),
