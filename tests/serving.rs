@@ -402,6 +402,18 @@ async fn operator_up_stops_within_two_seconds() {
     unsafe { libc::kill(up.child.id() as i32, libc::SIGTERM) };
     let (took, _status) = time_exit(&mut up.child, sent);
     assert!(took < STOP_BOUND, "operator up took {took:?} to stop after its nats-server died:\n{}", up.output());
+
+    // operator up killed outright (no chance to clean up): its nats-server goes with it.
+    let mut up = OperatorUp::start(dir.path());
+    let nats_pid = up.nats_server_pid();
+    let sent = Instant::now();
+    signal(&up.child, libc::SIGKILL);
+    let _ = time_exit(&mut up.child, sent);
+    let until = Instant::now() + STOP_BOUND;
+    while alive(nats_pid) {
+        assert!(Instant::now() < until, "nats-server {nats_pid} outlived a killed operator up");
+        std::thread::sleep(POLL);
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, as a re-index does.

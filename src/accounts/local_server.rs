@@ -116,6 +116,16 @@ impl LocalServer {
             command.arg("-DV");
         }
         command.stdin(Stdio::null()).stdout(Stdio::from(log_file)).stderr(Stdio::from(log_err));
+        // If we die without stopping it (SIGKILL), the server goes too instead of holding the
+        // port as an orphan. The signal follows the spawning *thread*: `start` runs on the
+        // caller's task, never on the blocking pool, whose threads come and go.
+        // SAFETY: prctl is async-signal-safe and only sets this child's death signal.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
         let child = command.spawn().with_context(|| {
             format!("cannot run {}; install the nats-server package or set NATS_SERVER_BIN", binary.display())
         })?;
