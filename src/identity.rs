@@ -280,13 +280,20 @@ impl PinStore {
             return;
         }
         pins.insert(name.to_string(), value.to_string());
-        if let Some(file) = &self.file {
+        if let Some(file) = self.file.clone() {
             tracing::info!(catalog = name, "remembered the catalog server's identity (first contact)");
-            // Small file, written on first contact only.
-            if let Ok(bytes) = serde_json::to_vec_pretty(&*pins) {
-                if let Err(e) = crate::store::write_atomic(file, &bytes, 0o600) {
+            let Ok(bytes) = serde_json::to_vec_pretty(&*pins) else { return };
+            let save = move || {
+                if let Err(e) = crate::store::write_atomic(&file, &bytes, 0o600) {
                     tracing::warn!("cannot save {}: {e:#}", file.display());
                 }
+            };
+            // Off the async workers when called from one (a reply being checked). Two first
+            // contacts at the same instant could save out of order, leaving one pin in memory
+            // only: it is then made again at the next start, which is harmless.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(save)),
+                Err(_) => save(),
             }
         }
     }
