@@ -312,31 +312,6 @@ async fn concurrent_downloads_of_the_big_file() {
     assert_eq!(file_names(out.path()).len(), 8);
 }
 
-/// Receives `total` v1 chunks from `sub` as an original Natster client does, and returns the
-/// reassembled file.
-async fn receive_v1(sub: &mut async_nats::Subscriber, target: &nkeys::XKey, sender_xkey: &str, total: u64) -> Vec<u8> {
-    let mut chunks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    while (chunks.len() as u64) < total {
-        let msg = tokio::time::timeout(CHUNK_WAIT, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("v1 chunk missing after {} of {total}", chunks.len()))
-            .expect("subscription ended");
-        let headers = msg.headers.as_ref().expect("v1 chunk without headers");
-        let header = |name: &str| {
-            headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_else(|| panic!("chunk without {name}"))
-        };
-        let index: u64 = header(protocol::HEADER_CHUNK_INDEX).parse().expect("numeric chunk index");
-        assert_eq!(header(protocol::HEADER_TOTAL_CHUNKS), total.to_string());
-        let sender_hdr = header(protocol::HEADER_SENDER_XKEY);
-        assert_eq!(sender_hdr, sender_xkey, "sender xkey header differs from the reply's");
-        let sender = nkeys::XKey::from_public_key(&sender_hdr).expect("sender header is an xkey");
-        let plain = target.open(&msg.payload, &sender).unwrap_or_else(|e| panic!("chunk {index} does not open: {e}"));
-        assert!(chunks.insert(index, plain).is_none(), "chunk {index} arrived twice");
-    }
-    assert_eq!(chunks.keys().copied().collect::<Vec<_>>(), (0..total).collect::<Vec<_>>());
-    chunks.into_values().flatten().collect()
-}
-
 /// 4. A v1 `download` reassembles byte-identical, by hand as an original Natster client would,
 /// and through `CatalogClient::download_v1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,7 +335,7 @@ async fn v1_download_reassembles_byte_identical() {
     assert_eq!(total, size.div_ceil(protocol::V1_CHUNK_SIZE) as u64);
     let sender_xkey = data["sender_xkey"].as_str().expect("sender_xkey").to_string();
 
-    let got = receive_v1(&mut sub, &target, &sender_xkey, total).await;
+    let got = receive_v1(&mut sub, &target, &sender_xkey, total, CHUNK_WAIT).await;
     drop(sub);
     assert!(got == src.bytes, "v1 reassembly differs ({} vs {} bytes)", got.len(), size);
 

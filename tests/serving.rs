@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::operator::*;
 use common::*;
-use futures::StreamExt;
 use natster_mount::client::ClientError;
 use natster_mount::context::Home;
 use natster_mount::server::{CatalogServer, ServerOptions};
@@ -51,25 +49,7 @@ async fn original_v1_download(url: String, hash: String) -> Vec<u8> {
     assert_eq!(code(&reply), 200, "{reply}");
     let total = reply["data"]["total_chunks"].as_u64().expect("total_chunks");
     let sender_xkey = reply["data"]["sender_xkey"].as_str().expect("sender_xkey").to_string();
-    let mut chunks: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
-    while (chunks.len() as u64) < total {
-        let msg = tokio::time::timeout(CHUNK_WAIT, sub.next())
-            .await
-            .unwrap_or_else(|_| panic!("v1 chunk missing after {} of {total}", chunks.len()))
-            .expect("subscription ended");
-        let headers = msg.headers.as_ref().expect("v1 chunk without headers");
-        let header = |name: &str| {
-            headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_else(|| panic!("chunk without {name}"))
-        };
-        let index: u64 = header("x-natster-chunk-idx").parse().expect("numeric chunk index");
-        assert_eq!(header("x-natster-total-chunks"), total.to_string());
-        let sender = header("x-natster-sender-xkey");
-        assert_eq!(sender, sender_xkey);
-        let sender = nkeys::XKey::from_public_key(&sender).expect("sender xkey");
-        let plain = target.open(&msg.payload, &sender).unwrap_or_else(|e| panic!("chunk {index} does not open: {e}"));
-        assert!(chunks.insert(index, plain).is_none(), "chunk {index} twice");
-    }
-    chunks.into_values().flatten().collect()
+    receive_v1(&mut sub, &target, &sender_xkey, total, CHUNK_WAIT).await
 }
 
 /// A raw v1 `download` request of `hash`; the reply envelope.

@@ -119,7 +119,11 @@ impl NatsServer {
                     failures.push(format!("port {port}: exited with {status}: {}", tail(&read_log(&log), 5)));
                     break;
                 }
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                // Ready means *this* child says so: a port answering could be another test's
+                // server that took the same port a moment earlier (ours then fails to bind).
+                if read_log(&log).contains("Server is ready")
+                    && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                {
                     return NatsServer { child, port, log };
                 }
                 if Instant::now() >= deadline {
@@ -579,4 +583,37 @@ impl Drop for Frozen {
         // SAFETY: kill(2) on a child of this test.
         unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
     }
+}
+
+/// Receives `total` v1 chunks from `sub` as an original Natster client does (each chunk's
+/// headers by their literal wire names, opened with the sender key they name, which must be
+/// the reply's `sender_xkey`), waiting at most `chunk_wait` for each; returns the file.
+pub async fn receive_v1(
+    sub: &mut async_nats::Subscriber,
+    target: &nkeys::XKey,
+    sender_xkey: &str,
+    total: u64,
+    chunk_wait: Duration,
+) -> Vec<u8> {
+    use futures::StreamExt;
+    let mut chunks: std::collections::BTreeMap<u64, Vec<u8>> = std::collections::BTreeMap::new();
+    while (chunks.len() as u64) < total {
+        let msg = tokio::time::timeout(chunk_wait, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("v1 chunk missing after {} of {total}", chunks.len()))
+            .expect("subscription ended");
+        let headers = msg.headers.as_ref().expect("v1 chunk without headers");
+        let header = |name: &str| {
+            headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_else(|| panic!("chunk without {name}"))
+        };
+        let index: u64 = header("x-natster-chunk-idx").parse().expect("numeric chunk index");
+        assert_eq!(header("x-natster-total-chunks"), total.to_string());
+        let sender_hdr = header("x-natster-sender-xkey");
+        assert_eq!(sender_hdr, sender_xkey, "sender xkey header differs from the reply's");
+        let sender = nkeys::XKey::from_public_key(&sender_hdr).expect("sender header is an xkey");
+        let plain = target.open(&msg.payload, &sender).unwrap_or_else(|e| panic!("chunk {index} does not open: {e}"));
+        assert!(chunks.insert(index, plain).is_none(), "chunk {index} arrived twice");
+    }
+    assert_eq!(chunks.keys().copied().collect::<Vec<_>>(), (0..total).collect::<Vec<_>>());
+    chunks.into_values().flatten().collect()
 }
