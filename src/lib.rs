@@ -15,6 +15,7 @@
 
 pub mod accounts;
 pub mod cache;
+pub mod chunk_tree;
 pub mod cli;
 pub mod client;
 pub mod context;
