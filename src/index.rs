@@ -1,7 +1,14 @@
 //! Catalog index: walks a folder and records, per file, its path, size, sha256 and mime type in
 //! `$NATSTER_HOME/<name>.json`, in the original Natster format (plus additive fields the
 //! original ignores). Re-indexing keeps the hash of every file whose size and mtime did not
-//! change, so an unchanged tree costs one `stat` per file.
+//! change, so an unchanged tree costs one `stat` per file (and one of its tree file).
+//!
+//! In the same read pass as the sha256, each file's leaf hashes ([`crate::chunk_tree`]) are
+//! computed: their root goes into the entry as `tree` (hex; additive), the leaves themselves
+//! into a content-addressed side file, `$NATSTER_HOME/trees/<sha256>.leaves` (raw 32-byte
+//! hashes), from which the server answers chunk proofs. A side file that is missing or of the
+//! wrong length makes the next re-index hash that file again; one whose content does not give
+//! the entry's root is refused by the server ([`load_tree`]).
 
 use std::collections::HashMap;
 use std::fs;
@@ -15,6 +22,7 @@ use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::chunk_tree;
 use crate::context::Home;
 use crate::protocol::{self, CatalogEntry, CatalogSummary};
 
@@ -33,6 +41,10 @@ pub struct IndexEntry {
     /// file must be hashed again.
     #[serde(default)]
     pub mtime_ns: i64,
+    /// Root of the file's chunk tree in hex ([`crate::chunk_tree`]); absent in indexes
+    /// written before protocol 4 or by the original.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<String>,
 }
 
 /// A catalog as stored on disk (the original's `MediaLibrary`).
@@ -113,7 +125,7 @@ impl Catalog {
             h.update([0]);
         }
         for e in &self.entries {
-            for part in [&e.path, &e.hash, &e.mime_type, &e.description] {
+            for part in [&e.path, &e.hash, &e.mime_type, &e.description, e.tree.as_deref().unwrap_or("")] {
                 h.update(part.as_bytes());
                 h.update([0]);
             }
@@ -139,6 +151,7 @@ impl Catalog {
                     hash: e.hash.clone(),
                     byte_size: e.byte_size,
                     mtime: e.mtime_ns.div_euclid(1_000_000_000),
+                    tree: e.tree.clone(),
                 })
                 .collect(),
             revision: self.revision(),
@@ -206,7 +219,10 @@ pub fn index_folder(
     for (i, f) in found.iter().enumerate() {
         match known.get(f.rel.as_str()) {
             Some(old)
-                if old.byte_size == f.size && old.mtime_ns == f.mtime_ns && protocol::is_sha256_hex(&old.hash) =>
+                if old.byte_size == f.size
+                    && old.mtime_ns == f.mtime_ns
+                    && protocol::is_sha256_hex(&old.hash)
+                    && has_tree_file(home, old) =>
             {
                 entries.push(Some(old.to_owned().clone()));
                 report.reused += 1;
@@ -219,8 +235,8 @@ pub fn index_folder(
     }
     progress(ProgressEvent::Start { bytes: to_hash.iter().map(|&i| found[i].size).sum() });
 
-    let hashes = hash_files(&found, &to_hash, progress)?;
-    for (i, hash) in hashes {
+    let hashes = hash_files(home, &found, &to_hash, progress)?;
+    for (i, (hash, tree)) in hashes {
         let f = &found[i];
         entries[i] = Some(IndexEntry {
             path: f.rel.clone(),
@@ -229,6 +245,7 @@ pub fn index_folder(
             hash,
             byte_size: f.size,
             mtime_ns: f.mtime_ns,
+            tree: Some(tree),
         });
         report.hashed += 1;
         report.bytes_hashed += f.size;
@@ -323,12 +340,14 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
     Ok(found)
 }
 
-/// Hashes `found[i]` for every i in `which`, on one thread per core.
+/// Hashes `found[i]` for every i in `which`, on one thread per core, and saves each one's
+/// leaves; gives (sha256, tree root) in hex.
 fn hash_files(
+    home: &Home,
     found: &[Found],
     which: &[usize],
     progress: &(dyn Fn(ProgressEvent) + Sync),
-) -> Result<Vec<(usize, String)>> {
+) -> Result<Vec<(usize, (String, String))>> {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(which.len()));
     let first_error = Mutex::new(None);
@@ -338,7 +357,7 @@ fn hash_files(
             s.spawn(|| loop {
                 let k = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = which.get(k) else { break };
-                match sha256_file(&found[i].abs, progress) {
+                match hash_file(&found[i].abs, progress).and_then(|h| save_tree(home, h)) {
                     Ok(h) => results.lock().unwrap_or_else(|p| p.into_inner()).push((i, h)),
                     Err(e) => {
                         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
@@ -354,20 +373,83 @@ fn hash_files(
     Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
-/// sha256 of a file in lowercase hex.
-pub fn sha256_file(path: &Path, progress: &(dyn Fn(ProgressEvent) + Sync)) -> Result<String> {
+/// What one read pass over a file finds.
+pub struct FileHashes {
+    /// sha256 in lowercase hex.
+    pub sha256: String,
+    pub tree: chunk_tree::Tree,
+}
+
+/// sha256 and chunk tree of a file, in one read pass.
+pub fn hash_file(path: &Path, progress: &(dyn Fn(ProgressEvent) + Sync)) -> Result<FileHashes> {
     let mut file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut hasher = Sha256::new();
+    let mut leaves = chunk_tree::LeafHasher::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
     loop {
         let n = file.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        leaves.update(&buf[..n]);
+        len += n as u64;
         progress(ProgressEvent::Hashed(n as u64));
     }
-    Ok(hex::encode(hasher.finalize()))
+    let tree = chunk_tree::Tree::from_leaves(len, leaves.finish()).map_err(anyhow::Error::msg)?;
+    Ok(FileHashes { sha256: hex::encode(hasher.finalize()), tree })
+}
+
+/// Where the leaves of the file with sha256 `hash` are kept.
+pub fn tree_path(home: &Home, hash: &str) -> PathBuf {
+    home.path().join("trees").join(format!("{hash}.leaves"))
+}
+
+/// Writes a hashed file's leaves to its side file; gives (sha256, tree root) in hex.
+fn save_tree(home: &Home, hashes: FileHashes) -> Result<(String, String)> {
+    let bytes: Vec<u8> = hashes.tree.leaves().concat();
+    crate::store::write_atomic(&tree_path(home, &hashes.sha256), &bytes, 0o600)?;
+    Ok((hashes.sha256, hex::encode(hashes.tree.root())))
+}
+
+/// True when `entry` has a tree root and a side file of the right length (one `stat`).
+fn has_tree_file(home: &Home, entry: &IndexEntry) -> bool {
+    let want = chunk_tree::leaf_count(entry.byte_size).saturating_mul(32);
+    entry.tree.is_some() && fs::metadata(tree_path(home, &entry.hash)).is_ok_and(|m| m.len() == want)
+}
+
+/// Why [`load_tree`] found no usable tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TreeFileError {
+    #[error("the index has no chunk tree for it (indexed before protocol 4)")]
+    NotIndexed,
+    #[error("its tree file {0} is missing")]
+    Missing(String),
+    #[error("its tree file {0} is damaged or belongs to other content")]
+    Damaged(String),
+}
+
+/// The chunk tree of `entry` from its side file, checked against the entry's root (blocking).
+pub fn load_tree(home: &Home, entry: &IndexEntry) -> std::result::Result<chunk_tree::Tree, TreeFileError> {
+    let root = entry.tree.as_deref().ok_or(TreeFileError::NotIndexed)?;
+    let path = tree_path(home, &entry.hash);
+    let shown = path.display().to_string();
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(TreeFileError::Missing(shown)),
+        Err(_) => return Err(TreeFileError::Damaged(shown)),
+    };
+    if bytes.len() as u64 != chunk_tree::leaf_count(entry.byte_size).saturating_mul(32) {
+        return Err(TreeFileError::Damaged(shown));
+    }
+    let leaves = bytes.chunks_exact(32).map(|h| h.try_into().unwrap_or([0u8; 32])).collect();
+    let tree =
+        chunk_tree::Tree::from_leaves(entry.byte_size, leaves).map_err(|_| TreeFileError::Damaged(shown.clone()))?;
+    if hex::encode(tree.root()) != root {
+        return Err(TreeFileError::Damaged(shown));
+    }
+    Ok(tree)
 }
 
 #[cfg(test)]
@@ -390,11 +472,24 @@ mod tests {
         assert_eq!(cat.entries[0].path, "/a/b/one.txt");
         assert_eq!(cat.entries[1].mime_type, "video/mp4");
         assert_eq!(cat.entries[0].hash, hex::encode(Sha256::digest(b"one")));
+        let root = hex::encode(chunk_tree::Tree::of(b"one").root());
+        assert_eq!(cat.entries[0].tree.as_deref(), Some(root.as_str()));
+        assert_eq!(load_tree(&home, &cat.entries[0]).unwrap().root(), chunk_tree::Tree::of(b"one").root());
 
         let (cat2, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
         assert_eq!((r.hashed, r.reused), (0, 2));
         assert_eq!(cat2.revision(), cat.revision());
         assert_eq!(cat2.description, "d");
+
+        // A lost tree file is made again; a damaged one is refused until then.
+        let one = tree_path(&home, &cat.entries[0].hash);
+        std::fs::write(&one, [0u8; 32]).unwrap();
+        assert!(matches!(load_tree(&home, &cat.entries[0]), Err(TreeFileError::Damaged(_))));
+        std::fs::remove_file(&one).unwrap();
+        assert!(matches!(load_tree(&home, &cat.entries[0]), Err(TreeFileError::Missing(_))));
+        let (_, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        assert_eq!((r.hashed, r.reused), (1, 1));
+        assert!(load_tree(&home, &cat.entries[0]).is_ok());
 
         fs::write(tree.path().join("two.mp4"), b"changed").unwrap();
         fs::remove_file(tree.path().join("a/b/one.txt")).unwrap();

@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol generation advertised in `get` replies; readers use it to pick v2 over v1.
 /// 3: `get` and `open` replies are signed by the catalog server ([`Envelope::proof`]) and
-/// `open` requests by the reader; 2 (unsigned) is no longer spoken.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// `open` requests by the reader. 4: listing entries carry their chunk tree root (`tree`) and
+/// every v2 chunk its proof under it ([`crate::chunk_tree`]). 2 and 3 are no longer spoken.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// v1 chunk size, fixed by the original Natster.
 pub const V1_CHUNK_SIZE: usize = 4096;
@@ -17,8 +18,8 @@ pub const HEADER_CHUNK_INDEX: &str = "x-natster-chunk-idx";
 pub const HEADER_SENDER_XKEY: &str = "x-natster-sender-xkey";
 pub const HEADER_TOTAL_CHUNKS: &str = "x-natster-total-chunks";
 
-/// Smallest v2 chunk either side accepts: below it, per-chunk bookkeeping would outweigh data.
-pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Smallest v2 chunk either side accepts: one chunk tree leaf. Chunks are whole leaves.
+pub const MIN_CHUNK_SIZE: u32 = crate::chunk_tree::LEAF_SIZE as u32;
 
 /// Longest catalog name we accept; names become subject tokens and file names.
 pub const MAX_CATALOG_NAME: usize = 64;
@@ -203,6 +204,10 @@ pub struct CatalogEntry {
     /// Modification time, seconds since the epoch (additive; 0 when the peer has none).
     #[serde(default)]
     pub mtime: i64,
+    /// Root of the file's chunk tree, hex (protocol 4; additive). Every v2 chunk is checked
+    /// against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<String>,
 }
 
 /// Reply to `get` (the original's `CatalogSummary`, plus `revision` and `protocol`).

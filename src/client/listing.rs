@@ -28,6 +28,7 @@ impl CatalogClient {
                 // An original peer ignores `from` and sends everything at once.
                 drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
                 self.inner.note_protocol(summary.protocol);
+                self.inner.remember_listing(&summary);
                 return Ok(summary);
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
@@ -50,6 +51,7 @@ impl CatalogClient {
             summary.entries.truncate(total);
             drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
             self.inner.note_protocol(summary.protocol);
+            self.inner.remember_listing(&summary);
             return Ok(summary);
         }
         Err(ClientError::Protocol("listing kept changing while it was read; try again".into()))
@@ -62,14 +64,17 @@ impl CatalogClient {
         let reply =
             inner.request_reply(Operation::Get, &GetRequest { from: Some(from), nonce: Some(nonce.clone()) }).await?;
         let page: CatalogSummary = reply.parse(Operation::Get)?;
+        // 2 was unsigned and 3 sends chunks without proofs: neither is read, so that nobody
+        // can downgrade a catalog to them.
+        if (2..protocol::PROTOCOL_VERSION).contains(&page.protocol) {
+            return Err(ClientError::Protocol(format!(
+                "catalog '{}' is served by an older natster-mount (protocol {}); ask its owner to upgrade",
+                inner.catalog, page.protocol
+            )));
+        }
         if reply.proof.is_some() || page.protocol >= protocol::PROTOCOL_VERSION {
             inner.check_signed(&reply, Purpose::Listing, &[inner.catalog.as_bytes(), nonce.as_bytes()])?;
             inner.unverified.store(false, Ordering::Relaxed);
-        } else if page.protocol >= 2 {
-            return Err(ClientError::Protocol(format!(
-                "catalog '{}' is served by an older natster-mount (protocol {}, unsigned); ask its owner to upgrade",
-                inner.catalog, page.protocol
-            )));
         } else {
             // An original peer cannot sign: taken, unless this catalog signed before.
             inner.trust.allow_unsigned().map_err(|e| ClientError::Untrusted(inner.catalog.clone(), e))?;
@@ -81,12 +86,28 @@ impl CatalogClient {
     }
 }
 
+impl super::ClientInner {
+    /// Keeps what `listing` says of each file, for opens by hash.
+    fn remember_listing(&self, listing: &CatalogSummary) {
+        let listed = listing
+            .entries
+            .iter()
+            .map(|e| (e.hash.clone(), super::Listed { byte_size: e.byte_size, tree: e.tree.clone() }))
+            .collect();
+        *self.listed.lock().unwrap_or_else(|p| p.into_inner()) = listed;
+    }
+}
+
 /// Why an entry could confuse a filesystem built from the listing, if it could.
 fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
     if !protocol::is_sha256_hex(&e.hash) {
         return Some("invalid hash");
     }
-    if e.path.len() > 4096 || e.description.len() > 64 * 1024 || e.mime_type.len() > 255 {
+    if e.path.len() > 4096
+        || e.description.len() > 64 * 1024
+        || e.mime_type.len() > 255
+        || e.tree.as_ref().is_some_and(|t| t.len() > 64)
+    {
         return Some("oversized field");
     }
     let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
@@ -121,6 +142,7 @@ mod tests {
             hash: "a".repeat(64),
             byte_size: 1,
             mtime: 0,
+            tree: None,
         };
         assert!(invalid_entry(&entry("/a/b.mp4")).is_none());
         for bad in ["/../etc/passwd", "/a//b", "/", "/a/./b", "/a/.."] {

@@ -89,6 +89,12 @@ pub enum ClientError {
     Nats(String),
     #[error("downloaded bytes do not match the catalog's sha256 {0}; nothing was kept")]
     HashMismatch(String),
+    #[error("chunk {index} of file {hash} failed the check against the catalog's signed chunk tree ({why}); nothing of it was used")]
+    ChunkTree { hash: String, index: u64, why: crate::chunk_tree::TreeError },
+    #[error("file {0} has no chunk tree in the catalog's signed listing, so its chunks cannot be checked; ask the owner to re-index the catalog")]
+    NoTree(String),
+    #[error("the catalog's listing has no file with hash {0}")]
+    NotListed(String),
     #[error("{0}")]
     Io(String),
 }
@@ -96,7 +102,7 @@ pub enum ClientError {
 impl ClientError {
     /// True when the server said the thing asked for does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, ClientError::Refused { code: 404, .. })
+        matches!(self, ClientError::Refused { code: 404, .. } | ClientError::NotListed(_))
     }
 
     /// True when the same request may succeed later: the server is down, restarting, busy or
@@ -145,6 +151,16 @@ struct ClientInner {
     trust: Trust,
     /// Set when the catalog answered unsigned (an original peer).
     unverified: AtomicBool,
+    /// What the latest listing fetched by this client says of each file (by hash), for
+    /// [`CatalogClient::open`]: the size and the signed chunk tree root.
+    listed: Mutex<HashMap<String, Listed>>,
+}
+
+/// One file as the latest listing has it.
+#[derive(Debug, Clone)]
+struct Listed {
+    byte_size: u64,
+    tree: Option<String>,
 }
 
 /// A success reply: `data` exactly as sent, and the proof over it if any.
@@ -244,6 +260,7 @@ impl CatalogClient {
                 identity,
                 trust,
                 unverified: AtomicBool::new(false),
+                listed: Mutex::new(HashMap::new()),
             }),
         })
     }

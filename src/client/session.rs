@@ -3,6 +3,11 @@
 //! media subject. A read keeps at most `window` chunks in flight, hands chunks to its sink in
 //! order, re-asks for late ones, and reopens a session the server forgot (404).
 //!
+//! Every chunk is checked against the file's chunk tree root from the catalog's signed listing
+//! (never one the `open` reply or the chunk brings) before anyone sees it: its proof comes
+//! inside the AEAD, and a chunk that fails is a refusal of the read, not retried. A file the
+//! listing gives no root is not opened.
+//!
 //! Tricky cases: several reads of one file may wait for the same chunk (each registered
 //! waiter gets a copy); a reopened session gets a new id, so chunks of the old one still in
 //! flight are ignored; dropping a read at any await unregisters its waiters.
@@ -18,31 +23,65 @@ use tokio::sync::mpsc;
 
 use super::CatalogClient;
 use super::{ChunkSender, ClientError, ClientInner, Delivery, Result, Route};
-use crate::crypto::{CryptoError, EphemeralKey, SessionBinding, SessionKey};
+use crate::chunk_tree;
+use crate::crypto::{EphemeralKey, SessionBinding, SessionKey};
 use crate::identity::Purpose;
-use crate::protocol::{self, CloseRequest, OpenRequest, OpenResponse, Operation, ReadRequest, ReadResponse};
+use crate::protocol::{
+    self, CatalogEntry, CloseRequest, OpenRequest, OpenResponse, Operation, ReadRequest, ReadResponse,
+};
 
 impl CatalogClient {
-    /// Opens a v2 ranged-read session on the file with `hash`.
+    /// Opens a v2 ranged-read session on the file with `hash`, as the latest listing this
+    /// client fetched has it (fetched now if it does not list `hash`). `byte_size_hint`: what
+    /// the caller expects; a listing that disagrees is an error.
     pub async fn open(&self, hash: &str, byte_size_hint: Option<u64>) -> Result<RemoteFile> {
         if !protocol::is_sha256_hex(hash) {
             return Err(ClientError::Io(format!("'{hash}' is not a sha256 hash")));
         }
-        self.inner.ensure_dispatcher().await?;
-        let (state, reply) = self.inner.open_session(hash).await?;
+        let mut listed = self.inner.listed(hash);
+        if listed.is_none() {
+            self.get().await?;
+            listed = self.inner.listed(hash);
+        }
+        let Some(listed) = listed else {
+            // The server's word for a file it does not have is the clearer one (404).
+            self.inner.ensure_dispatcher().await?;
+            self.inner.open_session(hash).await?;
+            return Err(ClientError::NotListed(hash.to_string()));
+        };
         if let Some(expected) = byte_size_hint {
-            if expected != reply.byte_size {
+            if expected != listed.byte_size {
                 return Err(ClientError::Protocol(format!(
-                    "server says {hash} has {} bytes, the listing says {expected}",
-                    reply.byte_size
+                    "the listing says {hash} has {} bytes, not {expected}",
+                    listed.byte_size
                 )));
             }
+        }
+        self.open_listed(hash, listed.byte_size, listed.tree.as_deref()).await
+    }
+
+    /// Opens a v2 session on `entry`, an entry of a signed listing: its chunks are checked
+    /// against the entry's `tree` root.
+    pub async fn open_entry(&self, entry: &CatalogEntry) -> Result<RemoteFile> {
+        self.open_listed(&entry.hash, entry.byte_size, entry.tree.as_deref()).await
+    }
+
+    async fn open_listed(&self, hash: &str, byte_size: u64, tree: Option<&str>) -> Result<RemoteFile> {
+        let root = parse_root(hash, tree)?;
+        self.inner.ensure_dispatcher().await?;
+        let (state, reply) = self.inner.open_session(hash).await?;
+        if reply.byte_size != byte_size {
+            return Err(ClientError::Protocol(format!(
+                "server says {hash} has {} bytes, the listing says {byte_size}",
+                reply.byte_size
+            )));
         }
         let shared = Arc::new(FileShared {
             client: self.inner.clone(),
             hash: hash.to_string(),
-            byte_size: reply.byte_size,
+            byte_size,
             chunk_size: u64::from(reply.chunk_size),
+            root,
             state: Mutex::new(state),
             pending: Mutex::new(HashMap::new()),
         });
@@ -51,7 +90,20 @@ impl CatalogClient {
     }
 }
 
+/// The signed root a listing gives a file.
+fn parse_root(hash: &str, tree: Option<&str>) -> Result<chunk_tree::Hash> {
+    let tree = tree.ok_or_else(|| ClientError::NoTree(hash.to_string()))?;
+    let mut root = [0u8; 32];
+    hex::decode_to_slice(tree, &mut root)
+        .map_err(|_| ClientError::Protocol(format!("the listing's chunk tree root for {hash} is not 64 hex digits")))?;
+    Ok(root)
+}
+
 impl ClientInner {
+    fn listed(&self, hash: &str) -> Option<super::Listed> {
+        self.listed.lock().unwrap_or_else(|p| p.into_inner()).get(hash).cloned()
+    }
+
     fn route(&self, file: &Arc<FileShared>) {
         let id = file.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
         self.lock_routes().insert(id, Route::Session(Arc::downgrade(file)));
@@ -75,8 +127,15 @@ impl ClientInner {
         if !protocol::is_session_id(&reply.session) {
             return Err(ClientError::Protocol("open reply has a malformed session id".into()));
         }
-        if reply.chunk_size < protocol::MIN_CHUNK_SIZE || reply.chunk_size > 16 * 1024 * 1024 {
-            return Err(ClientError::Protocol(format!("chunk_size {} is out of range", reply.chunk_size)));
+        if reply.chunk_size < protocol::MIN_CHUNK_SIZE
+            || reply.chunk_size > 16 * 1024 * 1024
+            || reply.chunk_size as usize % chunk_tree::LEAF_SIZE != 0
+        {
+            return Err(ClientError::Protocol(format!(
+                "chunk_size {} is out of range or not a multiple of {}",
+                reply.chunk_size,
+                chunk_tree::LEAF_SIZE
+            )));
         }
         let binding = SessionBinding {
             session: &reply.session,
@@ -100,12 +159,28 @@ pub(super) struct FileShared {
     hash: String,
     byte_size: u64,
     chunk_size: u64,
+    /// The file's chunk tree root, from the signed listing.
+    root: chunk_tree::Hash,
     state: Mutex<SessionState>,
     /// Chunk index → the reads waiting for it.
     pending: Mutex<HashMap<u64, Vec<ChunkSender>>>,
 }
 
 impl FileShared {
+    /// The data of decrypted chunk `index` once it is proven to be the indexed bytes.
+    fn verify(&self, index: u64, plain: Bytes) -> Result<Bytes> {
+        let refuse = |why| ClientError::ChunkTree { hash: self.hash.clone(), index, why };
+        let (proof, at) = chunk_tree::unframe(&plain).map_err(refuse)?;
+        let data = plain.slice(at..);
+        let want = protocol::chunk_len(self.byte_size, self.chunk_size, index);
+        if data.len() as u64 != want {
+            return Err(refuse(chunk_tree::TreeError::Range(format!("{} bytes, expected {want}", data.len()))));
+        }
+        let (first_leaf, _) = chunk_tree::chunk_leaves(self.byte_size, self.chunk_size, index);
+        chunk_tree::verify_range(&self.root, self.byte_size, first_leaf, &data, &proof).map_err(refuse)?;
+        Ok(data)
+    }
+
     pub(super) fn deliver(&self, session: &str, delivery: Delivery) {
         let key = {
             let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -250,11 +325,8 @@ impl RemoteFile {
                     if !in_flight.remove(&index) {
                         continue;
                     }
-                    let chunk = key.open_in_place(index, delivery.payload)?;
-                    if chunk.len() as u64 != protocol::chunk_len(shared.byte_size, shared.chunk_size, index) {
-                        return Err(CryptoError::Authentication(index).into());
-                    }
-                    arrived.insert(index, chunk);
+                    let plain = key.open_in_place(index, delivery.payload)?;
+                    arrived.insert(index, shared.verify(index, plain)?);
                     while let Some(chunk) = arrived.remove(&next_deliver) {
                         sink(next_deliver, chunk)?;
                         next_deliver += 1;

@@ -119,7 +119,9 @@ impl RemoteSource {
     /// The file's v2 session, opened if needed. Only this file's cell is held across `open`.
     async fn session(&self, entry: &CatalogEntry) -> Result<RemoteFile, FsError> {
         let cell = self.cell(&entry.hash);
-        let file = cell.get_or_try_init(|| self.client.open(&entry.hash, Some(entry.byte_size))).await?;
+        // The mount's entry is from the signed listing it applied: its chunks are checked
+        // against that entry's tree root.
+        let file = cell.get_or_try_init(|| self.client.open_entry(entry)).await?;
         self.remember_chunk_size(&entry.hash, file.chunk_size());
         Ok(file.clone())
     }

@@ -19,6 +19,7 @@
 //!   by itself and re-subscribes; requests resume when it is back.
 
 mod files;
+mod trees;
 mod v1;
 mod v2;
 
@@ -72,8 +73,9 @@ pub struct ServerOptions {
 pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
 /// Reads streamed at once (each holds at most two sealed chunks).
 const MAX_CONCURRENT_READS: usize = 64;
-/// NATS' default max_payload is 1 MiB; a chunk plus nonce, tag and headers must fit.
-pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024 - 4096;
+/// NATS' default max_payload is 1 MiB; a chunk plus its proof (≤ 128 hashes, 4 KiB), nonce,
+/// tag and headers must fit. A multiple of the chunk tree's leaf.
+pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024 - 16 * 1024;
 /// Bound on the last flush when stopping: replies in flight get this long to leave.
 const STOP_FLUSH: Duration = Duration::from_millis(500);
 
@@ -134,6 +136,8 @@ struct Shared {
     /// requests arrive.
     reads: Arc<Semaphore>,
     verifier: Verifier,
+    /// Chunk trees of the files sessions read, and files found not to match theirs.
+    trees: trees::Trees,
     /// The key replies are signed with (the serving user's, from its creds).
     identity: Arc<Identity>,
 }
@@ -152,9 +156,13 @@ pub struct CatalogServer {
 impl CatalogServer {
     /// Loads the catalog (blocking: call it before serving, not from a request path).
     pub fn new(nats: async_nats::Client, home: Home, name: &str, options: ServerOptions) -> Result<Self> {
-        if options.chunk_size < protocol::MIN_CHUNK_SIZE || options.chunk_size > MAX_CHUNK_SIZE {
+        let leaf = crate::chunk_tree::LEAF_SIZE as u32;
+        if options.chunk_size < protocol::MIN_CHUNK_SIZE
+            || options.chunk_size > MAX_CHUNK_SIZE
+            || options.chunk_size % leaf != 0
+        {
             anyhow::bail!(
-                "chunk size {} is out of range; use {}..={MAX_CHUNK_SIZE} bytes",
+                "chunk size {} is out of range; use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 262144)",
                 options.chunk_size,
                 protocol::MIN_CHUNK_SIZE
             );
@@ -180,6 +188,7 @@ impl CatalogServer {
                 loaded: RwLock::new(Arc::new(loaded)),
                 sessions: Mutex::new(lru::LruCache::new(max)),
                 verifier: Verifier::default(),
+                trees: trees::Trees::default(),
             }),
         })
     }
@@ -332,6 +341,7 @@ impl Shared {
             Ok(fresh) => {
                 tracing::info!(catalog = %self.name, revision = %fresh.catalog.revision(), "catalog re-indexed; serving the new listing");
                 self.verifier.retain(&fresh.catalog.entries);
+                self.trees.retain(&fresh.catalog.entries);
                 let fresh = Arc::new(fresh);
                 *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
                 Some(fresh)

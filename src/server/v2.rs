@@ -9,9 +9,15 @@
 //!   changed since it was verified ends the session with 409.
 //! - File reads and sealing run on the blocking pool, at most two chunks ahead of the
 //!   publisher; at most `MAX_CONCURRENT_READS` reads stream at once.
+//! - Every chunk's plaintext carries its proof under the file's indexed tree root
+//!   ([`chunk_tree`]), and every chunk's leaves are checked against that tree as they are read:
+//!   bytes that differ from the indexed ones (a file changed without a re-index, its mtime put
+//!   back) are never sent. The session ends, the file is refused (409) until it is re-indexed,
+//!   and its tree file is removed so that the re-index hashes it again.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -20,14 +26,19 @@ use futures::StreamExt;
 
 use super::files::{self, FileIdentity};
 use super::{parse, refuse, Refusal, Shared};
+use crate::chunk_tree::{self, Tree};
 use crate::crypto::{self, EphemeralKey, SessionBinding, SessionKey};
 use crate::identity::Purpose;
+use crate::index::TreeFileError;
 use crate::protocol::{self, Caller, CloseRequest, Envelope, OpenRequest, OpenResponse, ReadRequest, ReadResponse};
 use sha2::Digest as _;
 
 pub(super) struct Session {
     caller: Caller,
     hash: String,
+    path: String,
+    tree: Arc<Tree>,
+    tree_file: PathBuf,
     byte_size: u64,
     file: Arc<File>,
     indexed: FileIdentity,
@@ -40,6 +51,17 @@ impl Shared {
         let req: OpenRequest = parse(payload)?;
         self.check_reader(caller, &req)?;
         let (entry, file, indexed) = self.open_indexed(&req.hash).await?;
+        if self.trees.is_changed(&entry.hash, indexed) {
+            return Err(changed(&entry.hash));
+        }
+        let tree = self.trees.get(&self.home, &entry).await.map_err(|e| {
+            tracing::warn!(path = %entry.path, "refusing to serve: {e}; re-index with `natster-mount catalog new`");
+            let why = match e {
+                TreeFileError::NotIndexed => "was indexed before protocol 4 and has no chunk tree",
+                TreeFileError::Missing(_) | TreeFileError::Damaged(_) => "has a missing or damaged chunk tree",
+            };
+            refuse(409, format!("file {} {why}; ask the owner to re-index the catalog", entry.hash))
+        })?;
         let session = crypto::new_session_id();
         let ephemeral = EphemeralKey::generate();
         let binding = SessionBinding {
@@ -58,7 +80,10 @@ impl Shared {
         };
         let state = Session {
             caller: caller.clone(),
+            tree_file: crate::index::tree_path(&self.home, &entry.hash),
             hash: entry.hash,
+            path: entry.path,
+            tree,
             byte_size: entry.byte_size,
             file,
             indexed,
@@ -143,12 +168,9 @@ impl Shared {
         }
         let count = (total - req.first_chunk).min(u64::from(req.count)) as u32;
         let now = files::identity_of(session.file.clone()).await.map_err(|_| refuse(500, "cannot stat file"))?;
-        if now != session.indexed {
+        if now != session.indexed || self.trees.is_changed(&session.hash, now) {
             self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
-            return Err(refuse(
-                409,
-                format!("file {} changed since it was indexed; ask the owner to re-index", session.hash),
-            ));
+            return Err(changed(&session.hash));
         }
         let Ok(_permit) = self.reads.clone().acquire_owned().await else {
             return Err(refuse(503, "server is shutting down"));
@@ -174,6 +196,14 @@ impl Shared {
                     if self.nats.publish_with_headers(subject.clone(), headers, body).await.is_err() {
                         break;
                     }
+                }
+                Ok(Err(ChunkError::Changed(index))) => {
+                    tracing::warn!(path = %session.path, chunk = index,
+                        "file changed on disk since it was indexed (its bytes do not match the indexed chunk tree); \
+                         refusing it until `natster-mount catalog new` re-indexes");
+                    self.trees.mark_changed(&session.hash, session.indexed);
+                    self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
+                    break;
                 }
                 Ok(Err(e)) => {
                     tracing::warn!("read of {} failed: {e}", session.hash);
@@ -207,11 +237,39 @@ impl Shared {
     }
 }
 
-fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> std::io::Result<(u64, Bytes)> {
+fn changed(hash: &str) -> Refusal {
+    refuse(409, format!("file {hash} changed since it was indexed; ask the owner to re-index"))
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ChunkError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("chunk {0} does not match the indexed chunk tree")]
+    Changed(u64),
+    #[error("no proof for chunk {0}: {1}")]
+    Proof(u64, chunk_tree::TreeError),
+}
+
+/// Reads chunk `index`, checks its leaves against the tree, and seals it with its proof:
+/// nonce ‖ AEAD([proof][data]).
+fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> Result<(u64, Bytes), ChunkError> {
     let len = protocol::chunk_len(session.byte_size, chunk_size, index) as usize;
-    let mut buf = Vec::with_capacity(crypto::NONCE_LEN + len + crypto::TAG_LEN);
-    buf.resize(crypto::NONCE_LEN + len, 0);
-    session.file.read_exact_at(&mut buf[crypto::NONCE_LEN..], index * chunk_size)?;
+    let (first_leaf, leaves) = chunk_tree::chunk_leaves(session.byte_size, chunk_size, index);
+    let proof = session.tree.prove(first_leaf, leaves).map_err(|e| ChunkError::Proof(index, e))?;
+    let data_at = crypto::NONCE_LEN + chunk_tree::frame_overhead(proof.len());
+    let mut buf = Vec::with_capacity(data_at + len + crypto::TAG_LEN);
+    buf.resize(crypto::NONCE_LEN, 0);
+    chunk_tree::frame(&mut buf, &proof).map_err(|e| ChunkError::Proof(index, e))?;
+    buf.resize(data_at + len, 0);
+    session.file.read_exact_at(&mut buf[data_at..], index * chunk_size)?;
+    let indexed = session.tree.leaves().get(first_leaf as usize..).unwrap_or_default();
+    let fresh = buf[data_at..].chunks(chunk_tree::LEAF_SIZE).map(chunk_tree::leaf_hash);
+    if fresh.zip(indexed).any(|(now, then)| now != *then) {
+        // The next `catalog new` must hash this file again, though its size and mtime match.
+        let _ = std::fs::remove_file(&session.tree_file);
+        return Err(ChunkError::Changed(index));
+    }
     session.key.seal_in_place(index, &mut buf);
     Ok((index, Bytes::from(buf)))
 }

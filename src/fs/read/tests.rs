@@ -128,6 +128,7 @@ fn entry(path: &str, size: u64) -> CatalogEntry {
         hash: hash_of(path),
         byte_size: size,
         mtime: 1_700_000_000,
+        tree: None,
     }
 }
 
