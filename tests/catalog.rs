@@ -620,7 +620,7 @@ async fn unshared_account_is_refused_until_shared() {
         server_xkey: &server_xkey,
     };
     let key = client_key.agree(&server_xkey, &binding).expect("agree");
-    assert_eq!(key.open(1, &chunk.payload).expect("chunk opens"), &src.bytes[CHUNK..]);
+    assert_eq!(proven_data(&key.open(1, &chunk.payload).expect("chunk opens")), &src.bytes[CHUNK..]);
 
     // The owner's session is not the shared account's: same answer as a missing session.
     let reply = raw_request(
@@ -700,8 +700,8 @@ async fn tampered_chunks_fail_authentication() {
     let chunks = raw_read(&fx, &session, 0, 2).await;
     let (c0, c1) = (&chunks[&0], &chunks[&1]);
 
-    assert_eq!(key.open(0, c0).expect("chunk 0 opens"), &src[..CHUNK]);
-    assert_eq!(key.open(1, c1).expect("chunk 1 opens"), &src[CHUNK..]);
+    assert_eq!(proven_data(&key.open(0, c0).expect("chunk 0 opens")), &src[..CHUNK]);
+    assert_eq!(proven_data(&key.open(1, c1).expect("chunk 1 opens")), &src[CHUNK..]);
     assert!(!c0.windows(64).any(|w| w == &src[..64]), "chunk 0 carries plaintext");
 
     for (what, pos) in [("nonce", 3), ("ciphertext", NONCE_LEN + 1234), ("tag", c0.len() - 1)] {
@@ -750,7 +750,7 @@ fn set_mtime(path: &Path, mtime: std::time::SystemTime) {
 }
 
 /// 9. A file changed since it was indexed is refused with 409, not served under its old hash;
-/// a change the server cannot see is caught by the client's sha256 check.
+/// a change its size and mtime do not show is caught by the server's per-chunk tree check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changed_files_are_refused() {
     let fx = Fixture::new(vec![
@@ -818,20 +818,20 @@ async fn changed_files_are_refused() {
     assert!(run.stderr.contains("409") || run.stderr.contains("changed"), "{}", run.stderr);
     assert_eq!(file_names(out.path()), Vec::<String>::new());
 
-    // The server could not tell; the whole-file sha256 check does, and nothing is kept.
+    // Size and mtime match, so it opens; its first chunk's leaves do not match the indexed
+    // tree, so the server sends none of it and refuses the file from then on.
     let sneaky_src = fx.source("/sneaky.bin");
     let file = fx.client.open(&sneaky_src.hash(), None).await.expect("size and mtime match");
     let err =
         within("read_all", file.read_all(|_| Ok(()))).await.expect_err("modified bytes verified as the indexed hash");
-    assert!(matches!(err, ClientError::HashMismatch(_)), "{err}");
+    assert!(matches!(err, ClientError::Refused { code: 409, .. }), "{err}");
+    assert!(!fx.home.path().join("trees").join(format!("{}.leaves", sneaky_src.hash())).exists(), "tree file kept");
     let sneaky_target = out.path().join("sneaky.bin");
     let (sneaky_hash, sneaky_len) = (sneaky_src.hash(), sneaky_src.bytes.len() as u64);
     let download = client::download_to_file(&fx.client, &sneaky_hash, sneaky_len, &sneaky_target, |_| {});
     let result = within("sneaky download", download).await;
     let err = result.expect_err("sneaky download accepted");
-    // The README: a whole-file sha256 mismatch keeps nothing and says so.
-    assert!(format!("{err:#}").contains("do not match the catalog's sha256"), "{err:#}");
-    assert!(format!("{err:#}").contains("nothing was kept"), "{err:#}");
+    assert!(format!("{err:#}").contains("changed since it was indexed"), "{err:#}");
     assert_eq!(file_names(out.path()), Vec::<String>::new(), "a failed download left files");
 
     // The unchanged file is still served.
@@ -885,7 +885,8 @@ async fn paths_outside_the_root_are_not_served() {
     let secret_hashes: Vec<String> = secrets.iter().map(|(_, b)| sha256_hex(b)).collect();
     assert!(listing.entries.iter().all(|e| !secret_hashes.contains(&e.hash)), "a secret was indexed");
 
-    // Hand-edit the catalog: entries that point outside, with the real hash, size and mtime.
+    // Hand-edit the catalog: entries that point outside, with the real hash, size, mtime and
+    // chunk tree.
     let mut catalog: serde_json::Value = serde_json::from_slice(&std::fs::read(fx.catalog_file()).unwrap()).unwrap();
     let absolute = format!("/{}", secrets[3].0.display());
     let evil = [
@@ -903,6 +904,7 @@ async fn paths_outside_the_root_are_not_served() {
             "hash": secret_hashes[*i],
             "byte_size": secrets[*i].1.len(),
             "mtime_ns": mtime_ns(file),
+            "tree": hex::encode(natster_mount::chunk_tree::Tree::of(&secrets[*i].1).root()),
         }));
     }
     let tmp = fx.home.path().join("edit.tmp");

@@ -190,15 +190,19 @@ async fn a_signal_with_a_file_open_detaches_lazily_and_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunk_size_limits_are_enforced_with_a_clear_message() {
     let (nats, home, _tree) = home_with(&[("f.bin", pseudo_random_bytes(9, 20_000))]).await;
-    const MAX: u32 = 1024 * 1024 - 4096; // README: 4 KiB to 1 MiB − 4 KiB
-    for bad in [4095, MAX + 1] {
+    const MAX: u32 = 1024 * 1024 - 16 * 1024; // README: 16 KiB to 1 MiB − 16 KiB, in 16 KiB steps
+    for bad in [4096, 16383, MAX + 16384, 256 * 1024 + 4096] {
         let out = home.run_async(["catalog", "serve", "media", "--chunk-size", &bad.to_string()]).await;
         out.assert_failure(&format!("serve --chunk-size {bad}"));
-        assert!(out.stderr.contains("out of range") && out.stderr.contains("4096..=1044480"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("out of range") && out.stderr.contains("multiple of 16384 in 16384..=1032192"),
+            "{}",
+            out.stderr
+        );
         assert_eq!(out.stderr_lines().len(), 1, "one line: {}", out.stderr);
     }
     // Both ends of the range serve, and the session says which size it uses.
-    for good in [4096u32, MAX] {
+    for good in [16384u32, MAX] {
         let served = Served::start_with(&home, &nats, "media", &["--chunk-size", &good.to_string()]).await;
         let client = catalog_client(&connect(&nats.url()).await, "media");
         let bytes = pseudo_random_bytes(9, 20_000);

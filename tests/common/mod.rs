@@ -332,6 +332,12 @@ pub fn test_options() -> ClientOptions {
     }
 }
 
+/// The data of a decrypted v2 chunk (its proof stripped, not checked).
+pub fn proven_data(plain: &[u8]) -> &[u8] {
+    let (_, at) = natster_mount::chunk_tree::unframe(plain).expect("a proven chunk");
+    &plain[at..]
+}
+
 /// A library client for `catalog` over `nats`, with [`test_options`].
 pub fn catalog_client(nats: &async_nats::Client, catalog: &str) -> CatalogClient {
     CatalogClient::new(nats.clone(), catalog, test_options()).expect("valid catalog name")
