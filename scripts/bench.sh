@@ -20,7 +20,7 @@
 #   BENCH_ENTRIES=100000     files in the listing catalog (part 3d)
 #   BENCH_DIRS=ENTRIES/100   folders they are spread over
 #   BENCH_CHUNKS="64K 256K 512K 1M"   chunk sizes for the table (1M is clamped to the
-#                                     server's maximum, 1M-4K, so a sealed chunk fits NATS' 1 MiB payload)
+#                                     server's maximum, 1M-16K, so a sealed chunk fits NATS' 1 MiB payload)
 #   BENCH_WINDOWS="16 32 64" windows (chunks in flight) for the table
 #   BENCH_REPEAT=3           runs of the headline download/cat (median reported)
 #   BENCH_LAT_N=200          64 KiB ranged reads (part 2)
@@ -49,8 +49,9 @@ BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}}
 export BENCH_SEED
 unset NATSTER_CONTEXT
 
-# The server's largest chunk (src/server.rs MAX_CHUNK_SIZE).
-MAX_CHUNK=$((1024 * 1024 - 4096))
+# The server's largest chunk (src/server/mod.rs MAX_CHUNK_SIZE: whole 16 KiB tree leaves, room
+# for the chunk's proof).
+MAX_CHUNK=$((1024 * 1024 - 16384))
 
 # ---------------------------------------------------------------------------------------------
 # State the cleanup needs.

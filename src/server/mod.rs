@@ -222,6 +222,12 @@ impl CatalogServer {
         }
         let revision = s.loaded().catalog.revision();
         tracing::info!(catalog = %s.name, %revision, entries = s.loaded().catalog.entries.len(), "serving");
+        let without_tree = s.loaded().catalog.entries.iter().filter(|e| e.tree.is_none()).count();
+        if without_tree > 0 {
+            tracing::warn!(catalog = %s.name, files = without_tree,
+                "files without a chunk tree (indexed by the original Natster or before protocol 4): mounts are refused \
+                 them until you re-index with `natster-mount catalog new`");
+        }
 
         let housekeeping = tokio::spawn(self.shared.clone().housekeeping());
         let verification = tokio::spawn(self.shared.clone().verify_unverified(s.loaded()));
