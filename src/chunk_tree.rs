@@ -239,7 +239,7 @@ pub fn verify_range(root: &Hash, byte_len: u64, first_leaf: u64, data: &[u8], pr
     let left_in_file = byte_len - start.min(byte_len);
     let len = data.len() as u64;
     // Whole leaves, or everything up to the end of the file.
-    let whole = len > 0 && len % LEAF_SIZE as u64 == 0 && len <= left_in_file;
+    let whole = len > 0 && len.is_multiple_of(LEAF_SIZE as u64) && len <= left_in_file;
     if !(whole || len == left_in_file) {
         return Err(TreeError::Range(format!("{len} bytes at leaf {first_leaf} of a {byte_len}-byte file")));
     }

@@ -10,7 +10,11 @@
 //! the catalog server signs `get` and `open` replies with its user nkey and the JWT its
 //! account issued, the reader signs its `open`), so neither another account, nor another user
 //! of the reader's account, nor a NATS server in between can answer as the owner or learn a
-//! session key; confidentiality and integrity of media on per-session AEAD keys (`crypto`).
+//! session key; confidentiality and integrity of media on per-session AEAD keys (`crypto`);
+//! and every v2 chunk is bound to the listing (`chunk_tree`): the index keeps a BLAKE3 tree
+//! root per file, the signed listing carries it, each chunk carries its proof, and both ends
+//! check it, so not even a server holding the owner's key gets bytes other than the indexed
+//! ones past a reader holding the listing.
 //! Original (v1) peers cannot sign: they are read unverified, whole files checked by sha256.
 
 pub mod accounts;

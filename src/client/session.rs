@@ -129,7 +129,7 @@ impl ClientInner {
         }
         if reply.chunk_size < protocol::MIN_CHUNK_SIZE
             || reply.chunk_size > 16 * 1024 * 1024
-            || reply.chunk_size as usize % chunk_tree::LEAF_SIZE != 0
+            || !(reply.chunk_size as usize).is_multiple_of(chunk_tree::LEAF_SIZE)
         {
             return Err(ClientError::Protocol(format!(
                 "chunk_size {} is out of range or not a multiple of {}",

@@ -4,7 +4,8 @@
 //!
 //! Layout: this module holds the public face, dispatch, the listing and housekeeping;
 //! [`v1`] the original's whole-file `download` (queued, bounded), [`v2`] ranged-read sessions,
-//! [`files`] file access beneath the root and the identity checks.
+//! [`files`] file access beneath the root and the identity checks, [`trees`] the chunk trees
+//! v2 sessions prove chunks with.
 //!
 //! Invariants:
 //! - Every request is handled on its own task, so one slow reader does not stall the others;
@@ -13,7 +14,9 @@
 //!   Housekeeping (catalog re-load, session expiry, heartbeat) runs in a task of its own.
 //! - Files are served only by hash, only when indexed, only from inside the root, and only
 //!   while they still match the index (size and mtime, or for entries without an mtime, a
-//!   one-time sha256 check): a changed file is refused, never served under a stale hash.
+//!   one-time sha256 check), and every v2 chunk's leaves match the indexed tree: a changed
+//!   file is refused, never served under a stale hash. Files without a tree in the index are
+//!   refused to v2 readers (a tree computed now would vouch for whatever is on disk now).
 //! - Stopping never waits on the network for more than a moment: the last flush is bounded,
 //!   so a dead NATS connection cannot hold up exit. While NATS is down the client reconnects
 //!   by itself and re-subscribes; requests resume when it is back.
@@ -159,7 +162,7 @@ impl CatalogServer {
         let leaf = crate::chunk_tree::LEAF_SIZE as u32;
         if options.chunk_size < protocol::MIN_CHUNK_SIZE
             || options.chunk_size > MAX_CHUNK_SIZE
-            || options.chunk_size % leaf != 0
+            || !options.chunk_size.is_multiple_of(leaf)
         {
             anyhow::bail!(
                 "chunk size {} is out of range; use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 262144)",
