@@ -1,5 +1,7 @@
-//! `catalog download`: one file to disk, verified against the catalog's sha256 before it
-//! takes the target's name, so a failed or forged download leaves nothing behind.
+//! `catalog download`: one file to disk, verified before it takes the target's name, so a
+//! failed or forged download leaves nothing behind: through v2 each chunk against the signed
+//! listing's chunk tree as it arrives (the listing this client fetched last), then the whole
+//! file against the catalog's sha256; through v1 (original peers) against the sha256.
 
 use std::path::Path;
 
