@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod context;
 pub mod crypto;
+pub mod daemon;
 pub mod fs;
 pub mod identity;
 pub mod index;
