@@ -344,3 +344,140 @@ async fn up_tells_systemd_it_is_ready() {
     let n = socket.recv(&mut buf).expect("STOPPING on NOTIFY_SOCKET");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
 }
+
+/// A mount made by mount(8) through the helper: Drop detaches it and ends its process.
+struct HelperMount {
+    dir: PathBuf,
+    pid: Option<i32>,
+}
+
+impl HelperMount {
+    /// Whether the helper's background process still runs.
+    fn alive(&self) -> bool {
+        let Some(pid) = self.pid else { return false };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for whoever adopted it.
+        !stat.is_empty() && !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    }
+}
+
+impl Drop for HelperMount {
+    fn drop(&mut self) {
+        if is_mounted(&self.dir) {
+            let _ = Command::new("fusermount3").arg("-uz").arg(&self.dir).status();
+        }
+        if let Some(pid) = self.pid {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("natster-mount") {
+                // SAFETY: kill(2) on the mount process this test started (checked by its command line).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// Runs `mount -T FSTAB DIR` (util-linux, then mount.fuse3, then the helper).
+fn mount_by_fstab(line: &str, dir: &Path) -> (RunOutput, tempfile::NamedTempFile) {
+    let fstab = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(fstab.path(), format!("{line}\n")).unwrap();
+    let mut cmd = Command::new("mount");
+    cmd.arg("-T").arg(fstab.path()).arg(dir).stdin(Stdio::null());
+    (run_with_timeout(cmd, COMMAND_TIMEOUT), fstab)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fstab_line_mounts_through_mount_fuse3_and_umount_removes_it() {
+    require_fuse!();
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/sbin/mount.fuse3").exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "mount(8) as root and mount.fuse3 are needed");
+        eprintln!("SKIPPED fstab test: needs root and /sbin/mount.fuse3");
+        return;
+    }
+    let nats = NatsServer::start();
+    let data = pseudo_random_bytes(21, 2_000_000);
+    let (home, _tree) = home_with_catalog(&nats, &[("films/clip.bin", data.clone())]).await;
+    let _served = Served::start(&home, &nats, "media").await;
+    let mnt = mountpoint();
+    let dir = std::fs::canonicalize(mnt.path()).unwrap();
+    // mount(8) runs helpers without PATH, so the line names the binary (`PROGRAM#SOURCE`, type
+    // fuse); with natster-mount installed on the default PATH, `default DIR fuse.natster-mount`
+    // runs the same helper call (`natster-mount default DIR -o …`).
+    let opts = format!(
+        "_netdev,allow_other,ro,nofail,uid=4321,gid=4322,cache_size=64M,home={},x-systemd.automount",
+        home.path().display()
+    );
+    let line = format!("{}#default {} fuse {opts} 0 0", bin(), dir.display());
+    let (out, _fstab) = mount_by_fstab(&line, &dir);
+    let pid = out.stdout.split("(pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok());
+    let guard = HelperMount { dir: dir.clone(), pid };
+    out.assert_success("mount -T fstab");
+    // It returned once the mount was up: no waiting here.
+    assert!(is_mounted(&dir), "mount(8) returned before the mount was up: {out:?}");
+    let file = dir.join("media/films/clip.bin");
+    let meta = bounded("stat", MOUNT_IO_DEADLINE, {
+        let file = file.clone();
+        move || std::fs::metadata(file).expect("stat in the mount")
+    });
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.gid(), meta.len()), (4321, 4322, data.len() as u64), "uid=/gid= applied");
+    assert_eq!(read_in_mount(&file).expect("read"), data, "byte-identical through the fstab mount");
+
+    let mut umount = Command::new("umount");
+    umount.arg(&dir).stdin(Stdio::null());
+    run_with_timeout(umount, COMMAND_TIMEOUT).assert_success("umount");
+    assert!(!is_mounted(&dir));
+    until("the helper's process to end after umount", Duration::from_secs(10), || !guard.alive());
+
+    // An option natster-mount does not know: one clear line, nothing mounted.
+    let bad = format!("{}#default {} fuse ro,bogus_option,home={} 0 0", bin(), dir.display(), home.path().display());
+    let (out, _fstab) = mount_by_fstab(&bad, &dir);
+    out.assert_failure("mount with an unknown option");
+    assert!(out.stderr.contains("unknown mount option 'bogus_option'"), "{}", out.stderr);
+    assert!(!is_mounted(&dir));
+}
+
+#[test]
+fn the_generated_user_unit_passes_systemd_analyze_verify() {
+    let analyze = Path::new("/usr/bin/systemd-analyze");
+    if !analyze.exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "systemd-analyze is needed (package systemd)");
+        eprintln!("SKIPPED unit verify: /usr/bin/systemd-analyze is missing");
+        return;
+    }
+    let home = TestHome::new();
+    home.run(["init", "--server", "nats://127.0.0.1:4222"]).assert_success("init");
+    let user = tempfile::tempdir().unwrap();
+    let (config, runtime) = (user.path().join("config"), user.path().join("runtime"));
+    std::fs::create_dir_all(&runtime).unwrap();
+    let mountpoint = user.path().join("My Natster");
+    // No user systemd answers on this bus: install writes the unit and prints the commands.
+    let isolated = |args: &[&str]| {
+        let mut cmd = home.command(args);
+        cmd.env("HOME", user.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env("DBUS_SESSION_BUS_ADDRESS", "unix:path=/nonexistent");
+        run_with_timeout(cmd, COMMAND_TIMEOUT)
+    };
+    let out = isolated(&["service", "install", "--mountpoint", mountpoint.to_str().unwrap()]);
+    out.assert_success("service install");
+    assert!(out.stdout.contains("systemctl --user enable --now natster-mount.service"), "{}", out.stdout);
+    let unit = config.join("systemd/user/natster-mount.service");
+    let text = std::fs::read_to_string(&unit).expect("unit written");
+    for want in ["Type=notify", "Restart=on-failure", "ExecStopPost=-", " up --mountpoint \"", "NATSTER_HOME="] {
+        assert!(text.contains(want), "{want} missing:\n{text}");
+    }
+    assert!(mountpoint.is_dir(), "the mountpoint is made");
+    let mut verify = Command::new(analyze);
+    verify.args(["--user", "verify"]).arg(&unit).env("XDG_RUNTIME_DIR", &runtime).stdin(Stdio::null());
+    let verified = run_with_timeout(verify, COMMAND_TIMEOUT);
+    verified.assert_success("systemd-analyze verify");
+    assert!(
+        verified.stderr.trim().is_empty() && verified.stdout.trim().is_empty(),
+        "verify complained: {verified:?}\n{text}"
+    );
+    let status = isolated(&["service", "status"]);
+    assert!(status.stdout.contains("is installed"), "{}", status.stdout);
+    isolated(&["service", "uninstall"]).assert_success("service uninstall");
+    assert!(!unit.exists());
+}

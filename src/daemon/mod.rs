@@ -141,6 +141,9 @@ pub fn run(home: Home, mut config: DaemonConfig) -> Result<()> {
 
 fn run_in(runtime: &tokio::runtime::Runtime, home: Home, config: DaemonConfig, pipe: Option<ReadyPipe>) -> Result<()> {
     let mut pipe = pipe;
+    let _entered = runtime.enter();
+    // From here on neither signal kills the process before it can clean up.
+    let mut shutdown = Shutdown::new()?;
     let started = start(runtime, &home, config);
     let (daemon, mut live) = match started {
         Ok(s) => s,
@@ -151,8 +154,6 @@ fn run_in(runtime: &tokio::runtime::Runtime, home: Home, config: DaemonConfig, p
             return Err(e);
         }
     };
-    let daemon = Arc::new(daemon);
-    let _entered = runtime.enter();
     let report = {
         let daemon = daemon.clone();
         let view = live.as_ref().map(|m| m.view());
@@ -165,7 +166,6 @@ fn run_in(runtime: &tokio::runtime::Runtime, home: Home, config: DaemonConfig, p
             None
         }
     };
-    let mut shutdown = Shutdown::new()?;
     runtime.block_on(daemon.reconcile(live.as_ref()));
     let summary = match &live {
         Some(m) => format!(
@@ -245,29 +245,22 @@ fn home_file_matters(name: &str) -> bool {
 }
 
 /// The connection and settings, then the mount (if any).
-fn start(runtime: &tokio::runtime::Runtime, home: &Home, config: DaemonConfig) -> Result<(Daemon, Option<LiveMount>)> {
+fn start(
+    runtime: &tokio::runtime::Runtime,
+    home: &Home,
+    config: DaemonConfig,
+) -> Result<(Arc<Daemon>, Option<LiveMount>)> {
     let context = Context::load(home, &config.context)?;
+    let target = match config.mount.as_ref().map(|p| &p.target) {
+        Some(MountTarget::Dir(dir)) => Some(Target::Path(mount::check_mountpoint_clearing_stale(dir)?)),
+        _ => None,
+    };
     let link = runtime.block_on(link::connect(&context, config.connect_timeout))?;
-    let (live, mount_options) = match config.mount {
-        Some(plan) => {
-            let target = match plan.target {
-                MountTarget::Dir(dir) => Target::Path(mount::check_mountpoint_clearing_stale(&dir)?),
-                MountTarget::Fd(fd) => Target::Fd(fd),
-            };
-            let gathered = mount::gather_catalogs(home, &context, &link.nats, &plan.options)?;
-            let live = LiveMount::start(
-                runtime.handle(),
-                link.nats.clone(),
-                link.connected.clone(),
-                target,
-                &plan.options,
-                gathered,
-            )?;
-            (Some(live), Some(plan.options))
-        }
+    let (plan_target, mount_options) = match config.mount {
+        Some(plan) => (Some(plan.target), Some(plan.options)),
         None => (None, None),
     };
-    let daemon = Daemon {
+    let daemon = Arc::new(Daemon {
         home: home.clone(),
         role: config.role,
         context_name: config.context,
@@ -277,8 +270,34 @@ fn start(runtime: &tokio::runtime::Runtime, home: &Home, config: DaemonConfig) -
         server_options: config.server,
         served: Mutex::new(BTreeMap::new()),
         started: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    });
+    // Servers first, so the mount's first listings of our own catalogs find them answering.
+    runtime.block_on(async {
+        daemon.reconcile(None).await;
+        if *daemon.link.connected.borrow() {
+            let serving: Vec<Arc<ServedCatalog>> = daemon.served().values().map(|t| t.catalog.clone()).collect();
+            let all = futures::future::join_all(serving.iter().map(|c| c.serving()));
+            let _ = tokio::time::timeout(mount::FIRST_LISTING_WAIT, all).await;
+        }
+    });
+    let (Some(plan_target), Some(options)) = (plan_target, daemon.mount_options.as_ref()) else {
+        return Ok((daemon, None));
     };
-    Ok((daemon, live))
+    let target = match (target, plan_target) {
+        (Some(t), _) => t,
+        (None, MountTarget::Fd(fd)) => Target::Fd(fd),
+        (None, MountTarget::Dir(dir)) => Target::Path(dir),
+    };
+    let gathered = mount::gather_catalogs(home, &context, &daemon.link.nats, options)?;
+    let live = LiveMount::start(
+        runtime.handle(),
+        daemon.link.nats.clone(),
+        daemon.link.connected.clone(),
+        target,
+        options,
+        gathered,
+    )?;
+    Ok((daemon, Some(live)))
 }
 
 /// A catalog `up` serves.
