@@ -175,6 +175,9 @@ enum CatalogCommand {
         /// Serve even if another server already serves this catalog.
         #[arg(long)]
         force: bool,
+        /// Do not watch the folder: serve the index as it is until `catalog new` re-indexes it.
+        #[arg(long)]
+        no_watch: bool,
         /// Do not serve now: mark it to be served whenever `natster-mount up` runs.
         #[arg(long, conflicts_with = "not_at_login")]
         at_login: bool,
@@ -326,9 +329,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             CatalogCommand::Serve { name, at_login, not_at_login, .. } if at_login || not_at_login => {
                 cli::at_login(&globals, &name, at_login)
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, .. } => {
+            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, no_watch, .. } => {
                 let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
-                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force));
+                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force, !no_watch));
                 // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
                 runtime.shutdown_timeout(Duration::from_millis(500));
                 served

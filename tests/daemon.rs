@@ -270,6 +270,19 @@ async fn up_follows_shares_imports_unshares_and_the_served_folder() {
     refused.assert_failure("contents after unshare");
     assert!(refused.stderr.contains("403"), "{}", refused.stderr);
 
+    // A new catalog marked for serving while `up` runs: served and mounted without a restart.
+    let extra = tempfile::Builder::new().prefix("natster-extra-").tempdir().unwrap();
+    write_file(extra.path(), "x.txt", b"extra\n");
+    p.alice
+        .run(&["catalog", "new", "extra", extra.path().to_str().unwrap(), "--serve"])
+        .await
+        .assert_success("new --serve");
+    let x = p._alice_mnt.path().join("extra/x.txt");
+    let took = until("the new catalog served and mounted by alice's up", Duration::from_secs(10), || {
+        read_in_mount(&x).ok().as_deref() == Some(&b"extra\n"[..])
+    });
+    eprintln!("a catalog created with --serve was served and readable after {took:?}");
+
     // Unimport: the folder goes from bob's mount.
     p.bob.run(&["catalog", "unimport", "media"]).await.assert_success("unimport");
     until("the folder to leave bob's mount", Duration::from_secs(10), || {
@@ -480,4 +493,94 @@ fn the_generated_user_unit_passes_systemd_analyze_verify() {
     assert!(status.stdout.contains("is installed"), "{}", status.stdout);
     isolated(&["service", "uninstall"]).assert_success("service uninstall");
     assert!(!unit.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_serve_serves_a_file_added_to_its_folder_without_a_command() {
+    let nats = NatsServer::start();
+    let (home, tree) = home_with_catalog(&nats, &[("old.txt", b"old".to_vec())]).await;
+    let _served = Served::start(&home, &nats, "media").await;
+    let client = catalog_client(&connect(&nats.url()).await, "media");
+    let data = pseudo_random_bytes(5, 300_000);
+    write_file(tree.path(), "new/clip.bin", &data);
+    let written = Instant::now();
+    let listed = wait_for("the new file in the served listing", CHANGE_PROMISE, || {
+        let client = client.clone();
+        async move { client.get().await.ok().filter(|l| l.entries.iter().any(|e| e.path == "/new/clip.bin")) }
+    })
+    .await;
+    eprintln!("served {:?} after it was written", written.elapsed());
+    let entry = listed.entries.iter().find(|e| e.path == "/new/clip.bin").unwrap();
+    assert_eq!(entry.hash, sha256_hex(&data));
+    std::fs::remove_file(tree.path().join("old.txt")).unwrap();
+    wait_for("the removed file to leave the listing", CHANGE_PROMISE, || {
+        let client = client.clone();
+        async move { client.get().await.ok().filter(|l| l.entries.iter().all(|e| e.path != "/old.txt")).map(|_| ()) }
+    })
+    .await;
+}
+
+/// An autofs trigger on a folder, as `x-systemd.automount` leaves one; Drop removes it.
+struct Autofs(PathBuf);
+
+impl Autofs {
+    /// Mounts a direct autofs trigger on `dir` whose daemon is gone at once (catatonic: no
+    /// automount daemon answers here, so lookups pass through instead of waiting for one).
+    fn catatonic(dir: &Path) -> Autofs {
+        let mut fds = [0i32; 2];
+        // SAFETY: pipe(2) fills two descriptors, closed below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let pgrp = unsafe { libc::getpgrp() };
+        let opts = format!("fd={},pgrp={pgrp},minproto=5,maxproto=5,direct", fds[1]);
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", "autofs", "-o", &opts, "natster-test-autofs"]).arg(dir);
+        let out = run_with_timeout(cmd, COMMAND_TIMEOUT);
+        // SAFETY: closing the two descriptors made above.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        out.assert_success("mount -t autofs");
+        // The first lookup finds the daemon's pipe closed and turns the trigger catatonic.
+        let _ = Command::new("ls").arg(dir).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        Autofs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Autofs {
+    fn drop(&mut self) {
+        while natster_mount::fs::mount::top_mount(&self.0).is_some_and(|(kind, _)| kind == "autofs") {
+            if !Command::new("umount").arg("-l").arg(&self.0).status().is_ok_and(|s| s.success()) {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_autofs_trigger_on_the_target_is_mounted_over_not_refused() {
+    require_fuse!();
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/sbin/mount.fuse3").exists() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "mount(8) as root and mount.fuse3 are needed");
+        eprintln!("SKIPPED autofs test: needs root and /sbin/mount.fuse3");
+        return;
+    }
+    let nats = NatsServer::start();
+    let (home, _tree) = home_with_catalog(&nats, &[("a.txt", b"through autofs".to_vec())]).await;
+    let _served = Served::start(&home, &nats, "media").await;
+    let mnt = mountpoint();
+    let dir = std::fs::canonicalize(mnt.path()).unwrap();
+    let _autofs = Autofs::catatonic(&dir);
+    assert_eq!(natster_mount::fs::mount::top_mount(&dir).map(|m| m.0).as_deref(), Some("autofs"));
+    let line =
+        format!("{}#default {} fuse ro,x-systemd.automount,home={} 0 0", bin(), dir.display(), home.path().display());
+    let (out, _fstab) = mount_by_fstab(&line, &dir);
+    let pid = out.stdout.split("(pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok());
+    let _guard = HelperMount { dir: dir.clone(), pid };
+    out.assert_success("mount over the autofs trigger");
+    assert_eq!(natster_mount::fs::mount::top_mount(&dir).map(|m| m.0).as_deref(), Some("fuse"));
+    assert_eq!(read_in_mount(&dir.join("media/a.txt")).unwrap(), b"through autofs");
+    let mut umount = Command::new("umount");
+    umount.arg(&dir).stdin(Stdio::null());
+    run_with_timeout(umount, COMMAND_TIMEOUT).assert_success("umount");
 }

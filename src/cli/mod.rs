@@ -9,7 +9,8 @@
 //! - `init` run again keeps the context's creds, account and imports unless new creds name
 //!   another account.
 //! - `catalog serve` leaves a [`ServeRecord`] while it runs, and refuses (unless `--force`) a
-//!   catalog that a live record or another answering server already serves.
+//!   catalog that a live record or another answering server already serves. It watches and
+//!   re-indexes its folder unless `--no-watch` (`daemon::served`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -181,7 +182,7 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
     Ok(())
 }
 
-pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool) -> Result<()> {
+pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool, watch: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
     let other = ServeRecord::load_live(&g.home, name);
     if let Some(other) = other.as_ref().filter(|_| !force) {
@@ -230,7 +231,7 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
     let mut shutdown = Shutdown::new()?;
     let connected = crate::daemon::link::watch_state(&nats);
     eprintln!("serving catalog '{name}'; Ctrl-C to stop");
-    let run = catalog.clone().run(nats, connected, g.home.clone(), options, true, async move {
+    let run = catalog.clone().run(nats, connected, g.home.clone(), options, watch, async move {
         shutdown.recv().await;
     });
     tokio::pin!(run);
