@@ -578,7 +578,8 @@ async fn an_autofs_trigger_on_the_target_is_mounted_over_not_refused() {
     let pid = out.stdout.split("(pid ").nth(1).and_then(|r| r.split(',').next()).and_then(|n| n.trim().parse().ok());
     let _guard = HelperMount { dir: dir.clone(), pid };
     out.assert_success("mount over the autofs trigger");
-    assert_eq!(natster_mount::fs::mount::top_mount(&dir).map(|m| m.0).as_deref(), Some("fuse"));
+    // Mounted with mount(2) directly (never opening the trigger), on top of the autofs mount.
+    assert_eq!(natster_mount::fs::mount::top_mount(&dir).map(|m| m.0).as_deref(), Some("fuse.natster-mount"));
     assert_eq!(read_in_mount(&dir.join("media/a.txt")).unwrap(), b"through autofs");
     let mut umount = Command::new("umount");
     umount.arg(&dir).stdin(Stdio::null());

@@ -230,14 +230,17 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
     let _socket = crate::daemon::status::serve(&g.home, report).map_err(|e| tracing::warn!("{e:#}")).ok();
     let mut shutdown = Shutdown::new()?;
     let connected = crate::daemon::link::watch_state(&nats);
-    eprintln!("serving catalog '{name}'; Ctrl-C to stop");
     let run = catalog.clone().run(nats, connected, g.home.clone(), options, watch, async move {
         shutdown.recv().await;
     });
     tokio::pin!(run);
     tokio::select! {
         result = &mut run => return result,
-        _ = catalog.serving() => crate::daemon::ready::notify_ready(&format!("serving catalog '{name}'")),
+        // Said once it serves: a catalog that cannot be served fails with its one line alone.
+        _ = catalog.serving() => {
+            eprintln!("serving catalog '{name}'; Ctrl-C to stop");
+            crate::daemon::ready::notify_ready(&format!("serving catalog '{name}'"));
+        }
     }
     let result = run.await;
     crate::daemon::ready::notify_stopping();

@@ -104,14 +104,14 @@ impl Role {
     }
 }
 
-/// Where and how to mount.
+/// Where and how to mount. `up` clears a stale mount of ours on its folder first.
 pub struct MountPlan {
     pub target: MountTarget,
     pub options: MountOptions,
 }
 
 pub enum MountTarget {
-    /// A folder, checked (and a stale mount of ours on it cleared) before mounting.
+    /// A folder, checked before mounting.
     Dir(PathBuf),
     /// `/dev/fd/N` from mount.fuse3: already mounted, only to be served.
     Fd(std::os::fd::OwnedFd),
@@ -252,7 +252,11 @@ fn start(
 ) -> Result<(Arc<Daemon>, Option<LiveMount>)> {
     let context = Context::load(home, &config.context)?;
     let target = match config.mount.as_ref().map(|p| &p.target) {
-        Some(MountTarget::Dir(dir)) => Some(Target::Path(mount::check_mountpoint_clearing_stale(dir)?)),
+        // `up` restarted after a crash must come back by itself; `mount` says what is wrong.
+        Some(MountTarget::Dir(dir)) if config.role == Role::Up => {
+            Some(Target::Path(mount::check_mountpoint_clearing_stale(dir)?))
+        }
+        Some(MountTarget::Dir(dir)) => Some(Target::Path(mount::check_mountpoint(dir)?)),
         _ => None,
     };
     let link = runtime.block_on(link::connect(&context, config.connect_timeout))?;

@@ -18,8 +18,9 @@
 //!   saved listing; a share later fills it in again.
 //! - Kernel invalidations are sent from a blocking thread, never from a FUSE callback.
 //! - The mountpoint is refused when it is missing, not a folder, not empty or already mounted,
-//!   except for an autofs trigger (`x-systemd.automount`): we mount over it, and never list it
-//!   (that would wait for the very mount we are making).
+//!   except for an autofs trigger (`x-systemd.automount`): we mount over it with mount(2)
+//!   ourselves (root), never stat-ing (std's statx), opening or listing it, since each would
+//!   trigger the automount and wait for the very mount we are making.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -71,6 +72,11 @@ pub enum Target {
 /// with what to do about it. An autofs trigger (`x-systemd.automount`) is accepted as is: the
 /// mount goes on top of it, and listing it would wait for that very mount.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    // Before anything touches the folder itself: statx(2), which std uses, and open(2) would
+    // trigger an autofs mount and wait for it (that is, for us).
+    if let Some(abs) = absolute_unfollowed(path).filter(|abs| is_autofs(abs)) {
+        return Ok(abs);
+    }
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
             "{} is a stale mount (Transport endpoint is not connected); run `natster-mount umount {}` first",
@@ -85,12 +91,8 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         Ok(_) => {}
     }
     let path = std::fs::canonicalize(path).with_context(|| format!("cannot use mountpoint {}", path.display()))?;
-    match top_mount(&path) {
-        Some((kind, _)) if kind == "autofs" => return Ok(path),
-        Some(_) => {
-            bail!("{} is already mounted; run `natster-mount umount {}` first", path.display(), path.display())
-        }
-        None => {}
+    if top_mount(&path).is_some() {
+        bail!("{} is already mounted; run `natster-mount umount {}` first", path.display(), path.display());
     }
     let mut entries = std::fs::read_dir(&path).with_context(|| format!("cannot list mountpoint {}", path.display()))?;
     if entries.next().is_some() {
@@ -99,9 +101,81 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `path` made absolute with its folder resolved but its last component left alone.
+fn absolute_unfollowed(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let parent = std::fs::canonicalize(absolute.parent()?).ok()?;
+    Some(parent.join(absolute.file_name()?))
+}
+
+/// True if the topmost mount on `abs` is an autofs trigger.
+fn is_autofs(abs: &Path) -> bool {
+    top_mount(abs).is_some_and(|(kind, _)| kind == "autofs")
+}
+
+/// Mounts FUSE on `path` with mount(2) itself (root only), never opening or stat-ing the
+/// folder, which on an autofs trigger would wait for this very mount: what libfuse does.
+fn mount_directly(path: &Path, options: &MountOptions) -> Result<OwnedFd> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{} is an automount trigger; only root can mount over one (mount it from /etc/fstab)", path.display());
+    }
+    let dev = CString::new("/dev/fuse").unwrap_or_default();
+    // SAFETY: open(2) of a constant path; the descriptor is owned below.
+    let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot open /dev/fuse; is the fuse module loaded?");
+    }
+    // SAFETY: fd was just opened and is ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!("fd={},rootmode=40000,user_id={uid},group_id={gid}", fd.as_raw_fd());
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let cstr = |s: &[u8]| CString::new(s).map_err(|_| anyhow::anyhow!("{} holds a NUL byte", path.display()));
+    let (source, target, kind, data) =
+        (cstr(b"natster")?, cstr(path.as_os_str().as_bytes())?, cstr(b"fuse.natster-mount")?, cstr(data.as_bytes())?);
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), kind.as_ptr(), flags, data.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot mount on {}", path.display()));
+    }
+    Ok(fd)
+}
+
+/// Unmounts what [`mount_directly`] mounted; lazily, with a warning, if busy.
+fn unmount_directly(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(target) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    // SAFETY: umount2(2) with a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        return;
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        tracing::warn!(
+            "{} is busy (a program still has files open in it): detached it lazily, those files now fail to read; close them before unmounting next time",
+            path.display()
+        );
+        // SAFETY: as above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    } else {
+        tracing::warn!("unmount of {} failed: {e}", path.display());
+    }
+}
+
 /// Like [`check_mountpoint`], but first detaches a stale natster-mount left at `path` by a
 /// process that died (a daemon restarted after a crash must not need a hand to come back).
 pub fn check_mountpoint_clearing_stale(path: &Path) -> Result<PathBuf> {
+    if absolute_unfollowed(path).is_some_and(|abs| is_autofs(&abs)) {
+        return check_mountpoint(path);
+    }
     let stale = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
     if stale {
         tracing::warn!("{} is a stale mount left by a process that died; detaching it", path.display());
@@ -273,6 +347,8 @@ pub struct LiveMount {
     refresher: Arc<Refresher>,
     /// None for a descriptor mounted by someone else: they unmount it.
     mountpoint: Option<PathBuf>,
+    /// Mounted with mount(2) by us (over an autofs trigger): unmounted with umount2(2).
+    direct: bool,
     unmounter: fuser::SessionUnmounter,
     ended: Option<tokio::sync::oneshot::Receiver<()>>,
     result: std::sync::mpsc::Receiver<std::io::Result<()>>,
@@ -345,7 +421,19 @@ impl LiveMount {
             config.acl = fuser::SessionACL::All;
         }
         config.n_threads = Some(2);
+        let direct = matches!(&target, Target::Path(path) if is_autofs(path));
         let (mut session, mountpoint) = match target {
+            Target::Path(path) if direct => {
+                let fd = mount_directly(&path, options)?;
+                let acl = config.acl;
+                match fuser::Session::from_fd(adapter, fd, acl, config) {
+                    Ok(session) => (session, Some(path)),
+                    Err(e) => {
+                        unmount_directly(&path);
+                        return Err(anyhow::anyhow!("cannot serve the mount on {}: {e}", path.display()));
+                    }
+                }
+            }
             Target::Path(path) => {
                 let session = fuser::Session::new(adapter, &path, &config).map_err(|e| {
                     let hint = if options.allow_other && e.to_string().contains("allow_other") {
@@ -377,7 +465,7 @@ impl LiveMount {
             runtime.spawn(forward_invalidations(invalidated, notifier)),
             runtime.spawn(keep_fresh(refresher.clone(), nats, connected)),
         ];
-        Ok(LiveMount { fs, refresher, mountpoint, unmounter, ended: Some(ended_rx), result: result_rx, tasks })
+        Ok(LiveMount { fs, refresher, mountpoint, direct, unmounter, ended: Some(ended_rx), result: result_rx, tasks })
     }
 
     /// Makes the mount show exactly the `planned` catalogs: folders of catalogs no longer
@@ -429,7 +517,9 @@ impl LiveMount {
             task.abort();
         }
         let still_mounted = self.ended.as_mut().is_some_and(|e| e.try_recv().is_err());
-        if let (true, Some(path)) = (still_mounted, &self.mountpoint) {
+        if let (true, true, Some(path)) = (still_mounted, self.direct, &self.mountpoint) {
+            unmount_directly(path);
+        } else if let (true, Some(path)) = (still_mounted, &self.mountpoint) {
             if let Err(e) = self.unmounter.unmount() {
                 if e.raw_os_error() == Some(libc::EBUSY) || e.to_string().contains("busy") {
                     // Never left mounted or stale: detached now, gone for good once files close.
