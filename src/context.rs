@@ -122,26 +122,8 @@ impl Context {
 
     /// Connects to NATS with this context's server and credentials.
     pub async fn connect(&self, timeout: Duration) -> Result<async_nats::Client> {
-        let mut options = match &self.creds {
-            Some(creds) => {
-                async_nats::ConnectOptions::with_credentials_file(creds.clone()).await.with_context(|| {
-                    format!("cannot use creds file {}; check the path in your context", creds.display())
-                })?
-            }
-            None => async_nats::ConnectOptions::new(),
-        };
-        options = options
-            .name("natster-mount")
-            .connection_timeout(timeout)
-            .request_timeout(Some(timeout))
-            // Reconnect quickly after a server restart or a network blip (the default backoff
-            // grows to seconds): 0.1, 0.2, 0.4 … at most 2 s between attempts.
-            .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(5)).min(2000)))
-            // Chunks are published in bursts; a deep client buffer keeps bursts off the
-            // slow-consumer path.
-            .subscription_capacity(64 * 1024);
-        // A comma-separated list is several servers to try (async-nats parses a string as one).
-        let servers: Vec<&str> = self.server.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        let options = self.connect_options(timeout).await?;
+        let servers = self.server_list();
         let connect = async_nats::connect_with_options(servers.as_slice(), options);
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
@@ -151,6 +133,52 @@ impl Context {
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")).with_context(|| self.unreachable()),
             Err(_) => Err(anyhow::anyhow!("timed out after {timeout:?}")).with_context(|| self.unreachable()),
         }
+    }
+
+    /// Like [`Context::connect`], but returns at once and connects in the background (then
+    /// reconnects after any loss, with the same backoff), for daemons that must start while
+    /// NATS is down. `events` sees every connection event. Fails only on unusable creds.
+    pub async fn connect_in_background(
+        &self,
+        timeout: Duration,
+        events: impl Fn(async_nats::Event) + Send + Sync + 'static,
+    ) -> Result<async_nats::Client> {
+        let events = std::sync::Arc::new(events);
+        let options = self.connect_options(timeout).await?.retry_on_initial_connect().event_callback(move |event| {
+            let events = events.clone();
+            async move { events(event) }
+        });
+        let servers = self.server_list();
+        async_nats::connect_with_options(servers.as_slice(), options)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| self.unreachable())
+    }
+
+    /// A comma-separated list is several servers to try (async-nats parses a string as one).
+    fn server_list(&self) -> Vec<&str> {
+        self.server.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+    }
+
+    async fn connect_options(&self, timeout: Duration) -> Result<async_nats::ConnectOptions> {
+        let options = match &self.creds {
+            Some(creds) => {
+                async_nats::ConnectOptions::with_credentials_file(creds.clone()).await.with_context(|| {
+                    format!("cannot use creds file {}; check the path in your context", creds.display())
+                })?
+            }
+            None => async_nats::ConnectOptions::new(),
+        };
+        Ok(options
+            .name("natster-mount")
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout))
+            // Reconnect quickly after a server restart or a network blip (the default backoff
+            // grows to seconds): 0.1, 0.2, 0.4 … at most 2 s between attempts.
+            .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(5)).min(2000)))
+            // Chunks are published in bursts; a deep client buffer keeps bursts off the
+            // slow-consumer path.
+            .subscription_capacity(64 * 1024))
     }
 
     fn unreachable(&self) -> String {

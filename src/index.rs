@@ -161,6 +161,9 @@ impl Catalog {
     }
 }
 
+/// JSON files of the home that are not catalogs (server pins, `up`'s serve marks).
+const NOT_CATALOGS: &[&str] = &["known_servers", "at-login"];
+
 /// Names of the catalogs indexed in `home` (its `<name>.json` files), sorted.
 pub fn catalog_names(home: &Home) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(home.path())
@@ -170,7 +173,8 @@ pub fn catalog_names(home: &Home) -> Vec<String> {
         .filter_map(|item| {
             let file = item.file_name().to_string_lossy().to_string();
             let stem = file.strip_suffix(".json")?;
-            (!stem.ends_with(".shares") && protocol::validate_catalog_name(stem).is_ok()).then(|| stem.to_string())
+            let catalog = !stem.ends_with(".shares") && !NOT_CATALOGS.contains(&stem);
+            (catalog && protocol::validate_catalog_name(stem).is_ok()).then(|| stem.to_string())
         })
         .collect();
     names.sort();

@@ -1,8 +1,10 @@
 //! natster-mount: decentralized media sharing over NATS, with the reader's side as a FUSE
 //! filesystem. Each person owns a NATS account; a catalog is a folder its owner serves
 //! (`server`); it is shared with another account by public key and imported by it; readers
-//! list and read it through `client`, or mount every catalog they can read (`fs`). The
-//! README describes the commands; each module's docs list its invariants.
+//! list and read it through `client`, or mount every catalog they can read (`fs`). `daemon`
+//! runs the long-lived parts (`up`, `mount`, `catalog serve`: folder watching, change notices,
+//! readiness, status). The README describes the commands; each module's docs list its
+//! invariants.
 //!
 //! Security model, in short (the README has the whole table): access rests on NATS accounts
 //! (the account token that nats-server writes into every imported request, checked against
@@ -24,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod context;
 pub mod crypto;
+pub mod daemon;
 pub mod fs;
 pub mod identity;
 pub mod index;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use natster_mount::cli::{self, Globals};
 use natster_mount::context::{Home, DEFAULT_CONTEXT};
 use natster_mount::server::{ServerOptions, DEFAULT_CHUNK_SIZE};
@@ -59,7 +59,48 @@ enum Command {
         /// Stay in the foreground (logs to stderr) instead of detaching.
         #[arg(long, short = 'f')]
         foreground: bool,
+        /// Let other users read the mount (a media server running as its own user); needs
+        /// `user_allow_other` in /etc/fuse.conf unless run as root.
+        #[arg(long)]
+        allow_other: bool,
+        /// Owner (numeric uid) every file and folder shows; default: you.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Group (numeric gid) every file and folder shows; default: yours.
+        #[arg(long)]
+        gid: Option<u32>,
     },
+    /// Serve the catalogs marked for it and mount every catalog you can read, following
+    /// changes, until stopped (what the systemd user unit runs).
+    Up {
+        /// Where to mount (default ~/Natster, made if missing).
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        /// Serve only; mount nothing.
+        #[arg(long, conflicts_with = "mountpoint")]
+        no_mount: bool,
+        /// Memory for decrypted chunks (e.g. 256M, 1G).
+        #[arg(long, default_value = "256M", value_parser = cli::parse_size)]
+        cache_size: u64,
+        /// Seconds before a read that the network cannot serve fails with EIO.
+        #[arg(long, default_value = "10", value_parser = cli::parse_seconds::<86400>)]
+        read_timeout: Duration,
+        /// Seconds between listing refreshes (change notices refresh sooner).
+        #[arg(long, default_value = "30", value_parser = cli::parse_seconds::<86400>)]
+        listing_ttl: Duration,
+        /// Bytes per encrypted chunk of the catalogs served.
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+    },
+    /// What this machine serves and mounts (from this NATSTER_HOME).
+    Status {
+        /// Print the reports as JSON, one per process.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run `up` at login as a systemd user service.
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Unmount a natster-mount folder.
     Umount { mountpoint: PathBuf },
     /// A NATS operator of your own: accounts, JWTs and an operator-mode nats-server.
@@ -67,6 +108,20 @@ enum Command {
     Operator(OperatorCommand),
     /// Show this context's account, server and credentials.
     Whoami,
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the user unit, and enable and start it if a user systemd runs.
+    Install {
+        /// Where `up` mounts (default ~/Natster).
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+    },
+    /// Stop, disable and remove the user unit.
+    Uninstall,
+    /// Whether the unit is installed and running.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -101,6 +156,9 @@ enum CatalogCommand {
         /// Re-root an existing catalog at DIR (its files under the old folder are dropped).
         #[arg(long)]
         force: bool,
+        /// Also serve it whenever `natster-mount up` runs (see `catalog serve --at-login`).
+        #[arg(long)]
+        serve: bool,
     },
     /// Serve catalog NAME to its owner and to the accounts it is shared with.
     Serve {
@@ -117,6 +175,15 @@ enum CatalogCommand {
         /// Serve even if another server already serves this catalog.
         #[arg(long)]
         force: bool,
+        /// Do not watch the folder: serve the index as it is until `catalog new` re-indexes it.
+        #[arg(long)]
+        no_watch: bool,
+        /// Do not serve now: mark it to be served whenever `natster-mount up` runs.
+        #[arg(long, conflicts_with = "not_at_login")]
+        at_login: bool,
+        /// Do not serve now: stop `up` serving it.
+        #[arg(long)]
+        not_at_login: bool,
     },
     /// Share catalog NAME with an account (public key, or a local operator account's name).
     Share { name: String, account: String },
@@ -161,29 +228,33 @@ enum CatalogCommand {
 }
 
 fn main() -> ExitCode {
+    cli::capture_ready_pipe();
+    // mount.fuse3 runs `natster-mount SOURCE MOUNTPOINT -o OPTIONS` for an fstab line.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let commands: Vec<String> = Args::command().get_subcommands().map(|c| c.get_name().to_string()).collect();
+    if let Some(call) = cli::helper::detect(&argv, &commands) {
+        cli::set_quiet_exit_on_closed_stdout(true);
+        init_logging(None, false);
+        return match call.and_then(|c| cli::helper::mount_helper(&c)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("natster-mount: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let daemon = matches!(
         &args.command,
-        Command::Catalog(CatalogCommand::Serve { .. })
+        Command::Catalog(CatalogCommand::Serve { at_login: false, not_at_login: false, .. })
             | Command::Mount { .. }
+            | Command::Up { .. }
             | Command::Operator(OperatorCommand::Up { .. })
     );
     // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly with
     // status 0 at its next line of output; a long-running one keeps running.
     cli::set_quiet_exit_on_closed_stdout(!daemon);
-    // One-shot commands return every connection failure as their one-line error, so
-    // async-nats' own ERROR lines would only repeat it.
-    let default_level = if daemon { "natster_mount=info,warn" } else { "warn,async_nats=off" };
-    let filter = args.log.clone().unwrap_or_else(|| default_level.to_string());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    init_logging(args.log.clone(), daemon);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -193,16 +264,53 @@ fn main() -> ExitCode {
     }
 }
 
+fn init_logging(filter: Option<String>, daemon: bool) {
+    // One-shot commands return every connection failure as their one-line error, so
+    // async-nats' own ERROR lines would only repeat it.
+    let default_level = if daemon { "natster_mount=info,warn" } else { "warn,async_nats=off" };
+    let filter = filter.unwrap_or_else(|| default_level.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let globals = Globals { home: Home::from_env()?, context: args.context, timeout: args.timeout };
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Command::Init { server, creds } => cli::init(&globals, &server, creds.as_deref()),
-        Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground } => {
-            let args = cli::MountArgs { mountpoint, cache_size, read_timeout, listing_ttl, foreground };
+        Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground, allow_other, uid, gid } => {
+            let args =
+                cli::MountArgs { mountpoint, cache_size, read_timeout, listing_ttl, foreground, allow_other, uid, gid };
             drop(runtime);
             cli::mount(&globals, args)
         }
+        Command::Up { mountpoint, no_mount, cache_size, read_timeout, listing_ttl, chunk_size } => {
+            let mount = cli::MountArgs {
+                mountpoint: PathBuf::new(),
+                cache_size,
+                read_timeout,
+                listing_ttl,
+                foreground: true,
+                allow_other: false,
+                uid: None,
+                gid: None,
+            };
+            drop(runtime);
+            cli::up(&globals, cli::UpArgs { mountpoint, no_mount, mount, chunk_size })
+        }
+        Command::Status { json } => cli::status(&globals, json),
+        Command::Service(s) => match s {
+            ServiceCommand::Install { mountpoint } => cli::service::install(&globals, mountpoint),
+            ServiceCommand::Uninstall => cli::service::uninstall(&globals),
+            ServiceCommand::Status => cli::service::status(&globals),
+        },
         Command::Umount { mountpoint } => cli::umount(&mountpoint),
         Command::Whoami => runtime.block_on(sharing::whoami(&globals)),
         Command::Operator(o) => match o {
@@ -211,12 +319,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             OperatorCommand::AddAccount { name } => runtime.block_on(sharing::operator_add_account(&globals, &name)),
         },
         Command::Catalog(c) => match c {
-            CatalogCommand::New { name, dir, description, force } => {
-                cli::catalog_new(&globals, &name, &dir, description.as_deref(), force)
+            CatalogCommand::New { name, dir, description, force, serve } => {
+                cli::catalog_new(&globals, &name, &dir, description.as_deref(), force)?;
+                if serve {
+                    cli::at_login(&globals, &name, true)?;
+                }
+                Ok(())
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force } => {
+            CatalogCommand::Serve { name, at_login, not_at_login, .. } if at_login || not_at_login => {
+                cli::at_login(&globals, &name, at_login)
+            }
+            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, no_watch, .. } => {
                 let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
-                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force));
+                let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force, !no_watch));
                 // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
                 runtime.shutdown_timeout(Duration::from_millis(500));
                 served

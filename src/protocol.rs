@@ -72,6 +72,29 @@ pub fn media_wildcard(catalog: &str) -> String {
     format!("natster.media.{catalog}.*")
 }
 
+/// Last subject token of a catalog server's notice to its readers, on the media stream they
+/// already receive through their import: its listing changed, or who may read it did.
+/// Session ids and hashes are hex, so it never names a read.
+pub const NOTICE_TOKEN: &str = "notice";
+/// Largest notice a reader accepts.
+pub const MAX_NOTICE_BYTES: usize = 1024;
+
+/// Every catalog's notices, as a reader subscribes to them (own and imported catalogs alike).
+pub fn notice_wildcard() -> String {
+    format!("natster.media.*.{NOTICE_TOKEN}")
+}
+
+/// A catalog server's notice. It only makes a reader fetch the (signed) listing sooner, so
+/// nothing in it is trusted beyond that.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    pub catalog: String,
+    pub revision: String,
+    /// Who may read changed (a share or an unshare): refresh even if the revision did not.
+    #[serde(default)]
+    pub access: bool,
+}
+
 /// Subject the server publishes a chunk on: prefixed by the caller's account when the
 /// request came through an import, so the stream export routes it to that account only.
 pub fn media_subject(caller: &Caller, catalog: &str, stream_token: &str) -> String {

@@ -1,4 +1,4 @@
-//! The record a running `catalog serve` leaves in the home (`$NATSTER_HOME/<catalog>.serving.json`):
+//! The record a running `catalog serve` (or `up`, for each catalog it serves) leaves in the home (`$NATSTER_HOME/<catalog>.serving.json`):
 //! which process serves the catalog, on which host, and whether with `--allow-all`. A second
 //! `catalog serve` reads it to say where the first one runs; `catalog ls` reads it to show who
 //! can read a catalog served to every importer.
@@ -40,10 +40,11 @@ fn process_serves(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     let alive =
         unsafe { libc::kill(pid_t, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    // A reused pid belongs to some other program: its command line names no `serve`.
+    // A reused pid belongs to some other program: its command line names no `serve` (nor `up`,
+    // which serves the catalogs marked for it).
     alive
         && fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| c.split(|b| *b == 0).any(|arg| arg == b"serve"))
+            .map(|c| c.split(|b| *b == 0).any(|arg| arg == b"serve" || arg == b"up"))
             .unwrap_or(true)
 }
 

@@ -74,7 +74,9 @@ impl Fixture {
         home.run_async([os("catalog"), os("new"), os(CATALOG), tree_arg.as_os_str()])
             .await
             .assert_success("catalog new");
-        let served = Served::start(&home, &server, CATALOG).await;
+        // These tests check how the server treats its index as given (changed files refused,
+        // paths outside the root...): no folder watch re-indexing behind their back.
+        let served = Served::start_with(&home, &server, CATALOG, &["--no-watch"]).await;
         let nats = connect(&server.url()).await;
         let client = catalog_client(&nats, CATALOG);
         Fixture { served, nats, client, sources, tree, home, server }

@@ -195,7 +195,8 @@ async fn original_index_is_verified_once_then_served() {
     write_original_index(home.path(), tree.path(), &[files.clone(), vec![tampered.clone()]].concat());
     std::fs::write(tree.path().join("tampered.bin"), pseudo_random_bytes(74, 5000)).unwrap();
 
-    let served = Served::start(&home, &server, CATALOG).await;
+    // The index as the original wrote it, changes and all: no folder watch re-indexing it.
+    let served = Served::start_with(&home, &server, CATALOG, &["--no-watch"]).await;
     let nats = connect(&server.url()).await;
     let client = catalog_client(&nats, CATALOG);
 

@@ -9,9 +9,10 @@
 //! - `init` run again keeps the context's creds, account and imports unless new creds name
 //!   another account.
 //! - `catalog serve` leaves a [`ServeRecord`] while it runs, and refuses (unless `--force`) a
-//!   catalog that a live record or another answering server already serves.
+//!   catalog that a live record or another answering server already serves. It watches and
+//!   re-indexes its folder unless `--no-watch` (`daemon::served`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -20,9 +21,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client::{self, CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
+use crate::daemon::served::ServedCatalog;
 use crate::index::{self, Catalog, ProgressEvent};
 use crate::protocol;
-use crate::server::{CatalogServer, ServerOptions};
+use crate::server::ServerOptions;
 use crate::serving::ServeRecord;
 
 /// Whether a closed standard output ends the process (one-shot commands) or is ignored
@@ -62,10 +64,14 @@ macro_rules! outln {
 pub(crate) use outln;
 
 mod download;
+pub mod helper;
 mod parse;
+pub mod service;
+mod up;
 
 pub use download::catalog_download;
 pub use parse::{parse_seconds, parse_size, validate_server_urls};
+pub use up::{at_login, capture_ready_pipe, default_mountpoint, mount, status, umount, up, MountArgs, UpArgs};
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {
@@ -176,7 +182,7 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
     Ok(())
 }
 
-pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool) -> Result<()> {
+pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, force: bool, watch: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
     let other = ServeRecord::load_live(&g.home, name);
     if let Some(other) = other.as_ref().filter(|_| !force) {
@@ -201,39 +207,47 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
     // Replies are signed as the serving user (creds), or the home's own key without accounts.
     let identity = crate::identity::Identity::load(&g.home, &g.load_context()?)?;
     let options = ServerOptions { identity: Some(std::sync::Arc::new(identity)), ..options };
-    let server = CatalogServer::new(nats, g.home.clone(), name, options)?;
     // A forced second server leaves the first one's record in place.
     let _record = match other {
         None => Some(ServeRecord::current(name, allow_all).save(&g.home)?),
         Some(_) => None,
     };
-    eprintln!("serving catalog '{name}'; Ctrl-C to stop");
-    server.run(shutdown_signal()).await
-}
-
-/// SIGINT and SIGTERM handlers installed at once, so that from creation on neither signal kills
-/// the process before it can clean up.
-pub struct Shutdown {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl Shutdown {
-    pub fn new() -> Result<Shutdown> {
-        use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate()).context("cannot install a SIGTERM handler")?;
-        let int = signal(SignalKind::interrupt()).context("cannot install a SIGINT handler")?;
-        Ok(Shutdown { term, int })
-    }
-
-    /// Resolves with the signal's name and number.
-    pub async fn recv(&mut self) -> (&'static str, i32) {
-        tokio::select! {
-            _ = self.term.recv() => ("SIGTERM", libc::SIGTERM),
-            _ = self.int.recv() => ("SIGINT", libc::SIGINT),
+    let catalog = ServedCatalog::new(name);
+    let report = {
+        let (catalog, context, server) = (catalog.clone(), g.context.clone(), g.load_context()?.server);
+        let (nats, started) = (nats.clone(), std::time::SystemTime::now());
+        std::sync::Arc::new(move || crate::daemon::status::ProcessStatus {
+            pid: std::process::id(),
+            role: "catalog serve".into(),
+            context: context.clone(),
+            server: server.clone(),
+            connected: nats.connection_state() == async_nats::connection::State::Connected,
+            started: started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            serving: vec![catalog.status()],
+            mount: None,
+        }) as std::sync::Arc<dyn Fn() -> crate::daemon::status::ProcessStatus + Send + Sync>
+    };
+    let _socket = crate::daemon::status::serve(&g.home, report).map_err(|e| tracing::warn!("{e:#}")).ok();
+    let mut shutdown = Shutdown::new()?;
+    let connected = crate::daemon::link::watch_state(&nats);
+    let run = catalog.clone().run(nats, connected, g.home.clone(), options, watch, async move {
+        shutdown.recv().await;
+    });
+    tokio::pin!(run);
+    tokio::select! {
+        result = &mut run => return result,
+        // Said once it serves: a catalog that cannot be served fails with its one line alone.
+        _ = catalog.serving() => {
+            eprintln!("serving catalog '{name}'; Ctrl-C to stop");
+            crate::daemon::ready::notify_ready(&format!("serving catalog '{name}'"));
         }
     }
+    let result = run.await;
+    crate::daemon::ready::notify_stopping();
+    result
 }
+
+pub use crate::daemon::Shutdown;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -282,6 +296,20 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
     Ok(())
 }
 
+/// Rows in aligned columns, without a header.
+fn print_rows<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in rows {
+        let parts: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        outln!("{}", parts.join("  ").trim_end());
+    }
+}
+
 fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(|h| h.chars().count());
     for row in rows {
@@ -312,118 +340,4 @@ pub fn human_size(bytes: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
-}
-
-pub struct MountArgs {
-    pub mountpoint: PathBuf,
-    pub cache_size: u64,
-    pub read_timeout: Duration,
-    pub listing_ttl: Duration,
-    pub foreground: bool,
-}
-
-pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
-    if args.cache_size < 4 * 1024 * 1024 {
-        bail!("--cache-size must be at least 4M (one chunk per open file needs room)");
-    }
-    let context = g.load_context()?;
-    if !args.foreground {
-        return mount_in_background(g, &args);
-    }
-    // SAFETY: getuid/getgid cannot fail and touch no memory.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    limit_allocator_retention();
-    let options = crate::fs::mount::MountOptions {
-        fs: crate::fs::FsOptions {
-            cache_bytes: usize::try_from(args.cache_size).unwrap_or(usize::MAX),
-            read_timeout: args.read_timeout,
-            uid,
-            gid,
-            ..crate::fs::FsOptions::default()
-        },
-        listing_ttl: args.listing_ttl,
-        client: ClientOptions {
-            request_timeout: g.timeout.min(args.read_timeout),
-            chunk_timeout: (args.read_timeout / 4).max(Duration::from_millis(200)),
-            retries: 2,
-            ..ClientOptions::default()
-        },
-    };
-    crate::fs::mount::run(&g.home, &context, &args.mountpoint, options, g.timeout)
-}
-
-/// Chunks are 256 KiB buffers that come and go at network speed. glibc's default raises its
-/// mmap threshold after such buffers are freed and then keeps them in per-thread arenas, so
-/// the process would hold far more than the cache budget. A fixed threshold gives every chunk
-/// its own mapping, returned to the system as soon as it is dropped.
-fn limit_allocator_retention() {
-    // SAFETY: mallopt only tunes the allocator; called before the runtime starts threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
-/// Re-runs this command with --foreground as a detached process, and returns once the mount
-/// is up (or says why it is not).
-fn mount_in_background(g: &Globals, args: &MountArgs) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    let mountpoint = crate::fs::mount::check_mountpoint(&args.mountpoint)?;
-    g.home.ensure()?;
-    let log_path = g.home.path().join("mount.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("cannot write {}", log_path.display()))?;
-    let start_len = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--context", &g.context, "--timeout", &g.timeout.as_secs_f64().to_string(), "mount"])
-        .arg(&mountpoint)
-        .args(["--cache-size", &args.cache_size.to_string()])
-        .args(["--read-timeout", &args.read_timeout.as_secs_f64().to_string()])
-        .args(["--listing-ttl", &args.listing_ttl.as_secs_f64().to_string()])
-        .arg("--foreground")
-        .env("NATSTER_HOME", g.home.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("cannot start the mount process")?;
-    let deadline = Instant::now() + g.timeout * 3 + Duration::from_secs(5);
-    loop {
-        if crate::fs::mount::is_mounted(&mountpoint) {
-            outln!(
-                "mounted on {} (pid {}, log {}); unmount with `natster-mount umount {}`",
-                mountpoint.display(),
-                child.id(),
-                log_path.display(),
-                mountpoint.display()
-            );
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            let text = std::fs::read(&log_path).unwrap_or_default();
-            let tail = String::from_utf8_lossy(&text[(start_len as usize).min(text.len())..]).to_string();
-            let reason = tail.lines().rev().find(|l| l.starts_with("error:")).unwrap_or("see the log").to_string();
-            bail!("mount process exited ({status}): {}", reason.trim_start_matches("error: "));
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("mount did not come up in time; see {}", log_path.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub fn umount(mountpoint: &Path) -> Result<()> {
-    crate::fs::mount::umount(mountpoint)?;
-    outln!("unmounted {}", mountpoint.display());
-    Ok(())
 }

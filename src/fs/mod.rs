@@ -146,7 +146,9 @@ impl MountedCatalog {
 /// The filesystem state shared by all FUSE threads.
 pub struct NatsterFs {
     tree: RwLock<Tree>,
-    pub catalogs: Vec<Arc<MountedCatalog>>,
+    /// Catalog slots, by index; a removed catalog leaves `None` (indices are never reused, so
+    /// an open file of a removed catalog can never read another one's bytes).
+    catalogs: RwLock<Vec<Option<Arc<MountedCatalog>>>>,
     pub cache: Arc<ChunkCache<FsError>>,
     handles: Mutex<HashMap<u64, Arc<OpenFile>>>,
     next_handle: AtomicU64,
@@ -165,7 +167,7 @@ impl NatsterFs {
         let permits = (options.readahead_budget / (1 << 20)).clamp(1, u64::from(u32::MAX >> 4)) as usize;
         NatsterFs {
             tree: RwLock::new(tree),
-            catalogs,
+            catalogs: RwLock::new(catalogs.into_iter().map(Some).collect()),
             cache: Arc::new(ChunkCache::new(options.cache_bytes)),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -179,9 +181,45 @@ impl NatsterFs {
         self.tree.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Catalog `i`, unless it was removed.
+    pub fn catalog(&self, i: usize) -> Option<Arc<MountedCatalog>> {
+        self.catalogs.read().unwrap_or_else(|p| p.into_inner()).get(i).cloned().flatten()
+    }
+
+    /// The mounted catalogs with their indices.
+    pub fn catalogs(&self) -> Vec<(usize, Arc<MountedCatalog>)> {
+        let slots = self.catalogs.read().unwrap_or_else(|p| p.into_inner());
+        slots.iter().enumerate().filter_map(|(i, c)| Some((i, c.clone()?))).collect()
+    }
+
+    /// Adds a catalog folder to the root (empty until a listing is applied); returns its
+    /// index and what the kernel must forget. A folder name already in use is refused.
+    pub fn add_catalog(&self, catalog: Arc<MountedCatalog>) -> Option<(usize, Invalidations)> {
+        let mut slots = self.catalogs.write().unwrap_or_else(|p| p.into_inner());
+        let i = slots.len();
+        let inv = self.tree.write().unwrap_or_else(|p| p.into_inner()).add_catalog(
+            i,
+            &catalog.dir_name,
+            SystemTime::now(),
+        )?;
+        slots.push(Some(catalog));
+        Some((i, inv))
+    }
+
+    /// Removes catalog `i`'s folder and everything under it; returns what the kernel must
+    /// forget.
+    pub fn remove_catalog(&self, i: usize) -> Invalidations {
+        let mut slots = self.catalogs.write().unwrap_or_else(|p| p.into_inner());
+        match slots.get_mut(i) {
+            Some(slot @ Some(_)) => *slot = None,
+            _ => return Invalidations::default(),
+        }
+        self.tree.write().unwrap_or_else(|p| p.into_inner()).remove_catalog(i)
+    }
+
     /// Replaces catalog `i`'s folder with `listing`; returns what the kernel must forget.
     pub fn apply_listing(&self, i: usize, listing: &CatalogSummary) -> Invalidations {
-        let Some(catalog) = self.catalogs.get(i) else { return Invalidations::default() };
+        let Some(catalog) = self.catalog(i) else { return Invalidations::default() };
         catalog.source.listing_applied(listing);
         let mut inv = self.tree.write().unwrap_or_else(|p| p.into_inner()).apply_listing(i, listing, self.started);
         *catalog.revision.lock().unwrap_or_else(|p| p.into_inner()) = listing.revision.clone();
@@ -192,6 +230,15 @@ impl NatsterFs {
             }
         }
         inv
+    }
+
+    /// Files catalog `i`'s folder shows.
+    pub fn entry_count(&self, i: usize) -> usize {
+        self.tree()
+            .nodes
+            .values()
+            .filter(|n| matches!(&n.kind, NodeKind::File { catalog, .. } if *catalog == i))
+            .count()
     }
 
     pub fn attr(&self, ino: u64) -> Result<Attr, FsError> {
@@ -251,10 +298,10 @@ impl NatsterFs {
                 ("user.natster.hash", entry.hash.clone()),
                 ("user.natster.mime_type", entry.mime_type.clone()),
                 ("user.natster.description", entry.description.clone()),
-                ("user.natster.owner", self.catalogs.get(*catalog).map(|c| c.owner.clone()).unwrap_or_default()),
+                ("user.natster.owner", self.catalog(*catalog).map(|c| c.owner.clone()).unwrap_or_default()),
                 (
                     "user.natster.verified",
-                    self.catalogs.get(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
+                    self.catalog(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
                 ),
             ]),
             NodeKind::Dir { .. } => Ok(Vec::new()),

@@ -1,6 +1,7 @@
-//! Mount lifecycle: check the mountpoint, gather the catalogs this context can read, mount,
-//! keep listings fresh (TTL poll and the catalog servers' heartbeats), unmount cleanly on
-//! SIGINT/SIGTERM, and `umount`.
+//! Mount lifecycle: check the mountpoint, mount, follow the catalogs this context can read
+//! (folders come and go as imports and own catalogs do), keep listings fresh, unmount cleanly,
+//! and `umount`. [`LiveMount`] is the running mount; `daemon` drives it (`mount`, `up`, the
+//! fstab helper).
 //!
 //! Invariants:
 //! - The mount appears within [`FIRST_LISTING_WAIT`] whatever its catalogs do. Each catalog
@@ -8,26 +9,37 @@
 //!   disk by an earlier mount for an import), and every first listing is fetched at once, each
 //!   in its own task with its own deadline; one that answers late fills its folder in then.
 //! - Refreshes run concurrently (at most [`MAX_CONCURRENT_REFRESHES`]), one at a time per
-//!   catalog, so one slow or offline catalog never delays another.
+//!   catalog, so one slow or offline catalog never delays another. A refresh asked for while
+//!   one runs is not lost: it runs again right after (a notice can arrive mid-fetch).
+//! - Listings are refreshed on the TTL, on a heartbeat or notice naming a new revision or a
+//!   change of access, whenever NATS (re)connects, and, after a transient failure, again with
+//!   backoff ([`FIRST_RETRY`] doubling up to the TTL) until the catalog answers.
+//! - A catalog whose owner refuses us (403: unshared) shows an empty folder and forgets its
+//!   saved listing; a share later fills it in again.
 //! - Kernel invalidations are sent from a blocking thread, never from a FUSE callback.
+//! - The mountpoint is refused when it is missing, not a folder, not empty or already mounted,
+//!   except for an autofs trigger (`x-systemd.automount`): we mount over it with mount(2)
+//!   ourselves (root), never stat-ing (std's statx), opening or listing it, since each would
+//!   trigger the automount and wait for the very mount we are making.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use futures::StreamExt;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::fuse::FuseAdapter;
-use super::{FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
+use super::{FsError, FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
 use crate::client::{CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
 use crate::identity::{Identity, PinStore};
 use crate::index::Catalog;
-use crate::protocol::CatalogSummary;
+use crate::protocol::{self, CatalogSummary};
 use crate::server::HEARTBEAT_SUBJECT;
 
 /// Longest the mount waits for first listings before it appears.
@@ -36,6 +48,8 @@ pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1000);
 pub const LISTING_DEADLINE: Duration = Duration::from_secs(60);
 /// Listings fetched at once.
 pub const MAX_CONCURRENT_REFRESHES: usize = 8;
+/// First retry of a listing that failed for a transient reason.
+pub const FIRST_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -43,11 +57,26 @@ pub struct MountOptions {
     /// How often every listing is polled for a new revision.
     pub listing_ttl: Duration,
     pub client: ClientOptions,
+    /// Let other users read the mount (`allow_other`; a media server running as its own user).
+    pub allow_other: bool,
+}
+
+/// Where to mount: a checked folder, or a /dev/fuse descriptor someone else already mounted
+/// (mount.fuse3 with `drop_privileges` passes `/dev/fd/N`).
+pub enum Target {
+    Path(PathBuf),
+    Fd(OwnedFd),
 }
 
 /// Refuses a mountpoint that is missing, not a folder, not empty, already mounted or stale,
-/// with what to do about it.
+/// with what to do about it. An autofs trigger (`x-systemd.automount`) is accepted as is: the
+/// mount goes on top of it, and listing it would wait for that very mount.
 pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    // Before anything touches the folder itself: statx(2), which std uses, and open(2) would
+    // trigger an autofs mount and wait for it (that is, for us).
+    if let Some(abs) = absolute_unfollowed(path).filter(|abs| is_autofs(abs)) {
+        return Ok(abs);
+    }
     match std::fs::metadata(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
             "{} is a stale mount (Transport endpoint is not connected); run `natster-mount umount {}` first",
@@ -62,7 +91,7 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         Ok(_) => {}
     }
     let path = std::fs::canonicalize(path).with_context(|| format!("cannot use mountpoint {}", path.display()))?;
-    if is_mounted(&path) {
+    if top_mount(&path).is_some() {
         bail!("{} is already mounted; run `natster-mount umount {}` first", path.display(), path.display());
     }
     let mut entries = std::fs::read_dir(&path).with_context(|| format!("cannot list mountpoint {}", path.display()))?;
@@ -72,11 +101,112 @@ pub fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `path` made absolute with its folder resolved but its last component left alone.
+fn absolute_unfollowed(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let parent = std::fs::canonicalize(absolute.parent()?).ok()?;
+    Some(parent.join(absolute.file_name()?))
+}
+
+/// True if the topmost mount on `abs` is an autofs trigger.
+fn is_autofs(abs: &Path) -> bool {
+    top_mount(abs).is_some_and(|(kind, _)| kind == "autofs")
+}
+
+/// Mounts FUSE on `path` with mount(2) itself (root only), never opening or stat-ing the
+/// folder, which on an autofs trigger would wait for this very mount: what libfuse does.
+fn mount_directly(path: &Path, options: &MountOptions) -> Result<OwnedFd> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{} is an automount trigger; only root can mount over one (mount it from /etc/fstab)", path.display());
+    }
+    let dev = CString::new("/dev/fuse").unwrap_or_default();
+    // SAFETY: open(2) of a constant path; the descriptor is owned below.
+    let fd = unsafe { libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot open /dev/fuse; is the fuse module loaded?");
+    }
+    // SAFETY: fd was just opened and is ours alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!("fd={},rootmode=40000,user_id={uid},group_id={gid}", fd.as_raw_fd());
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let cstr = |s: &[u8]| CString::new(s).map_err(|_| anyhow::anyhow!("{} holds a NUL byte", path.display()));
+    let (source, target, kind, data) =
+        (cstr(b"natster")?, cstr(path.as_os_str().as_bytes())?, cstr(b"fuse.natster-mount")?, cstr(data.as_bytes())?);
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
+    // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), kind.as_ptr(), flags, data.as_ptr().cast()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("cannot mount on {}", path.display()));
+    }
+    Ok(fd)
+}
+
+/// Unmounts what [`mount_directly`] mounted; lazily, with a warning, if busy.
+fn unmount_directly(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(target) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return };
+    // SAFETY: umount2(2) with a NUL-terminated path.
+    if unsafe { libc::umount2(target.as_ptr(), 0) } == 0 {
+        return;
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        tracing::warn!(
+            "{} is busy (a program still has files open in it): detached it lazily, those files now fail to read; close them before unmounting next time",
+            path.display()
+        );
+        // SAFETY: as above.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    } else {
+        tracing::warn!("unmount of {} failed: {e}", path.display());
+    }
+}
+
+/// Like [`check_mountpoint`], but first detaches a stale natster-mount left at `path` by a
+/// process that died (a daemon restarted after a crash must not need a hand to come back).
+pub fn check_mountpoint_clearing_stale(path: &Path) -> Result<PathBuf> {
+    if absolute_unfollowed(path).is_some_and(|abs| is_autofs(&abs)) {
+        return check_mountpoint(path);
+    }
+    let stale = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
+    if stale {
+        tracing::warn!("{} is a stale mount left by a process that died; detaching it", path.display());
+        umount(path)?;
+    }
+    check_mountpoint(path)
+}
+
 /// True if `path` is a mountpoint (per /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+    top_mount(path).is_some()
+}
+
+/// Type and source of the topmost mount on the absolute path `abs`, if any (the two fields
+/// after ` - ` in /proc/self/mountinfo).
+pub fn top_mount(abs: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    top_mount_in(&info, abs)
+}
+
+fn top_mount_in(info: &str, abs: &Path) -> Option<(String, String)> {
+    let wanted = abs.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
+    // The last line for a mountpoint is the topmost of mounts stacked on it.
+    info.lines()
+        .rev()
+        .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+        .filter_map(|l| {
+            let mut fields = l.split_once(" - ")?.1.split(' ');
+            Some((fields.next()?.to_string(), fields.next().unwrap_or_default().to_string()))
+        })
+        .next()
 }
 
 /// A catalog to mount, with the listing it starts from.
@@ -88,31 +218,79 @@ pub struct Gathered {
     pub saved_at: Option<PathBuf>,
 }
 
+impl Gathered {
+    fn planned(&self) -> Planned {
+        let c = &self.catalog;
+        Planned {
+            dir_name: c.dir_name.clone(),
+            name: c.name.clone(),
+            owner: c.owner.clone(),
+            own: self.saved_at.is_none(),
+        }
+    }
+}
+
 /// Where the last listing of catalog `name` of `owner` is kept between mounts.
 fn saved_listing_path(home: &Home, owner: &str, name: &str) -> PathBuf {
     home.path().join("listings").join(owner).join(format!("{name}.json"))
 }
 
+/// A catalog this context can read, known from names alone (nothing loaded yet).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Planned {
+    /// Its folder in the mount root.
+    pub dir_name: String,
+    pub name: String,
+    /// The owner's account key ("self" for a context without one).
+    pub owner: String,
+    pub own: bool,
+}
+
 /// The catalogs this context can read: its own (every catalog file in the home) and its
 /// imports. A name used by two owners becomes `<catalog>@<owner8>` for the imported ones.
+/// Reads only the home's file names: cheap enough to run at every change of the home.
+pub fn plan_catalogs(home: &Home, context: &Context) -> Vec<Planned> {
+    let own = crate::index::catalog_names(home);
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for name in own.iter().map(String::as_str).chain(context.imports.iter().map(|i| i.catalog.as_str())) {
+        *counts.entry(name).or_default() += 1;
+    }
+    let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
+    let mut planned: Vec<Planned> = own
+        .iter()
+        .map(|name| Planned { dir_name: name.clone(), name: name.clone(), owner: me.clone(), own: true })
+        .collect();
+    for import in &context.imports {
+        let dir_name = if counts.get(import.catalog.as_str()).copied().unwrap_or(0) > 1 {
+            format!("{}@{}", import.catalog, import.owner.chars().take(8).collect::<String>())
+        } else {
+            import.catalog.clone()
+        };
+        planned.push(Planned { dir_name, name: import.catalog.clone(), owner: import.owner.clone(), own: false });
+    }
+    planned
+}
+
+/// [`plan_catalogs`], gathered.
 pub fn gather_catalogs(
     home: &Home,
     context: &Context,
     nats: &async_nats::Client,
     options: &MountOptions,
 ) -> Result<Vec<Gathered>> {
-    let mut own = Vec::new();
-    for name in crate::index::catalog_names(home) {
-        match Catalog::load(home, &name) {
-            Ok(c) => own.push(c),
-            Err(e) => tracing::warn!("skipping catalog {name}: {e:#}"),
-        }
-    }
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for name in own.iter().map(|c| c.name.as_str()).chain(context.imports.iter().map(|i| i.catalog.as_str())) {
-        *counts.entry(name).or_default() += 1;
-    }
-    let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
+    gather(home, context, nats, options, plan_catalogs(home, context))
+}
+
+/// Loads what `planned` catalogs start from (own: their index; imports: the listing saved by
+/// an earlier mount) and makes their sources. An own catalog whose index cannot be read is
+/// skipped, with a warning. Blocking (reads files).
+pub fn gather(
+    home: &Home,
+    context: &Context,
+    nats: &async_nats::Client,
+    options: &MountOptions,
+    planned: Vec<Planned>,
+) -> Result<Vec<Gathered>> {
     let v1_max = options.fs.cache_bytes as u64 / 2;
     let identity = Arc::new(Identity::load(home, context)?);
     let pins = PinStore::in_home(home);
@@ -130,142 +308,265 @@ pub fn gather_catalogs(
         Ok(Arc::new(RemoteSource::new(client, v1_max)))
     };
     let mut gathered = Vec::new();
-    for catalog in &own {
-        let mounted = MountedCatalog::new(
-            catalog.name.clone(),
-            catalog.name.clone(),
-            me.clone(),
-            source(&catalog.name, context.account_public_key.as_deref())?,
-        );
-        gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
-    }
-    for import in &context.imports {
-        let dir_name = if counts.get(import.catalog.as_str()).copied().unwrap_or(0) > 1 {
-            format!("{}@{}", import.catalog, import.owner.chars().take(8).collect::<String>())
+    for p in planned {
+        if p.own {
+            let catalog = match Catalog::load(home, &p.name) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("skipping catalog {}: {e:#}", p.name);
+                    continue;
+                }
+            };
+            let mounted = MountedCatalog::new(
+                p.dir_name,
+                p.name.clone(),
+                p.owner,
+                source(&p.name, context.account_public_key.as_deref())?,
+            );
+            gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
         } else {
-            import.catalog.clone()
-        };
-        let saved_at = saved_listing_path(home, &import.owner, &import.catalog);
-        let seed = match crate::store::load_json::<CatalogSummary>(&saved_at) {
-            Ok(seed) => seed,
-            Err(e) => {
-                tracing::warn!(catalog = %dir_name, "ignoring the saved listing: {e:#}");
-                None
-            }
-        };
-        let mounted = MountedCatalog::new(
-            dir_name,
-            import.catalog.clone(),
-            import.owner.clone(),
-            source(&import.catalog, Some(&import.owner))?,
-        );
-        gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
+            let saved_at = saved_listing_path(home, &p.owner, &p.name);
+            let seed = match crate::store::load_json::<CatalogSummary>(&saved_at) {
+                Ok(seed) => seed,
+                Err(e) => {
+                    tracing::warn!(catalog = %p.dir_name, "ignoring the saved listing: {e:#}");
+                    None
+                }
+            };
+            let src = source(&p.name, Some(&p.owner))?;
+            let mounted = MountedCatalog::new(p.dir_name, p.name, p.owner, src);
+            gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
+        }
     }
     Ok(gathered)
 }
 
-/// Mounts and serves until unmounted or signalled. Blocks.
-pub fn run(
-    home: &Home,
-    context: &Context,
-    mountpoint: &Path,
-    options: MountOptions,
-    connect_timeout: Duration,
-) -> Result<()> {
-    let mountpoint = check_mountpoint(mountpoint)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let nats = runtime.block_on(context.connect(connect_timeout))?;
-    let gathered = gather_catalogs(home, context, &nats, &options)?;
-    let mut catalogs = Vec::new();
-    let mut seeds = Vec::new();
-    let mut saved_at = Vec::new();
-    for g in gathered {
-        catalogs.push(Arc::new(g.catalog));
-        seeds.push(g.seed);
-        saved_at.push(g.saved_at);
+/// A mounted filesystem that follows its catalogs: see the module docs.
+pub struct LiveMount {
+    fs: Arc<NatsterFs>,
+    refresher: Arc<Refresher>,
+    /// None for a descriptor mounted by someone else: they unmount it.
+    mountpoint: Option<PathBuf>,
+    /// Mounted with mount(2) by us (over an autofs trigger): unmounted with umount2(2).
+    direct: bool,
+    unmounter: fuser::SessionUnmounter,
+    ended: Option<tokio::sync::oneshot::Receiver<()>>,
+    result: std::sync::mpsc::Receiver<std::io::Result<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// One mounted catalog as `status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountedStatus {
+    pub dir: String,
+    pub catalog: String,
+    pub owner: String,
+    pub own: bool,
+    /// None until the first answer or failure.
+    pub online: Option<bool>,
+    pub entries: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+impl LiveMount {
+    /// Mounts `catalogs` on `target` and starts keeping them fresh. Blocking (the mount and the
+    /// kernel's handshake): call it off the runtime's workers, with the runtime's handle.
+    /// `connected` says whether NATS is connected; every reconnect refreshes every listing.
+    pub fn start(
+        runtime: &tokio::runtime::Handle,
+        nats: async_nats::Client,
+        connected: watch::Receiver<bool>,
+        target: Target,
+        options: &MountOptions,
+        catalogs: Vec<Gathered>,
+    ) -> Result<LiveMount> {
+        let fs = Arc::new(NatsterFs::new(Vec::new(), options.fs.clone()));
+        let (invalidations, invalidated) = mpsc::unbounded_channel();
+        let refresher = Arc::new(Refresher {
+            fs: fs.clone(),
+            state: Mutex::new(HashMap::new()),
+            invalidations,
+            permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
+            ttl: options.listing_ttl,
+        });
+        let first = {
+            let _entered = runtime.enter();
+            let planned: Vec<Planned> = catalogs.iter().map(|g| g.planned()).collect();
+            refresher.sync(&planned, |_| catalogs)
+        };
+        // First listings, all at once; the mount appears when they are in or the wait is over,
+        // whichever comes first. Late ones fill their folders in when they arrive.
+        runtime.block_on(async {
+            if tokio::time::timeout(FIRST_LISTING_WAIT, futures::future::join_all(first)).await.is_err() {
+                tracing::info!("mounting before every first listing arrived; the rest fill in as they answer");
+            }
+        });
+        // What the kernel must forget before it has seen anything is nothing.
+        let mut invalidated = invalidated;
+        while invalidated.try_recv().is_ok() {}
+
+        let adapter = FuseAdapter { fs: fs.clone(), runtime: runtime.clone() };
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::FSName("natster".into()),
+            fuser::MountOption::Subtype("natster-mount".into()),
+            fuser::MountOption::NoAtime,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+        ];
+        if options.allow_other {
+            // fuser adds `allow_other` for this ACL.
+            config.acl = fuser::SessionACL::All;
+        }
+        config.n_threads = Some(2);
+        let direct = matches!(&target, Target::Path(path) if is_autofs(path));
+        let (mut session, mountpoint) = match target {
+            Target::Path(path) if direct => {
+                let fd = mount_directly(&path, options)?;
+                let acl = config.acl;
+                match fuser::Session::from_fd(adapter, fd, acl, config) {
+                    Ok(session) => (session, Some(path)),
+                    Err(e) => {
+                        unmount_directly(&path);
+                        return Err(anyhow::anyhow!("cannot serve the mount on {}: {e}", path.display()));
+                    }
+                }
+            }
+            Target::Path(path) => {
+                let session = fuser::Session::new(adapter, &path, &config).map_err(|e| {
+                    let hint = if options.allow_other && e.to_string().contains("allow_other") {
+                        "allow_other needs `user_allow_other` in /etc/fuse.conf for users other than root"
+                    } else {
+                        "is /dev/fuse available and fusermount3 installed?"
+                    };
+                    anyhow::anyhow!("cannot mount on {}: {e}; {hint}", path.display())
+                })?;
+                (session, Some(path))
+            }
+            Target::Fd(fd) => {
+                let acl = config.acl;
+                let session = fuser::Session::from_fd(adapter, fd, acl, config)
+                    .context("cannot serve the /dev/fuse descriptor passed as the mountpoint")?;
+                (session, None)
+            }
+        };
+        let notifier = session.notifier();
+        let unmounter = session.unmount_callable();
+        let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
+        let (result_tx, result_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("fuse".into()).spawn(move || {
+            let result = session.run();
+            let _ = ended_tx.send(());
+            let _ = result_tx.send(result);
+        })?;
+        let tasks = vec![
+            runtime.spawn(forward_invalidations(invalidated, notifier)),
+            runtime.spawn(keep_fresh(refresher.clone(), nats, connected)),
+        ];
+        Ok(LiveMount { fs, refresher, mountpoint, direct, unmounter, ended: Some(ended_rx), result: result_rx, tasks })
     }
-    let fs = Arc::new(NatsterFs::new(catalogs, options.fs.clone()));
-    for (i, seed) in seeds.iter().enumerate() {
-        if let Some(seed) = seed {
-            fs.apply_listing(i, seed);
+
+    /// Makes the mount show exactly the `planned` catalogs: folders of catalogs no longer
+    /// readable go, and `make` builds the new ones, which appear and are listed at once.
+    /// Call it inside the runtime.
+    pub fn sync(&self, planned: &[Planned], make: impl FnOnce(Vec<Planned>) -> Vec<Gathered>) {
+        drop(self.refresher.sync(planned, make));
+    }
+
+    /// A view of the mount for `status`, usable from any task.
+    pub fn view(&self) -> MountView {
+        MountView { fs: self.fs.clone(), refresher: self.refresher.clone(), mountpoint: self.mountpoint.clone() }
+    }
+
+    /// Number of catalog folders.
+    pub fn catalog_count(&self) -> usize {
+        self.fs.catalogs().len()
+    }
+
+    /// What each catalog folder shows and whether its catalog answers.
+    pub fn status(&self) -> Vec<MountedStatus> {
+        self.refresher.status()
+    }
+
+    /// Bytes of decrypted chunks cached, and the budget.
+    pub fn cache_use(&self) -> (usize, usize) {
+        (self.fs.cache.cached_bytes(), self.fs.cache.budget())
+    }
+
+    pub fn mountpoint(&self) -> Option<&Path> {
+        self.mountpoint.as_deref()
+    }
+
+    /// Resolves when the filesystem was unmounted from outside (`umount`, `fusermount3 -u`).
+    pub async fn ended(&mut self) {
+        match self.ended.as_mut() {
+            Some(ended) => {
+                let _ = ended.await;
+                self.ended = None;
+            }
+            None => std::future::pending().await,
         }
     }
-    let (invalidations, invalidated) = mpsc::unbounded_channel();
-    let refresher = Arc::new(Refresher {
-        fs: fs.clone(),
-        saved_at,
-        invalidations,
-        permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
-    });
 
-    // First listings, all at once; the mount appears when they are in or the wait is over,
-    // whichever comes first. Late ones fill their folders in when they arrive.
-    let first: Vec<_> = (0..fs.catalogs.len()).map(|i| runtime.spawn(refresher.clone().refresh(i))).collect();
-    runtime.block_on(async {
-        if tokio::time::timeout(FIRST_LISTING_WAIT, futures::future::join_all(first)).await.is_err() {
-            tracing::info!("mounting before every first listing arrived; the rest fill in as they answer");
+    /// Unmounts (lazily, with a one-line warning, if files are still open) and waits about a
+    /// second for the session to end. Blocking; bounded whether or not NATS is reachable.
+    pub fn stop(mut self) {
+        for task in &self.tasks {
+            task.abort();
         }
-    });
-
-    let adapter = FuseAdapter { fs: fs.clone(), runtime: runtime.handle().clone() };
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::RO,
-        fuser::MountOption::FSName("natster".into()),
-        fuser::MountOption::Subtype("natster-mount".into()),
-        fuser::MountOption::NoAtime,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-    ];
-    config.n_threads = Some(2);
-    let mut session = fuser::Session::new(adapter, &mountpoint, &config).with_context(|| {
-        format!("cannot mount on {}; is /dev/fuse available and fusermount3 installed?", mountpoint.display())
-    })?;
-    let notifier = session.notifier();
-    let mut unmounter = session.unmount_callable();
-    let (ended_tx, ended_rx) = tokio::sync::oneshot::channel();
-    let (result_tx, result_rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new().name("fuse".into()).spawn(move || {
-        let result = session.run();
-        let _ = ended_tx.send(());
-        let _ = result_tx.send(result);
-    })?;
-    eprintln!("mounted {} catalog(s) on {}", fs.catalogs.len(), mountpoint.display());
-
-    let invalidator = runtime.spawn(forward_invalidations(invalidated, notifier));
-    let fresh = runtime.spawn(keep_fresh(refresher, nats.clone(), options.listing_ttl));
-    let signalled = runtime.block_on(async {
-        tokio::select! {
-            _ = crate::cli::shutdown_signal() => { tracing::info!("signal received; unmounting"); true }
-            _ = ended_rx => { tracing::info!("unmounted externally"); false }
-        }
-    });
-    fresh.abort();
-    invalidator.abort();
-    if signalled {
-        if let Err(e) = unmounter.unmount() {
-            if e.raw_os_error() == Some(libc::EBUSY) || e.to_string().contains("busy") {
-                // Never left mounted or stale: detached now, gone for good once files close.
-                tracing::warn!(
-                    "{} is busy (a program still has files open in it): detached it lazily, those files now fail to read; close them before unmounting next time",
-                    mountpoint.display()
-                );
-                detach_lazily(&mountpoint);
-            } else {
-                tracing::warn!("unmount of {} failed: {e}", mountpoint.display());
+        let still_mounted = self.ended.as_mut().is_some_and(|e| e.try_recv().is_err());
+        if let (true, true, Some(path)) = (still_mounted, self.direct, &self.mountpoint) {
+            unmount_directly(path);
+        } else if let (true, Some(path)) = (still_mounted, &self.mountpoint) {
+            if let Err(e) = self.unmounter.unmount() {
+                if e.raw_os_error() == Some(libc::EBUSY) || e.to_string().contains("busy") {
+                    // Never left mounted or stale: detached now, gone for good once files close.
+                    tracing::warn!(
+                        "{} is busy (a program still has files open in it): detached it lazily, those files now fail to read; close them before unmounting next time",
+                        path.display()
+                    );
+                    detach_lazily(path);
+                } else {
+                    tracing::warn!("unmount of {} failed: {e}", path.display());
+                }
             }
         }
+        // After a lazy detach the session lasts until the last open file closes; exiting ends it
+        // (the kernel aborts the connection), so wait only briefly.
+        match self.result.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("FUSE session ended with: {e}"),
+            Err(_) if self.mountpoint.is_none() => {
+                tracing::info!("the mount was made by mount(8); it stays until `umount` removes it")
+            }
+            Err(_) => tracing::info!("files still open in the detached mount; exiting ends their session"),
+        }
     }
-    // After a lazy detach the session lasts until the last open file closes; exiting ends it
-    // (the kernel aborts the connection), so wait only briefly.
-    match result_rx.recv_timeout(Duration::from_secs(1)) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("FUSE session ended with: {e}"),
-        Err(_) => tracing::info!("files still open in the detached mount; exiting ends their session"),
+}
+
+/// What `status` reads of a running mount.
+#[derive(Clone)]
+pub struct MountView {
+    fs: Arc<NatsterFs>,
+    refresher: Arc<Refresher>,
+    mountpoint: Option<PathBuf>,
+}
+
+impl MountView {
+    pub fn status(&self) -> Vec<MountedStatus> {
+        self.refresher.status()
     }
-    runtime.shutdown_timeout(Duration::from_millis(500));
-    eprintln!("unmounted {}", mountpoint.display());
-    Ok(())
+
+    /// Bytes of decrypted chunks cached, and the budget.
+    pub fn cache_use(&self) -> (usize, usize) {
+        (self.fs.cache.cached_bytes(), self.fs.cache.budget())
+    }
+
+    pub fn mountpoint(&self) -> Option<String> {
+        self.mountpoint.as_ref().map(|p| p.display().to_string())
+    }
 }
 
 /// Tells the kernel what changed, off the runtime's workers (a notification is a write to
@@ -286,13 +587,27 @@ async fn forward_invalidations(mut invalidated: mpsc::UnboundedReceiver<Invalida
     }
 }
 
-/// Fetches listings and applies them; shared by the first fetch, the TTL poll and heartbeats.
+/// What the refresher keeps per catalog slot.
+struct CatalogState {
+    /// Where its listing is saved between mounts (imports only).
+    saved_at: Option<PathBuf>,
+    /// Asked for again while a refresh ran.
+    again: bool,
+    /// A retry after a transient failure is scheduled.
+    retry_pending: bool,
+    retry_delay: Duration,
+    online: Option<bool>,
+    problem: Option<String>,
+}
+
+/// Fetches listings and applies them; shared by the first fetch, the TTL poll, heartbeats,
+/// notices and reconnects.
 struct Refresher {
     fs: Arc<NatsterFs>,
-    /// Per catalog: where its listing is saved between mounts (imports only).
-    saved_at: Vec<Option<PathBuf>>,
+    state: Mutex<HashMap<usize, CatalogState>>,
     invalidations: mpsc::UnboundedSender<Invalidations>,
     permits: Semaphore,
+    ttl: Duration,
 }
 
 /// Clears a catalog's `refreshing` flag however the refresh ends.
@@ -304,29 +619,211 @@ impl Drop for RefreshGuard<'_> {
     }
 }
 
+/// How one fetch ended.
+enum Outcome {
+    Listed(CatalogSummary),
+    Refused(String),
+    Transient(String),
+    Failed(String),
+}
+
 impl Refresher {
-    /// Fetches catalog `i`'s listing and applies it if it changed. Does nothing if a refresh
-    /// of that catalog is already running.
-    async fn refresh(self: Arc<Self>, i: usize) {
-        let Some(catalog) = self.fs.catalogs.get(i).cloned() else { return };
-        if catalog.refreshing.swap(true, Ordering::AcqRel) {
-            return;
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<usize, CatalogState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, inv: Invalidations) {
+        if !inv.is_empty() {
+            let _ = self.invalidations.send(inv);
         }
-        let _guard = RefreshGuard(&catalog);
-        let Ok(_permit) = self.permits.acquire().await else { return };
-        let listing = match tokio::time::timeout(LISTING_DEADLINE, catalog.source.listing()).await {
-            Ok(Ok(listing)) => listing,
-            Ok(Err(e)) => {
-                let own = self.saved_at.get(i).is_some_and(|s| s.is_none());
-                if own && e.is_transient() {
-                    tracing::warn!(catalog = %catalog.dir_name, "not being served ({e}); listing it from its index, reads fail until `natster-mount catalog serve {}` runs", catalog.name);
-                } else {
-                    tracing::warn!(catalog = %catalog.dir_name, "cannot refresh listing ({e}); showing the last one known");
+    }
+
+    /// Adds and removes catalog folders to match `planned` (`make` builds the new ones);
+    /// returns the first refreshes of the new ones (already spawned). A catalog is the same
+    /// while its name, owner and folder are.
+    fn sync(
+        self: &Arc<Self>,
+        planned: &[Planned],
+        make: impl FnOnce(Vec<Planned>) -> Vec<Gathered>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let key = |c: &MountedCatalog| (c.name.clone(), c.owner.clone(), c.dir_name.clone());
+        let current: HashMap<_, usize> = self.fs.catalogs().into_iter().map(|(i, c)| (key(&c), i)).collect();
+        let wanted: std::collections::HashSet<_> =
+            planned.iter().map(|p| (p.name.clone(), p.owner.clone(), p.dir_name.clone())).collect();
+        // Removals first: a folder name may pass to another catalog (`C` becoming `C@owner8`).
+        for (k, i) in &current {
+            if !wanted.contains(k) {
+                tracing::info!(catalog = %k.2, "no longer readable here; its folder is removed");
+                let inv = self.fs.remove_catalog(*i);
+                self.state().remove(i);
+                self.send(inv);
+            }
+        }
+        let new: Vec<Planned> = planned
+            .iter()
+            .filter(|p| !current.contains_key(&(p.name.clone(), p.owner.clone(), p.dir_name.clone())))
+            .cloned()
+            .collect();
+        if new.is_empty() {
+            return Vec::new();
+        }
+        let mut first = Vec::new();
+        for g in make(new) {
+            if current.contains_key(&key(&g.catalog)) {
+                continue;
+            }
+            let dir = g.catalog.dir_name.clone();
+            let Some((i, inv)) = self.fs.add_catalog(Arc::new(g.catalog)) else {
+                tracing::warn!(catalog = %dir, "a folder of that name is already mounted; skipped");
+                continue;
+            };
+            self.send(inv);
+            if let Some(seed) = &g.seed {
+                let inv = self.fs.apply_listing(i, seed);
+                self.send(inv);
+            }
+            let state = CatalogState {
+                saved_at: g.saved_at,
+                again: false,
+                retry_pending: false,
+                retry_delay: FIRST_RETRY,
+                online: None,
+                problem: None,
+            };
+            self.state().insert(i, state);
+            if !current.is_empty() {
+                tracing::info!(catalog = %dir, "now readable; folder added");
+            }
+            first.push(tokio::spawn(self.clone().refresh(i)));
+        }
+        first
+    }
+
+    fn status(&self) -> Vec<MountedStatus> {
+        let state = self.state();
+        self.fs
+            .catalogs()
+            .into_iter()
+            .map(|(i, c)| {
+                let s = state.get(&i);
+                MountedStatus {
+                    dir: c.dir_name.clone(),
+                    catalog: c.name.clone(),
+                    owner: c.owner.clone(),
+                    own: s.is_some_and(|s| s.saved_at.is_none()),
+                    online: s.and_then(|s| s.online),
+                    entries: self.fs.entry_count(i),
+                    problem: s.and_then(|s| s.problem.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// Fetches catalog `i`'s listing and applies it if it changed. If a refresh of that catalog
+    /// is already running, it runs once more when that one ends.
+    /// (Boxed: a retry spawns a refresh from inside one.)
+    fn refresh(self: Arc<Self>, i: usize) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let Some(catalog) = self.fs.catalog(i) else { return };
+            if catalog.refreshing.swap(true, Ordering::AcqRel) {
+                if let Some(s) = self.state().get_mut(&i) {
+                    s.again = true;
                 }
                 return;
             }
-            Err(_) => {
-                tracing::warn!(catalog = %catalog.dir_name, "listing did not arrive within {LISTING_DEADLINE:?}; showing the last one known");
+            let _guard = RefreshGuard(&catalog);
+            loop {
+                if let Some(s) = self.state().get_mut(&i) {
+                    s.again = false;
+                }
+                let Ok(permit) = self.permits.acquire().await else { return };
+                let outcome = match tokio::time::timeout(LISTING_DEADLINE, catalog.source.listing()).await {
+                    Ok(Ok(listing)) => Outcome::Listed(listing),
+                    Ok(Err(FsError::Forbidden(why))) => Outcome::Refused(why),
+                    Ok(Err(e)) if e.is_transient() => Outcome::Transient(e.to_string()),
+                    Ok(Err(e)) => Outcome::Failed(e.to_string()),
+                    Err(_) => Outcome::Transient(format!("listing did not arrive within {LISTING_DEADLINE:?}")),
+                };
+                drop(permit);
+                self.apply(i, &catalog, outcome).await;
+                let again = self.state().get(&i).is_some_and(|s| s.again);
+                if !again {
+                    return;
+                }
+            }
+        })
+    }
+
+    async fn apply(self: &Arc<Self>, i: usize, catalog: &MountedCatalog, outcome: Outcome) {
+        let (saved_at, was_online) = match self.state().get(&i) {
+            Some(s) => (s.saved_at.clone(), s.online),
+            None => return,
+        };
+        let own = saved_at.is_none();
+        let listing = match outcome {
+            Outcome::Listed(listing) => {
+                if let Some(s) = self.state().get_mut(&i) {
+                    (s.online, s.problem, s.retry_delay) = (Some(true), None, FIRST_RETRY);
+                }
+                if was_online == Some(false) {
+                    tracing::info!(catalog = %catalog.dir_name, "answers again");
+                }
+                listing
+            }
+            Outcome::Refused(why) => {
+                if was_online != Some(true) || catalog.revision() != "" || self.fs.entry_count(i) > 0 {
+                    tracing::warn!(catalog = %catalog.dir_name, "the owner refuses this account ({why}); showing it empty until it is shared again");
+                }
+                if let Some(s) = self.state().get_mut(&i) {
+                    (s.online, s.problem) = (Some(true), Some(format!("refused: {why}")));
+                }
+                let empty = CatalogSummary {
+                    name: catalog.name.clone(),
+                    description: String::new(),
+                    image: None,
+                    entries: Vec::new(),
+                    revision: String::new(),
+                    protocol: protocol::PROTOCOL_VERSION,
+                    total_entries: None,
+                };
+                let inv = self.fs.apply_listing(i, &empty);
+                self.send(inv);
+                if let Some(path) = saved_at {
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+                }
+                return;
+            }
+            Outcome::Transient(why) => {
+                if was_online != Some(false) {
+                    if own {
+                        tracing::warn!(catalog = %catalog.dir_name, "not being served ({why}); listing it from its index, reads fail until it is served");
+                    } else {
+                        tracing::warn!(catalog = %catalog.dir_name, "cannot refresh listing ({why}); showing the last one known, retrying");
+                    }
+                }
+                let mut state = self.state();
+                let Some(s) = state.get_mut(&i) else { return };
+                (s.online, s.problem) = (Some(false), Some(why));
+                if !s.retry_pending {
+                    s.retry_pending = true;
+                    let delay = s.retry_delay;
+                    s.retry_delay = (delay * 2).min(self.ttl.max(FIRST_RETRY));
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if let Some(s) = this.state().get_mut(&i) {
+                            s.retry_pending = false;
+                        }
+                        this.refresh(i).await;
+                    });
+                }
+                return;
+            }
+            Outcome::Failed(why) => {
+                tracing::warn!(catalog = %catalog.dir_name, "cannot refresh listing ({why}); showing the last one known");
+                if let Some(s) = self.state().get_mut(&i) {
+                    s.problem = Some(why);
+                }
                 return;
             }
         };
@@ -335,10 +832,8 @@ impl Refresher {
         }
         tracing::info!(catalog = %catalog.dir_name, revision = %listing.revision, entries = listing.entries.len(), "listing updated");
         let inv = self.fs.apply_listing(i, &listing);
-        if !inv.is_empty() {
-            let _ = self.invalidations.send(inv);
-        }
-        if let Some(Some(path)) = self.saved_at.get(i).cloned() {
+        self.send(inv);
+        if let Some(path) = saved_at {
             let saved = tokio::task::spawn_blocking(move || {
                 let bytes = serde_json::to_vec(&listing)?;
                 crate::store::write_atomic(&path, &bytes, 0o600)
@@ -363,9 +858,20 @@ struct HeartbeatBody {
     revision: serde_json::Value,
 }
 
-/// Polls every TTL and reacts at once to a heartbeat announcing a new revision.
-async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Duration) {
+/// Catalogs named `name` whose shown revision is not `revision` (all of them if `force`).
+fn due(fs: &NatsterFs, name: &str, revision: &str, force: bool) -> Vec<usize> {
+    fs.catalogs()
+        .into_iter()
+        .filter(|(_, c)| c.name == name && (force || c.revision() != revision))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Polls every TTL, reacts at once to a heartbeat (own account) or a notice (any owner)
+/// announcing a new revision or access, and refreshes everything when NATS (re)connects.
+async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut connected: watch::Receiver<bool>) {
     let fs = refresher.fs.clone();
+    let ttl = refresher.ttl;
     let mut beats = match nats.subscribe(HEARTBEAT_SUBJECT).await {
         Ok(s) => Some(s),
         Err(e) => {
@@ -373,29 +879,64 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Du
             None
         }
     };
+    let mut notices = match nats.subscribe(protocol::notice_wildcard()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("no change notices ({e}); relying on the {ttl:?} poll");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(ttl);
     tick.tick().await;
+    let mut was_connected = *connected.borrow_and_update();
     loop {
         let due: Vec<usize> = tokio::select! {
-            _ = tick.tick() => (0..fs.catalogs.len()).collect(),
-            Some(msg) = async { match beats.as_mut() { Some(b) => b.next().await, None => std::future::pending().await } } => {
+            _ = tick.tick() => fs.catalogs().into_iter().map(|(i, _)| i).collect(),
+            changed = connected.changed() => {
+                if changed.is_err() {
+                    // The connection's owner is gone: only the TTL is left.
+                    connected = watch::channel(false).1;
+                    continue;
+                }
+                let now = *connected.borrow_and_update();
+                let reconnected = now && !was_connected;
+                was_connected = now;
+                if reconnected { fs.catalogs().into_iter().map(|(i, _)| i).collect() } else { Vec::new() }
+            }
+            Some(msg) = next_message(&mut beats) => {
                 match serde_json::from_slice::<HeartbeatBody>(&msg.payload) {
                     Ok(beat) => {
                         let revision = match &beat.revision {
                             serde_json::Value::String(s) => s.clone(),
                             other => other.to_string(),
                         };
-                        fs.catalogs.iter().enumerate()
-                            .filter(|(_, c)| c.name == beat.catalog && c.revision() != revision)
-                            .map(|(i, _)| i).collect()
+                        due(&fs, &beat.catalog, &revision, false)
                     }
                     Err(_) => Vec::new(),
+                }
+            }
+            Some(msg) = next_message(&mut notices) => {
+                let notice = (msg.payload.len() <= protocol::MAX_NOTICE_BYTES)
+                    .then(|| serde_json::from_slice::<protocol::Notice>(&msg.payload).ok())
+                    .flatten();
+                // The subject's catalog token is what the import routes: the body must agree.
+                let named = msg.subject.split('.').nth(2);
+                match notice {
+                    Some(n) if named == Some(n.catalog.as_str()) => due(&fs, &n.catalog, &n.revision, n.access),
+                    _ => Vec::new(),
                 }
             }
         };
         for i in due {
             refresher.spawn_refresh(i);
         }
+    }
+}
+
+async fn next_message(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match sub.as_mut() {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -416,20 +957,6 @@ fn detach_lazily(path: &Path) {
 /// mounting directly as root, where the kernel gets no subtype). A stale mount (ENOTCONN) is
 /// detached lazily.
 pub fn umount(path: &Path) -> Result<()> {
-    /// Type and source of the topmost mount on `abs`, if any: the two fields after ` - `.
-    fn mount_type(abs: &Path) -> Option<(String, String)> {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-        let wanted = abs.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
-        // The last line for a mountpoint is the topmost of mounts stacked on it.
-        info.lines()
-            .rev()
-            .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-            .filter_map(|l| {
-                let mut fields = l.split_once(" - ")?.1.split(' ');
-                Some((fields.next()?.to_string(), fields.next().unwrap_or_default().to_string()))
-            })
-            .next()
-    }
     let stale = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN));
     // A stale mount cannot be resolved itself (stat fails): resolve its parent instead.
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| {
@@ -439,7 +966,7 @@ pub fn umount(path: &Path) -> Result<()> {
             _ => absolute,
         }
     });
-    match mount_type(&abs) {
+    match top_mount(&abs) {
         None => bail!("{} is not mounted", path.display()),
         Some((kind, source)) if kind == "fuse.natster-mount" || (kind == "fuse" && source == "natster") => {}
         Some((kind, _)) => bail!("{} is a {kind} mount, not natster-mount; use umount(8)", path.display()),
@@ -458,4 +985,19 @@ pub fn umount(path: &Path) -> Result<()> {
         bail!("cannot unmount {}: {msg}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_topmost_mount_names_autofs_under_a_fuse_mount() {
+        let info = "25 1 0:22 / /mnt/n rw,relatime shared:1 - autofs systemd-1 rw,fd=45,direct\n\
+                    26 25 0:50 / /mnt/n rw,nosuid - fuse.natster-mount natster rw,user_id=0\n\
+                    27 1 0:23 / /mnt/my\\040media rw - autofs systemd-1 rw,direct\n";
+        assert_eq!(top_mount_in(info, Path::new("/mnt/n")), Some(("fuse.natster-mount".into(), "natster".into())));
+        assert_eq!(top_mount_in(info, Path::new("/mnt/my media")), Some(("autofs".into(), "systemd-1".into())));
+        assert_eq!(top_mount_in(info, Path::new("/mnt")), None);
+    }
 }

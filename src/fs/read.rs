@@ -136,8 +136,8 @@ impl NatsterFs {
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    fn catalog_of(&self, file: &OpenFile) -> Result<&Arc<MountedCatalog>, FsError> {
-        self.catalogs.get(file.catalog).ok_or(FsError::BadHandle)
+    fn catalog_of(&self, file: &OpenFile) -> Result<Arc<MountedCatalog>, FsError> {
+        self.catalog(file.catalog).ok_or(FsError::BadHandle)
     }
 
     /// Reads `size` bytes at `offset` of open file `fh`, by the read's deadline.
@@ -148,7 +148,7 @@ impl NatsterFs {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let catalog = self.catalog_of(&file)?.clone();
+        let catalog = self.catalog_of(&file)?;
         let window = file.readahead.lock().unwrap_or_else(|p| p.into_inner()).on_read(offset, end - offset);
         let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
         // The inner steps end by the deadline themselves; this bound only catches a bug.
@@ -205,8 +205,8 @@ impl NatsterFs {
     }
 
     fn key(&self, file: &OpenFile, cs: u64, index: u64) -> ChunkKey {
-        let scope = self.catalogs.get(file.catalog).map(|c| c.owner.as_str()).unwrap_or("");
-        ChunkKey { scope: Arc::from(scope), hash: Arc::from(file.entry.hash.as_str()), chunk_size: cs, index }
+        let scope = self.catalog(file.catalog).map(|c| c.owner.clone()).unwrap_or_default();
+        ChunkKey { scope: Arc::from(scope.as_str()), hash: Arc::from(file.entry.hash.as_str()), chunk_size: cs, index }
     }
 
     /// Chunks `first .. first+count` of a file: cached ones at once, missing ones fetched in

@@ -4,8 +4,9 @@
 //! - Inode numbers are stable for the mount's life while a path exists: `(catalog, path)` maps
 //!   to one inode; numbers of vanished paths are forgotten, so a peer renaming files cannot
 //!   grow the table forever.
-//! - The root holds one folder per mounted catalog, fixed at mount time; a listing only ever
-//!   changes what is under its own catalog's folder.
+//! - The root holds one folder per mounted catalog; folders are added and removed as the
+//!   catalogs one can read change (imports, own catalogs), never by a listing: a listing only
+//!   ever changes what is under its own catalog's folder. Two catalogs never share a folder name.
 //! - Applying a listing is a diff: unchanged files keep their inode (and the kernel's pages);
 //!   a changed or removed entry is reported in [`Invalidations`] for the kernel to forget.
 //! - A listing naming a file and a folder at the same path keeps the first one.
@@ -115,6 +116,30 @@ impl Tree {
         self.next_ino += 1;
         self.inos.insert((source, path.to_string()), self.next_ino);
         self.next_ino
+    }
+
+    /// Adds an empty folder `name` in the root for catalog `i`; None if the name is taken.
+    pub fn add_catalog(&mut self, i: usize, name: &str, now: SystemTime) -> Option<Invalidations> {
+        if self.children_mut(ROOT_INO)?.contains_key(name) {
+            return None;
+        }
+        let ino = self.ino_for(i, "");
+        let kind = NodeKind::Dir { children: BTreeMap::new() };
+        self.nodes.insert(ino, Node { ino, parent: ROOT_INO, name: name.to_string(), kind, mtime: now });
+        self.children_mut(ROOT_INO)?.insert(name.to_string(), ino);
+        Some(Invalidations { entries: vec![(ROOT_INO, name.to_string())], inodes: vec![ROOT_INO] })
+    }
+
+    /// Removes catalog `i`'s folder, everything under it and its inode numbers.
+    pub fn remove_catalog(&mut self, i: usize) -> Invalidations {
+        let Some(top) = self.catalog_ino(i) else { return Invalidations::default() };
+        let name = self.nodes.get(&top).map(|n| n.name.clone()).unwrap_or_default();
+        if let Some(children) = self.children_mut(ROOT_INO) {
+            children.remove(&name);
+        }
+        self.remove_subtree(top);
+        self.inos.retain(|(s, _), _| *s != i);
+        Invalidations { entries: vec![(ROOT_INO, name)], inodes: vec![ROOT_INO, top] }
     }
 
     /// The inode of catalog `i`'s folder.

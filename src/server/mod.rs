@@ -143,6 +143,10 @@ struct Shared {
     trees: trees::Trees,
     /// The key replies are signed with (the serving user's, from its creds).
     identity: Arc<Identity>,
+    /// True once the subscriptions are in place (see [`ServerHandle::serving`]).
+    serving: tokio::sync::watch::Sender<bool>,
+    /// Callers answered recently, for `status` (bounded: see [`Shared::note_reader`]).
+    readers: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// A request refused with an envelope error code.
@@ -192,6 +196,8 @@ impl CatalogServer {
                 sessions: Mutex::new(lru::LruCache::new(max)),
                 verifier: Verifier::default(),
                 trees: trees::Trees::default(),
+                serving: tokio::sync::watch::channel(false).0,
+                readers: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -231,6 +237,7 @@ impl CatalogServer {
                 "files without a chunk tree (indexed by the original Natster or before protocol 4): mounts are refused \
                  them until you re-index with `natster-mount catalog new`");
         }
+        s.serving.send_replace(true);
 
         let housekeeping = tokio::spawn(self.shared.clone().housekeeping());
         let verification = tokio::spawn(self.shared.clone().verify_unverified(s.loaded()));
@@ -251,6 +258,7 @@ impl CatalogServer {
                 },
             }
         };
+        s.serving.send_replace(false);
         housekeeping.abort();
         verification.abort();
         s.verifier.cancel();
@@ -260,6 +268,64 @@ impl CatalogServer {
             tracing::warn!("NATS unreachable while stopping; whatever was not sent yet is dropped");
         }
         outcome
+    }
+}
+
+impl CatalogServer {
+    /// A handle for whoever drives this server (a folder watcher, `status`).
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle(self.shared.clone())
+    }
+}
+
+/// How long a caller counts as a reader in [`ServerHandle::readers_last_minute`].
+const READER_WINDOW: Duration = Duration::from_secs(60);
+/// Callers remembered at most; past it, those older than the window are forgotten.
+const MAX_READERS_KEPT: usize = 4096;
+
+/// A running server, as its driver sees it.
+#[derive(Clone)]
+pub struct ServerHandle(Arc<Shared>);
+
+impl ServerHandle {
+    /// Picks up a re-indexed catalog file now rather than at the next heartbeat. True if the
+    /// listing served changed.
+    pub async fn reload(&self) -> bool {
+        let this = self.0.clone();
+        let fresh = tokio::task::spawn_blocking(move || this.reload_if_changed()).await.ok().flatten();
+        match fresh {
+            Some(fresh) => {
+                tokio::spawn(self.0.clone().verify_unverified(fresh));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Revision of the listing being served.
+    pub fn revision(&self) -> String {
+        self.0.loaded().catalog.revision()
+    }
+
+    /// Files in the listing being served.
+    pub fn entries(&self) -> usize {
+        self.0.loaded().catalog.entries.len()
+    }
+
+    /// The catalog's folder, resolved.
+    pub fn root(&self) -> PathBuf {
+        self.0.loaded().root.clone()
+    }
+
+    /// True while the server's subscriptions are in place (from its first flush to its stop).
+    pub fn serving(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.0.serving.subscribe()
+    }
+
+    /// Accounts (and the owner) answered in the last minute.
+    pub fn readers_last_minute(&self) -> usize {
+        let readers = self.0.readers.lock().unwrap_or_else(|p| p.into_inner());
+        readers.values().filter(|seen| seen.elapsed() < READER_WINDOW).count()
     }
 }
 
@@ -450,13 +516,16 @@ impl Shared {
         };
         let result = match self.authorize(&caller).await {
             Err(r) => Err(r),
-            Ok(()) => match op {
-                Operation::Get => self.get(&msg.payload),
-                Operation::Open => self.open(&caller, &msg.payload).await.map(Bytes::from),
-                Operation::Read => self.read(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
-                Operation::Close => self.close(&caller, &msg.payload).map(Bytes::from),
-                Operation::Download => self.download(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
-            },
+            Ok(()) => {
+                self.note_reader(&caller);
+                match op {
+                    Operation::Get => self.get(&msg.payload),
+                    Operation::Open => self.open(&caller, &msg.payload).await.map(Bytes::from),
+                    Operation::Read => self.read(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
+                    Operation::Close => self.close(&caller, &msg.payload).map(Bytes::from),
+                    Operation::Download => self.download(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
+                }
+            }
         };
         let body = match result {
             Ok(body) => body,
@@ -470,6 +539,18 @@ impl Shared {
             if let Err(e) = self.nats.publish(reply, body).await {
                 tracing::warn!(op = op.as_str(), bytes = len, "reply not sent: {e}");
             }
+        }
+    }
+
+    /// Remembers that `caller` was answered, for [`ServerHandle::readers_last_minute`].
+    fn note_reader(&self, caller: &Caller) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if readers.len() >= MAX_READERS_KEPT {
+            readers.retain(|_, seen| seen.elapsed() < READER_WINDOW);
+        }
+        let key = caller.to_string();
+        if readers.len() < MAX_READERS_KEPT || readers.contains_key(&key) {
+            readers.insert(key, std::time::Instant::now());
         }
     }
 

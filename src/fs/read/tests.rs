@@ -339,5 +339,5 @@ async fn listing_builds_folders_and_diffs_on_refresh() {
     assert_eq!(remembered, 3, "only the folder and its two files keep inode numbers");
     let names: Vec<String> = fs.readdir(c.ino).unwrap().into_iter().map(|(_, _, n)| n).collect();
     assert_eq!(names, [".", "..", "three.mp4", "two.mp4"]);
-    assert_eq!(fs.catalogs[0].revision(), "r2");
+    assert_eq!(fs.catalog(0).unwrap().revision(), "r2");
 }
