@@ -28,3 +28,4 @@ pub mod serving;
 pub mod shares;
 pub mod sharing;
 pub mod store;
+pub mod web;

@@ -63,9 +63,11 @@ pub(crate) use outln;
 
 mod download;
 mod parse;
+mod web;
 
 pub use download::catalog_download;
 pub use parse::{parse_seconds, parse_size, validate_server_urls};
+pub use web::{web, WebArgs};
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {

@@ -459,3 +459,24 @@ pub fn umount(path: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Keeps `fs`'s listings fresh where no kernel needs telling (the web UI on its own): every
+/// first listing now, then the TTL poll and heartbeats, until the task is aborted.
+/// `saved_at[i]` is where catalog `i`'s listing is saved for the next run, as in [`Gathered`].
+pub fn spawn_listing_refresh(
+    fs: Arc<NatsterFs>,
+    saved_at: Vec<Option<PathBuf>>,
+    nats: async_nats::Client,
+    ttl: Duration,
+) -> tokio::task::JoinHandle<()> {
+    // Nobody receives invalidations: sends to the closed channel are ignored.
+    let (invalidations, _) = mpsc::unbounded_channel();
+    let refresher =
+        Arc::new(Refresher { fs, saved_at, invalidations, permits: Semaphore::new(MAX_CONCURRENT_REFRESHES) });
+    tokio::spawn(async move {
+        for i in 0..refresher.fs.catalogs.len() {
+            refresher.spawn_refresh(i);
+        }
+        keep_fresh(refresher, nats, ttl).await
+    })
+}
