@@ -29,6 +29,7 @@ function size(n) {
 }
 
 const short = (key) => key && key.length > 16 ? `${key.slice(0, 8)}…${key.slice(-4)}` : key;
+const files = (n) => `${n} file${n === 1 ? '' : 's'}`;
 const who = (acct) => acct.name ? `${acct.name} (${short(acct.key)})` : short(acct.key);
 const enc = (path) => path.split('/').map(encodeURIComponent).join('/');
 const dec = (path) => path.split('/').map(decodeURIComponent).join('/');
@@ -74,7 +75,7 @@ function renderList() {
       h('div', { class: 'grow' },
         h('div', { class: 'name' }, c.id, ' ', c.own ? h('span', { class: 'badge' }, 'yours') : null),
         h('div', { class: 'meta' },
-          `${c.own ? 'shared by you' : `from ${who(c.owner)}`} · ${c.files} files · ${size(c.bytes)}`,
+          `${c.own ? 'shared by you' : `from ${who(c.owner)}`} · ${files(c.files)} · ${size(c.bytes)}`,
           c.revision ? ` · revision ${c.revision}` : '',
           c.reach !== 'reachable' ? ` · ${c.reach}` : '')),
       h('span', { class: 'right' }, c.verified))));
@@ -138,26 +139,26 @@ function renderCatalog(route) {
   const prefix = route.folder ? `${route.folder}/` : '';
   const filter = state.filter.toLowerCase();
   const folders = new Map();
-  const files = [];
+  const list = [];
   for (const f of state.files) {
     if (!f.path.startsWith(prefix)) continue;
     const rest = f.path.slice(prefix.length);
     if (filter) {
-      if (rest.toLowerCase().includes(filter)) files.push([rest, f]);
+      if (rest.toLowerCase().includes(filter)) list.push([rest, f]);
     } else if (rest.includes('/')) {
       const dir = rest.split('/')[0];
       const entry = folders.get(dir) || { count: 0, bytes: 0 };
       entry.count++; entry.bytes += f.size;
       folders.set(dir, entry);
-    } else files.push([rest, f]);
+    } else list.push([rest, f]);
   }
   const rows = [];
   for (const [dir, info] of [...folders].sort()) {
     rows.push(h('li', { class: 'folder' }, h('a', { href: `#/c/${encodeURIComponent(c.id)}/${enc(prefix + dir)}` },
-      h('span', { class: 'icon' }, '📁'), h('div', { class: 'grow' }, h('div', { class: 'name' }, dir), h('div', { class: 'meta' }, `${info.count} files`)),
+      h('span', { class: 'icon' }, '📁'), h('div', { class: 'grow' }, h('div', { class: 'name' }, dir), h('div', { class: 'meta' }, files(info.count))),
       h('span', { class: 'right size' }, size(info.bytes)))));
   }
-  for (const [name, f] of files) {
+  for (const [name, f] of list) {
     rows.push(h('li', { class: 'file', 'data-path': f.path }, h('a', { href: `#/f/${encodeURIComponent(c.id)}/${enc(f.path)}` },
       h('span', { class: 'icon' }, iconFor(f.mime)), h('div', { class: 'grow' }, h('div', { class: 'name' }, name), h('div', { class: 'meta' }, f.mime)),
       h('span', { class: 'right' }, size(f.size)))));
@@ -167,7 +168,7 @@ function renderCatalog(route) {
   view.replaceChildren(
     crumbs(c.id, route.folder),
     h('h1', {}, route.folder ? route.folder.split('/').pop() : c.id),
-    h('p', { class: 'meta' }, dot(c), ' ', c.own ? 'Yours' : `From ${who(c.owner)}`, ` · ${c.files} files · ${size(c.bytes)}`,
+    h('p', { class: 'meta' }, dot(c), ' ', c.own ? 'Yours' : `From ${who(c.owner)}`, ` · ${files(c.files)} · ${size(c.bytes)}`,
       c.revision ? ` · revision ${c.revision}` : '', ` · ${c.reach} · ${c.verified}`),
     h('div', { class: 'tools' }, search),
     rows.length ? h('ul', { class: 'list', id: 'files' }, rows) : h('p', { class: 'muted' }, filter ? 'Nothing matches.' : 'This folder is empty.'),
