@@ -180,6 +180,10 @@ async fn ranges_are_byte_exact_and_cached_bytes_are_not_fetched_again() {
     let stale = get(web, &cookie, "/files/media/big.bin", &[("range", "bytes=0-9"), ("if-range", "\"other\"")]).await;
     assert_eq!(stale.status(), 200, "If-Range of another version gets the whole file");
     drop(stale);
+    let head = http().head(web.url("/files/media/big.bin")).header("cookie", &cookie).send().await.expect("HEAD");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"].to_str().unwrap(), size.to_string());
+    assert_eq!(head.headers()["etag"].to_str().unwrap(), etag);
     let empty = get(web, &cookie, "/files/media/empty.dat", &[]).await;
     assert_eq!(empty.status(), 200);
     assert!(empty.bytes().await.unwrap().is_empty());

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
@@ -135,7 +135,7 @@ fn attachment_header(path: &str, download: bool) -> Option<HeaderValue> {
     HeaderValue::from_str(&format!("{kind}; filename=\"{ascii}\"; filename*=UTF-8''{}", paths::encode(name))).ok()
 }
 
-pub(crate) async fn serve(State(state): State<super::State>, uri: Uri, headers: HeaderMap) -> Response {
+pub(crate) async fn serve(State(state): State<super::State>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let raw = uri.path().strip_prefix("/files/").unwrap_or("");
     let target = match paths::parse(raw) {
         Ok(t) => t,
@@ -187,27 +187,16 @@ pub(crate) async fn serve(State(state): State<super::State>, uri: Uri, headers: 
             return response;
         }
     };
-    let fh = match fs.open(ino) {
-        Ok(fh) => fh,
-        Err(e) => return fs_error_response(&e),
-    };
-    let mut reading = Reading { fs: fs.clone(), fh, pos: span.start, end: span.end, state: state.clone() };
-    let first = match reading.next_piece().await {
-        Ok(first) => first,
-        Err(e) => return fs_error_response(&e),
-    };
-    let rest = futures::stream::try_unfold(reading, |mut reading| async move {
-        match reading.next_piece().await {
-            Ok(Some(bytes)) => Ok(Some((bytes, reading))),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                tracing::warn!("a web download was cut short: {e}");
-                Err(std::io::Error::other(e.to_string()))
-            }
+    // HEAD: the headers GET would send, without reading a byte.
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        match stream_body(&state, ino, span.clone()).await {
+            Ok(body) => body,
+            Err(response) => return *response,
         }
-    });
-    let body = futures::StreamExt::chain(futures::stream::iter(first.map(Ok::<_, std::io::Error>)), rest);
-    let mut response = Response::new(Body::from_stream(body));
+    };
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.extend(common);
@@ -235,6 +224,33 @@ pub(crate) async fn serve(State(state): State<super::State>, uri: Uri, headers: 
         );
     }
     response
+}
+
+/// The body for bytes `span` of file `ino`: its first piece read now (so a failure is a status,
+/// not a cut body), the rest as the connection takes it.
+async fn stream_body(state: &super::State, ino: u64, span: Range<u64>) -> Result<Body, Box<Response>> {
+    let fs = state.fs.clone();
+    let fh = match fs.open(ino) {
+        Ok(fh) => fh,
+        Err(e) => return Err(Box::new(fs_error_response(&e))),
+    };
+    let mut reading = Reading { fs: fs.clone(), fh, pos: span.start, end: span.end, state: state.clone() };
+    let first = match reading.next_piece().await {
+        Ok(first) => first,
+        Err(e) => return Err(Box::new(fs_error_response(&e))),
+    };
+    let rest = futures::stream::try_unfold(reading, |mut reading| async move {
+        match reading.next_piece().await {
+            Ok(Some(bytes)) => Ok(Some((bytes, reading))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!("a web download was cut short: {e}");
+                Err(std::io::Error::other(e.to_string()))
+            }
+        }
+    });
+    let body = futures::StreamExt::chain(futures::stream::iter(first.map(Ok::<_, std::io::Error>)), rest);
+    Ok(Body::from_stream(body))
 }
 
 #[cfg(test)]

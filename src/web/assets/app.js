@@ -94,14 +94,16 @@ function crumbs(id, folder) {
   return h('nav', { class: 'crumbs' }, out);
 }
 
-function iconFor(mime) {
-  if (mime.startsWith('video/')) return '🎬';
-  if (mime.startsWith('audio/')) return '🎵';
-  if (mime.startsWith('image/')) return '🖼';
-  if (mime === 'application/pdf') return '📄';
-  if (mime.startsWith('text/')) return '📝';
-  return '📦';
+// A short label for the kind of file (text, so it needs no emoji font).
+function kindOf(mime) {
+  if (mime.startsWith('video/')) return ['video', 'VID'];
+  if (mime.startsWith('audio/')) return ['audio', 'AUD'];
+  if (mime.startsWith('image/')) return ['image', 'IMG'];
+  if (mime === 'application/pdf') return ['pdf', 'PDF'];
+  if (mime.startsWith('text/')) return ['text', 'TXT'];
+  return ['other', 'BIN'];
 }
+const kind = (mime) => { const [cls, label] = kindOf(mime); return h('span', { class: `kind ${cls}` }, label); };
 
 function sharePanel(c) {
   if (!c.own) return null;
@@ -155,12 +157,12 @@ function renderCatalog(route) {
   const rows = [];
   for (const [dir, info] of [...folders].sort()) {
     rows.push(h('li', { class: 'folder' }, h('a', { href: `#/c/${encodeURIComponent(c.id)}/${enc(prefix + dir)}` },
-      h('span', { class: 'icon' }, '📁'), h('div', { class: 'grow' }, h('div', { class: 'name' }, dir), h('div', { class: 'meta' }, files(info.count))),
+      h('span', { class: 'kind folder' }, 'DIR'), h('div', { class: 'grow' }, h('div', { class: 'name' }, dir), h('div', { class: 'meta' }, files(info.count))),
       h('span', { class: 'right size' }, size(info.bytes)))));
   }
   for (const [name, f] of list) {
     rows.push(h('li', { class: 'file', 'data-path': f.path }, h('a', { href: `#/f/${encodeURIComponent(c.id)}/${enc(f.path)}` },
-      h('span', { class: 'icon' }, iconFor(f.mime)), h('div', { class: 'grow' }, h('div', { class: 'name' }, name), h('div', { class: 'meta' }, f.mime)),
+      kind(f.mime), h('div', { class: 'grow' }, h('div', { class: 'name' }, name), h('div', { class: 'meta' }, f.mime)),
       h('span', { class: 'right' }, size(f.size)))));
   }
   const search = h('input', { type: 'search', id: 'filter', placeholder: 'Filter by name', value: state.filter,
