@@ -104,6 +104,17 @@ async fn every_route_needs_the_session_and_the_token_works_once() {
     assert_eq!(media["own"], true);
     assert_eq!(media["files"], 5, "{catalogs}");
 
+    // A logged-in browser gets a fresh one-time link for another device; it works once.
+    let r = http().post(web.url("/api/login-link")).header("cookie", &cookie).send().await.expect("link");
+    assert_eq!(r.status(), 200);
+    let link = json(r).await["url"].as_str().expect("url").to_string();
+    assert!(link.starts_with(&format!("{}/login?token=", web.base)), "{link}");
+    let r = http().get(&link).send().await.expect("second device");
+    assert_eq!(r.status(), 303);
+    let second = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_string();
+    assert_eq!(get(web, &second, "/api/catalogs", &[]).await.status(), 200);
+    assert_eq!(http().get(&link).send().await.expect("reuse").status(), 401, "the new link works once too");
+
     // A state change from another site's page is refused even with the cookie.
     let r = http()
         .post(web.url("/api/catalogs/media/share"))
@@ -530,6 +541,16 @@ async fn in_chromium_the_catalogs_show_the_video_plays_and_seeks_and_updates_are
         "the cookie is HttpOnly"
     );
     browser.screenshot(&screenshot_dir().join("catalogs.png")).await;
+    // "Another device" shows a fresh one-time link.
+    browser.js("document.getElementById('another').click(); return true;").await;
+    browser
+        .wait_js(
+            "a link for another device",
+            BROWSER_DEADLINE,
+            "const u = document.getElementById('link-url'); return !!u && u.textContent.includes('/login?token=');",
+        )
+        .await;
+    browser.js("document.querySelector('#link button').click(); return true;").await;
     // No seed or JWT reaches the browser: not in the page, not in the API.
     let creds = std::fs::read_to_string(bob.context().creds.expect("bob's creds")).expect("creds");
     let secrets: Vec<&str> = creds.lines().filter(|l| l.starts_with("SU") || l.starts_with("eyJ")).collect();

@@ -7,6 +7,7 @@
 //!   catalogs only, through the same code as `catalog share|unshare`.
 //! - `GET /api/events`: Server-Sent Events; a `hello` first, then one event per change.
 //! - `GET /api/inbox`, `GET /api/stats`: pending shares (global service) and engine counters.
+//! - `POST /api/login-link` (in `auth`): a fresh one-time link for another device.
 //!
 //! Catalog ids are the engine's folder names (`<catalog>` or `<catalog>@<owner8>`), unique.
 

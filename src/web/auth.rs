@@ -136,6 +136,23 @@ pub(crate) async fn login(
     response
 }
 
+/// `POST /api/login-link`: a fresh one-time link, for logging in another device (a phone)
+/// from a browser that is logged in already. It replaces any link not used yet, and is
+/// spelled with the host this browser reached us by.
+pub(crate) async fn new_link(State(state): State<super::State>, headers: HeaderMap) -> Response {
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("");
+    let plausible =
+        !host.is_empty() && host.len() <= 255 && host.chars().all(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(c));
+    if !plausible {
+        return text(StatusCode::BAD_REQUEST, "no usable Host header to build the link with");
+    }
+    let scheme = if state.auth.secure { "https" } else { "http" };
+    let url = format!("{scheme}://{host}/login?token={}", state.auth.issue_login_token());
+    let mut response = axum::Json(serde_json::json!({ "url": url })).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 /// True if a state-changing request comes from a page of another origin than ours.
 fn cross_origin(headers: &HeaderMap) -> bool {
     let (Some(origin), Some(host)) = (headers.get(header::ORIGIN), headers.get(header::HOST)) else {

@@ -5,7 +5,8 @@
 //! never fetched twice. [`bind`] takes the engine from its caller: `natster-mount web` builds
 //! one of its own, a daemon that also mounts can pass its mount's and share the cache.
 //!
-//! - `auth`: the one-time login token, session cookies, the 401 for everyone else.
+//! - `auth`: the one-time login token, session cookies (for the process's life), the 401 for
+//!   everyone else, and fresh one-time links for another device.
 //! - `api`: JSON for the pages (catalogs, files, share/unshare) and the SSE event feed.
 //! - `files`: `GET /files/<catalog>/<path>`: ranges, ETag, streamed in bounded pieces.
 //! - `paths`: decoding and checking the path of a `/files` URL.
@@ -208,6 +209,7 @@ fn router(state: State) -> Router {
         .route("/api/catalogs/{id}", get(api::catalog))
         .route("/api/catalogs/{id}/share", post(api::share))
         .route("/api/catalogs/{id}/unshare", post(api::unshare))
+        .route("/api/login-link", post(auth::new_link))
         .route("/api/inbox", get(api::inbox))
         .route("/api/stats", get(api::stats))
         .route("/api/events", get(api::events))

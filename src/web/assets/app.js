@@ -261,6 +261,20 @@ function listen() {
   es.onerror = () => live.classList.remove('on');
 }
 
+// A one-time login link for another device (a phone), shown to copy or type.
+async function anotherDevice() {
+  const box = document.getElementById('link');
+  try {
+    const r = await api('/api/login-link', { method: 'POST' });
+    box.replaceChildren(
+      h('div', { class: 'small muted' }, 'Open this once on the other device (it must reach this address):'),
+      h('div', { class: 'mono', id: 'link-url' }, r.url),
+      h('button', { class: 'quiet', type: 'button', onclick: () => { box.hidden = true; } }, 'Close'));
+    box.hidden = false;
+  } catch (e) { toast(e.message, true); }
+}
+
+document.getElementById('another').addEventListener('click', anotherDevice);
 window.addEventListener('hashchange', () => { state.filter = ''; refresh(false); });
 showMe();
 refresh(false);
