@@ -9,6 +9,10 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v ffprobe >/dev/null || need+=(ffmpeg)
 [ -e /usr/lib/x86_64-linux-gnu/pkgconfig/fuse3.pc ] || [ -n "$(find /usr/lib -name fuse3.pc 2>/dev/null | head -1)" ] || need+=(libfuse3-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The web UI's tests: a real headless browser, and openssl for a test certificate.
+command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || need+=(chromium-driver)
+command -v openssl >/dev/null || need+=(openssl)
 if [ "${NATSTER_BENCH:-}" = 1 ]; then
   command -v sshfs >/dev/null || need+=(sshfs)
   command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || need+=(openssh-server)

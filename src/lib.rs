@@ -36,3 +36,4 @@ pub mod serving;
 pub mod shares;
 pub mod sharing;
 pub mod store;
+pub mod web;

@@ -108,6 +108,33 @@ enum Command {
     Operator(OperatorCommand),
     /// Show this context's account, server and credentials.
     Whoami,
+    /// Browse, play and share catalogs in a web browser (prints a one-time login link).
+    Web {
+        /// Address to listen on; anything but loopback needs --tls-cert/--tls-key or --insecure-http.
+        #[arg(long, default_value = "127.0.0.1:8642")]
+        listen: std::net::SocketAddr,
+        /// Open the login link in the desktop's browser.
+        #[arg(long)]
+        open: bool,
+        /// TLS certificate chain (PEM) to serve HTTPS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM).
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Allow plain HTTP on a non-loopback address (cookie and media unencrypted).
+        #[arg(long)]
+        insecure_http: bool,
+        /// Memory for decrypted chunks (e.g. 256M, 1G).
+        #[arg(long, default_value = "256M", value_parser = cli::parse_size)]
+        cache_size: u64,
+        /// Seconds before a read that the network cannot serve fails.
+        #[arg(long, default_value = "10", value_parser = cli::parse_seconds::<86400>)]
+        read_timeout: Duration,
+        /// Seconds between listing refreshes (heartbeats refresh sooner).
+        #[arg(long, default_value = "30", value_parser = cli::parse_seconds::<86400>)]
+        listing_ttl: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -250,6 +277,7 @@ fn main() -> ExitCode {
             | Command::Mount { .. }
             | Command::Up { .. }
             | Command::Operator(OperatorCommand::Up { .. })
+            | Command::Web { .. }
     );
     // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly with
     // status 0 at its next line of output; a long-running one keeps running.
@@ -313,6 +341,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         },
         Command::Umount { mountpoint } => cli::umount(&mountpoint),
         Command::Whoami => runtime.block_on(sharing::whoami(&globals)),
+        Command::Web { listen, open, tls_cert, tls_key, insecure_http, cache_size, read_timeout, listing_ttl } => {
+            let args =
+                cli::WebArgs { listen, open, tls_cert, tls_key, insecure_http, cache_size, read_timeout, listing_ttl };
+            let served = runtime.block_on(cli::web(&globals, args));
+            // A read stuck on an unreachable catalog must not hold up exit (the 2 s stop promise).
+            runtime.shutdown_timeout(Duration::from_millis(500));
+            served
+        }
         Command::Operator(o) => match o {
             OperatorCommand::Init { port } => sharing::operator_init(&globals, port),
             OperatorCommand::Up { port, trace } => runtime.block_on(sharing::operator_up(&globals, port, trace)),

@@ -68,10 +68,12 @@ pub mod helper;
 mod parse;
 pub mod service;
 mod up;
+mod web;
 
 pub use download::catalog_download;
 pub use parse::{parse_seconds, parse_size, validate_server_urls};
 pub use up::{at_login, capture_ready_pipe, default_mountpoint, mount, status, umount, up, MountArgs, UpArgs};
+pub use web::{web, WebArgs};
 
 /// What every command needs: where state lives and which context to use.
 pub struct Globals {

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use crate::cache::ChunkCache;
-use crate::protocol::CatalogSummary;
+use crate::protocol::{CatalogEntry, CatalogSummary};
 use read::{Health, OpenFile};
 pub use readahead::ReadAhead;
 pub use source::{ChunkSource, RemoteSource};
@@ -155,6 +155,8 @@ pub struct NatsterFs {
     readahead_budget: Arc<Semaphore>,
     pub options: FsOptions,
     started: SystemTime,
+    /// Bumped by every applied listing, for watchers outside the kernel (the web UI).
+    listings: watch::Sender<u64>,
 }
 
 impl NatsterFs {
@@ -174,6 +176,39 @@ impl NatsterFs {
             readahead_budget: Arc::new(Semaphore::new(permits)),
             options,
             started: now,
+            listings: watch::Sender::new(0),
+        }
+    }
+
+    /// Changes every time a listing is applied (then read each catalog's `revision`).
+    pub fn listing_changes(&self) -> watch::Receiver<u64> {
+        self.listings.subscribe()
+    }
+
+    /// Catalog `i`'s files as the tree holds them: (path in the catalog, entry), by path.
+    pub fn catalog_files(&self, i: usize) -> Vec<(String, CatalogEntry)> {
+        let tree = self.tree();
+        let mut files: Vec<(String, CatalogEntry)> = tree
+            .inos
+            .iter()
+            .filter(|((c, _), _)| *c == i)
+            .filter_map(|((_, path), ino)| match tree.nodes.get(ino).map(|n| &n.kind) {
+                Some(NodeKind::File { entry, .. }) => Some((path.clone(), entry.clone())),
+                _ => None,
+            })
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        files
+    }
+
+    /// The inode and entry of the file at `path` (as [`NatsterFs::catalog_files`] spells it)
+    /// in catalog `i`; None for a folder or a path the listing does not name.
+    pub fn catalog_file(&self, i: usize, path: &str) -> Option<(u64, CatalogEntry)> {
+        let tree = self.tree();
+        let ino = *tree.inos.get(&(i, path.to_string()))?;
+        match &tree.nodes.get(&ino)?.kind {
+            NodeKind::File { entry, .. } => Some((ino, entry.clone())),
+            NodeKind::Dir { .. } => None,
         }
     }
 
@@ -223,6 +258,7 @@ impl NatsterFs {
         catalog.source.listing_applied(listing);
         let mut inv = self.tree.write().unwrap_or_else(|p| p.into_inner()).apply_listing(i, listing, self.started);
         *catalog.revision.lock().unwrap_or_else(|p| p.into_inner()) = listing.revision.clone();
+        self.listings.send_modify(|n| *n = n.wrapping_add(1));
         if !inv.is_empty() {
             // The catalog folder's own attributes (link count) changed too.
             if let Some(top) = self.tree().catalog_ino(i) {

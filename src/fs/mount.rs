@@ -987,6 +987,30 @@ pub fn umount(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Keeps `fs`'s listings fresh where no kernel needs telling (the web UI on its own): adds
+/// `catalogs` to `fs` with their seeds, starts every first listing, then follows the TTL poll,
+/// heartbeats, notices and reconnects, until the task is aborted.
+pub fn spawn_listing_refresh(
+    fs: Arc<NatsterFs>,
+    nats: async_nats::Client,
+    connected: watch::Receiver<bool>,
+    ttl: Duration,
+    catalogs: Vec<Gathered>,
+) -> tokio::task::JoinHandle<()> {
+    // Nobody receives invalidations: sends to the closed channel are ignored.
+    let (invalidations, _) = mpsc::unbounded_channel();
+    let refresher = Arc::new(Refresher {
+        fs,
+        state: Mutex::new(HashMap::new()),
+        invalidations,
+        permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
+        ttl,
+    });
+    let planned: Vec<Planned> = catalogs.iter().map(|g| g.planned()).collect();
+    drop(refresher.sync(&planned, |_| catalogs));
+    tokio::spawn(keep_fresh(refresher, nats, connected))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,6 +73,11 @@ impl MountedCatalog {
         }
     }
 
+    /// True while reads find the catalog not answering (until a chunk arrives again).
+    pub fn known_down(&self) -> bool {
+        self.health().down_since.is_some()
+    }
+
     fn note_success(&self) {
         let mut health = self.health();
         if health.down_since.take().is_some() && health.logged {

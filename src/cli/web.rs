@@ -1,0 +1,103 @@
+//! `natster-mount web`: the web UI over a read engine of its own (the catalogs this context
+//! reads, kept fresh as the mount keeps them), until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use super::Globals;
+use crate::client::ClientOptions;
+use crate::fs::mount::{gather_catalogs, spawn_listing_refresh, MountOptions};
+use crate::fs::{FsOptions, NatsterFs};
+use crate::web::{self, NoGlobalService, TlsFiles, WebContext, WebOptions};
+
+pub struct WebArgs {
+    pub listen: SocketAddr,
+    pub open: bool,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_http: bool,
+    pub cache_size: u64,
+    pub read_timeout: Duration,
+    pub listing_ttl: Duration,
+}
+
+pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => bail!("give both --tls-cert FILE and --tls-key FILE (PEM), or neither"),
+    };
+    let web_options = WebOptions { listen: args.listen, tls: tls.clone(), insecure_http: args.insecure_http };
+    web::check_listen(&web_options)?;
+    if args.cache_size < 4 * 1024 * 1024 {
+        bail!("--cache-size must be at least 4M (one chunk per open file needs room)");
+    }
+    let context = g.load_context()?;
+    let options = MountOptions {
+        fs: FsOptions {
+            cache_bytes: usize::try_from(args.cache_size).unwrap_or(usize::MAX),
+            read_timeout: args.read_timeout,
+            ..FsOptions::default()
+        },
+        listing_ttl: args.listing_ttl,
+        client: ClientOptions {
+            request_timeout: g.timeout.min(args.read_timeout),
+            chunk_timeout: (args.read_timeout / 4).max(Duration::from_millis(200)),
+            retries: 2,
+            ..ClientOptions::default()
+        },
+        allow_other: false,
+    };
+    let nats = context.connect(g.timeout).await?;
+    let gathered = {
+        let (home, context, nats, options) = (g.home.clone(), context.clone(), nats.clone(), options.clone());
+        tokio::task::spawn_blocking(move || gather_catalogs(&home, &context, &nats, &options)).await??
+    };
+    let fs = Arc::new(NatsterFs::new(Vec::new(), options.fs.clone()));
+    let connected = crate::daemon::link::watch_state(&nats);
+    let refresh = spawn_listing_refresh(fs.clone(), nats, connected, options.listing_ttl, gathered);
+    let ctx = WebContext {
+        home: g.home.clone(),
+        context: g.context.clone(),
+        me: context.account_public_key.clone().unwrap_or_else(|| "self".into()),
+        account_name: context.account_name.clone(),
+        timeout: g.timeout,
+    };
+    let count = fs.catalogs().len();
+    let bound = web::bind(fs, ctx, Arc::new(NoGlobalService), &web_options).await?;
+    let addr = bound.local_addr()?;
+    if !addr.ip().is_loopback() && tls.is_none() {
+        eprintln!(
+            "warning: serving plain HTTP on {addr} (--insecure-http): the session cookie and every file cross the network unencrypted"
+        );
+    }
+    outln!("web UI for context '{}' ({count} catalog(s)) on {addr}", g.context);
+    outln!("open {}", bound.url());
+    outln!("the link logs in one browser, once; Ctrl-C to stop");
+    if args.open {
+        open_browser(bound.url().to_string());
+    }
+    let served = bound.run(super::shutdown_signal()).await;
+    refresh.abort();
+    outln!("web UI stopped");
+    served
+}
+
+/// Opens `url` in the desktop's browser (xdg-open), reporting failure without failing.
+fn open_browser(url: String) {
+    tokio::task::spawn_blocking(move || {
+        let status = std::process::Command::new("xdg-open")
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            eprintln!("note: could not open a browser (xdg-open); open the link above yourself");
+        }
+    });
+}
