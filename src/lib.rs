@@ -21,6 +21,7 @@ pub mod context;
 pub mod crypto;
 pub mod fs;
 pub mod identity;
+pub mod imports;
 pub mod index;
 pub mod protocol;
 pub mod server;

@@ -71,6 +71,43 @@ pub fn media_wildcard(catalog: &str) -> String {
     format!("natster.media.{catalog}.*")
 }
 
+/// How a reader's account reaches a catalog: which local subjects its requests and media use.
+/// The owner's side is the same either way (`<reader>.natster.catalog.<C>.<op>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The subjects without an owner: the owner's own account, and the original's per-catalog
+    /// imports (`natster.catalog.<C>.<op>`, media `natster.media.<C>.*`). One catalog name
+    /// can be reached this way only once per account.
+    Direct,
+    /// Through the per-owner imports of owner account `O`: `natster.from.<O>.catalog.<C>.<op>`,
+    /// media `natster.from.<O>.media.<C>.*`. Each owner has a namespace of its own, so two
+    /// owners' catalogs of one name never meet.
+    Owner(String),
+}
+
+impl Route {
+    /// Subject of operation `op` on `catalog`.
+    pub fn request_subject(&self, catalog: &str, op: Operation) -> String {
+        match self {
+            Route::Direct => catalog_subject(catalog, op),
+            Route::Owner(owner) => format!("{}.catalog.{catalog}.{}", owner_prefix(owner), op.as_str()),
+        }
+    }
+
+    /// Subject that receives every chunk of `catalog`.
+    pub fn media_wildcard(&self, catalog: &str) -> String {
+        match self {
+            Route::Direct => media_wildcard(catalog),
+            Route::Owner(owner) => format!("{}.media.{catalog}.*", owner_prefix(owner)),
+        }
+    }
+}
+
+/// First tokens of every local subject the per-owner imports of `owner` map to.
+pub fn owner_prefix(owner: &str) -> String {
+    format!("natster.from.{owner}")
+}
+
 /// Subject the server publishes a chunk on: prefixed by the caller's account when the
 /// request came through an import, so the stream export routes it to that account only.
 pub fn media_subject(caller: &Caller, catalog: &str, stream_token: &str) -> String {
@@ -336,6 +373,16 @@ mod tests {
         assert_eq!(parse_request_subject("natster.catalog.other.get", "c"), None);
         assert_eq!(parse_request_subject("natster.catalog.c.rm", "c"), None);
         assert_eq!(parse_request_subject("NOTAKEY.natster.catalog.c.get", "c"), None);
+    }
+
+    #[test]
+    fn routes_spell_their_subjects() {
+        let owner = nkeys::KeyPair::new_account().public_key();
+        assert_eq!(Route::Direct.request_subject("c", Operation::Get), "natster.catalog.c.get");
+        assert_eq!(Route::Direct.media_wildcard("c"), "natster.media.c.*");
+        let via = Route::Owner(owner.clone());
+        assert_eq!(via.request_subject("c", Operation::Read), format!("natster.from.{owner}.catalog.c.read"));
+        assert_eq!(via.media_wildcard("c"), format!("natster.from.{owner}.media.c.*"));
     }
 
     #[test]

@@ -11,7 +11,6 @@
 //!   catalog, so one slow or offline catalog never delays another.
 //! - Kernel invalidations are sent from a blocking thread, never from a FUSE callback.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -94,7 +93,8 @@ fn saved_listing_path(home: &Home, owner: &str, name: &str) -> PathBuf {
 }
 
 /// The catalogs this context can read: its own (every catalog file in the home) and its
-/// imports. A name used by two owners becomes `<catalog>@<owner8>` for the imported ones.
+/// imports, each under the name [`crate::context::shown_names`] gives it (a name already
+/// taken becomes `<catalog>@<owner label>`; the first catalog of a name keeps it).
 pub fn gather_catalogs(
     home: &Home,
     context: &Context,
@@ -108,10 +108,7 @@ pub fn gather_catalogs(
             Err(e) => tracing::warn!("skipping catalog {name}: {e:#}"),
         }
     }
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for name in own.iter().map(|c| c.name.as_str()).chain(context.imports.iter().map(|i| i.catalog.as_str())) {
-        *counts.entry(name).or_default() += 1;
-    }
+    let shown = crate::context::shown_names(&crate::index::catalog_names(home), &context.imports);
     let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
     let v1_max = options.fs.cache_bytes as u64 / 2;
     let identity = Arc::new(Identity::load(home, context)?);
@@ -139,12 +136,7 @@ pub fn gather_catalogs(
         );
         gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
     }
-    for import in &context.imports {
-        let dir_name = if counts.get(import.catalog.as_str()).copied().unwrap_or(0) > 1 {
-            format!("{}@{}", import.catalog, import.owner.chars().take(8).collect::<String>())
-        } else {
-            import.catalog.clone()
-        };
+    for (import, dir_name) in context.imports.iter().zip(shown) {
         let saved_at = saved_listing_path(home, &import.owner, &import.catalog);
         let seed = match crate::store::load_json::<CatalogSummary>(&saved_at) {
             Ok(seed) => seed,
@@ -153,12 +145,10 @@ pub fn gather_catalogs(
                 None
             }
         };
-        let mounted = MountedCatalog::new(
-            dir_name,
-            import.catalog.clone(),
-            import.owner.clone(),
-            source(&import.catalog, Some(&import.owner))?,
-        );
+        let client =
+            CatalogClient::for_import(nats.clone(), import, options.client.clone(), identity.clone(), pins.clone())?;
+        let source = Arc::new(RemoteSource::new(client, v1_max));
+        let mounted = MountedCatalog::new(dir_name, import.catalog.clone(), import.owner.clone(), source);
         gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
     }
     Ok(gathered)
