@@ -229,8 +229,13 @@ impl Context {
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))
             // Reconnect quickly after a server restart or a network blip (the default backoff
-            // grows to seconds): 0.1, 0.2, 0.4 … at most 2 s between attempts.
-            .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(5)).min(2000)))
+            // grows to seconds): at once, then 0.1, 0.2, 0.4 … at most 2 s between attempts.
+            // async-nats asks this for the very first connection too (attempt 1): it must not
+            // wait there, or every command pays for it.
+            .reconnect_delay_callback(|attempts| match attempts {
+                0 | 1 => Duration::ZERO,
+                n => Duration::from_millis((100u64 << (n - 2).min(5)).min(2000)),
+            })
             // Chunks are published in bursts; a deep client buffer keeps bursts off the
             // slow-consumer path.
             .subscription_capacity(64 * 1024);
