@@ -18,6 +18,9 @@
 //! - Removing an owner's last imported catalog removes the owner's two imports as well.
 //! - Per-catalog imports (the original's, see `accounts::imports`) keep the original's rule:
 //!   their unaliased subjects admit one catalog of a name, and none of an own catalog's name.
+//! - File work (context, catalog names, the JWT file) runs through [`blocking`], so these may be
+//!   awaited on a runtime worker; the context is rewritten whole (and synced) per call, so many
+//!   imports at once belong in one [`add`].
 
 use anyhow::{anyhow, bail, Result};
 
@@ -26,6 +29,7 @@ use crate::accounts::{self, catalog_imports, imported_catalog, imported_owner, o
 use crate::context::{Context, Home, ImportRoute, ImportedCatalog};
 use crate::index::Catalog;
 use crate::protocol::{is_account_key, validate_catalog_name};
+use crate::store::blocking;
 
 /// One catalog to import.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,26 @@ impl ImportRequest {
     }
 }
 
+/// What [`add`] did.
+#[derive(Debug)]
+pub struct Added {
+    /// The new records, in the order asked for.
+    pub imports: Vec<ImportedCatalog>,
+    /// Where the account JWT change took effect.
+    pub applied: Applied,
+    /// The context as saved.
+    pub context: Context,
+}
+
+/// What [`remove`] did.
+#[derive(Debug)]
+pub struct Removed {
+    pub import: ImportedCatalog,
+    pub applied: Applied,
+    /// The context as saved.
+    pub context: Context,
+}
+
 /// Who makes the account side of an import.
 pub enum AccountSide<'a> {
     /// The local operator manages the account (named `account` in it): its JWT is changed,
@@ -84,17 +108,14 @@ pub fn context_account(context: &Context, context_name: &str) -> Result<String> 
 }
 
 /// Imports `requests` into context `context_name` of `home`, all or none: the JWT change they
-/// need (if any) is made server first, then the context is saved. Returns the new records and
-/// where the JWT change took effect.
-pub async fn add(
-    home: &Home,
-    context_name: &str,
-    side: AccountSide<'_>,
-    requests: &[ImportRequest],
-) -> Result<(Vec<ImportedCatalog>, Applied)> {
-    let mut context = Context::load(home, context_name)?;
-    let me = context_account(&context, context_name)?;
-    check_requests(home, &context, &me, requests)?;
+/// need (if any) is made server first, then the context is saved.
+pub async fn add(home: &Home, context_name: &str, side: AccountSide<'_>, requests: &[ImportRequest]) -> Result<Added> {
+    let (mut context, me) = blocking(|| {
+        let context = Context::load(home, context_name)?;
+        let me = context_account(&context, context_name)?;
+        check_requests(home, &context, &me, requests)?;
+        anyhow::Ok((context, me))
+    })?;
     let applied = match side {
         AccountSide::Managed { operator, account } => {
             let mut claims = managed_claims(operator, account, &me)?;
@@ -111,22 +132,16 @@ pub async fn add(
         context.account_public_key = Some(me);
     }
     context.imports.extend(records.iter().cloned());
-    context.save(home, context_name)?;
-    Ok((records, applied))
+    blocking(|| context.save(home, context_name))?;
+    Ok(Added { imports: records, applied, context })
 }
 
 /// Undoes the import shown as `name` (see [`crate::context::shown_names`]): the JWT change
 /// first (the per-catalog imports, or the owner's imports once no other catalog of that owner
-/// is imported), then the context. Returns the removed record and where the JWT change took
-/// effect.
-pub async fn remove(
-    home: &Home,
-    context_name: &str,
-    side: AccountSide<'_>,
-    name: &str,
-) -> Result<(ImportedCatalog, Applied)> {
-    let mut context = Context::load(home, context_name)?;
-    let own = crate::index::catalog_names(home);
+/// is imported), then the context.
+pub async fn remove(home: &Home, context_name: &str, side: AccountSide<'_>, name: &str) -> Result<Removed> {
+    let (mut context, own) =
+        blocking(|| anyhow::Ok((Context::load(home, context_name)?, crate::index::catalog_names(home))))?;
     let Some(import) = context.find_import(&own, name).cloned() else {
         bail!(
             "context '{context_name}' does not import a catalog '{name}'; `natster-mount catalog ls` lists its imports"
@@ -154,8 +169,8 @@ pub async fn remove(
         AccountSide::External => Applied::Unchanged,
     };
     context.imports.retain(|i| *i != import);
-    context.save(home, context_name)?;
-    Ok((import, applied))
+    blocking(|| context.save(home, context_name))?;
+    Ok(Removed { import, applied, context })
 }
 
 /// Refuses, before anything changes, what cannot be imported.

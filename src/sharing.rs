@@ -164,14 +164,18 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
 
 /// An account named by public key, or by name among the local operator's accounts.
 fn resolve_account(g: &Globals, who: &str) -> Result<String> {
+    resolve_in(Operator::load(&operator_home(g)).ok().as_ref(), who)
+}
+
+/// [`resolve_account`] with the local operator already loaded (if there is one).
+fn resolve_in(operator: Option<&Operator>, who: &str) -> Result<String> {
     if who.len() == 56 && who.starts_with('A') {
         if protocol::is_account_key(who) {
             return Ok(who.to_string());
         }
         bail!("'{who}' is not a valid account public key (bad checksum); copy it again");
     }
-    let known = Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_name(who));
-    match known {
+    match operator.and_then(|op| op.account_by_name(who)) {
         Some(record) => Ok(record.public_key),
         None => bail!(
             "'{who}' is neither an account public key (56 characters starting with A) nor an account of the local operator"
@@ -180,7 +184,12 @@ fn resolve_account(g: &Globals, who: &str) -> Result<String> {
 }
 
 fn account_label(g: &Globals, key: &str) -> String {
-    match Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_key(key)) {
+    label_in(Operator::load(&operator_home(g)).ok().as_ref(), key)
+}
+
+/// `KEY (name)` when the local operator knows the account, else `KEY`.
+fn label_in(operator: Option<&Operator>, key: &str) -> String {
+    match operator.and_then(|op| op.account_by_key(key)) {
         Some(r) => format!("{key} ({})", r.name),
         None => key.to_string(),
     }
@@ -219,15 +228,10 @@ fn own_key_hint(context: Option<&Context>) -> String {
 }
 
 /// The local operator and the name of `key` in it, if it manages that account.
-fn managing_operator(g: &Globals, key: &str) -> Option<(Operator, String)> {
-    let operator = Operator::load(&operator_home(g)).ok()?;
+fn managing(operator: Option<Operator>, key: &str) -> Option<(Operator, String)> {
+    let operator = operator?;
     let name = operator.account_by_key(key)?.name;
     Some((operator, name))
-}
-
-/// The local operator's name for account `key`, if it has one.
-fn account_name(g: &Globals, key: &str) -> Option<String> {
-    Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_key(key)).map(|r| r.name)
 }
 
 /// `catalog import`: through the owner's per-owner imports (added to the account JWT with
@@ -236,13 +240,16 @@ fn account_name(g: &Globals, key: &str) -> Option<String> {
 /// imports made outside this operator.
 pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: bool, per_catalog: bool) -> Result<()> {
     protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
-    let owner_key = resolve_account(g, owner)?;
+    // Loaded once: with thousands of imports, every load and parse counts.
+    let operator = Operator::load(&operator_home(g)).ok();
+    let owner_key = resolve_in(operator.as_ref(), owner)?;
+    let label = label_in(operator.as_ref(), &owner_key);
+    let owner_name = operator.as_ref().and_then(|op| op.account_by_key(&owner_key)).map(|r| r.name);
     let context = g.load_context()?;
     let my_key = imports::context_account(&context, &g.context)?;
     let route = if per_catalog { ImportRoute::Catalog } else { ImportRoute::Owner };
-    let request =
-        ImportRequest { owner_name: account_name(g, &owner_key), route, ..ImportRequest::new(catalog, &owner_key) };
-    let mut managed = if external { None } else { managing_operator(g, &my_key) };
+    let request = ImportRequest { owner_name, route, ..ImportRequest::new(catalog, &owner_key) };
+    let mut managed = if external { None } else { managing(operator, &my_key) };
     let side = match managed.as_mut() {
         Some((operator, name)) => AccountSide::Managed { operator, account: name.as_str() },
         None if external => AccountSide::External,
@@ -263,25 +270,22 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
             );
         }
     };
-    let (records, applied) = imports::add(&g.home, &g.context, side, std::slice::from_ref(&request)).await?;
-    let context = g.load_context()?;
-    let label = account_label(g, &owner_key);
-    let shown = shown_name(g, &context, &records[0]);
-    match shown.as_str() {
+    let added = imports::add(&g.home, &g.context, side, std::slice::from_ref(&request)).await?;
+    let import = &added.imports[0];
+    match shown_name(g, &added.context, import) {
         name if name == catalog => outln!("imported catalog '{catalog}' from {label}"),
         name => outln!("imported catalog '{catalog}' from {label} as '{name}' (another catalog has that name)"),
     }
-    match (applied, route) {
-        (Applied::Unchanged, _) => {}
+    match (added.applied, route) {
         (Applied::Pushed, ImportRoute::Owner) => {
             outln!("your account now imports from {label}: two imports for all of its catalogs")
         }
-        (Applied::Pushed, ImportRoute::Catalog) => {}
         (Applied::AtNextStart, _) => {
             eprintln!("note: the local server is not running; the import takes effect at `operator up`")
         }
+        _ => {}
     }
-    report_owner_answer(g, &records[0], &my_key).await;
+    report_owner_answer(g, &added.context, import, &label, &my_key).await;
     Ok(())
 }
 
@@ -294,19 +298,14 @@ fn shown_name(g: &Globals, context: &Context, import: &ImportedCatalog) -> Strin
 
 /// Asks the owner's server for the catalog once, and says what it answered: the import is
 /// kept either way (the owner may share or come online later).
-async fn report_owner_answer(g: &Globals, import: &ImportedCatalog, me: &str) {
+async fn report_owner_answer(g: &Globals, context: &Context, import: &ImportedCatalog, owner: &str, me: &str) {
     let catalog = import.catalog.as_str();
     let timeout = g.timeout.min(Duration::from_secs(2));
-    let context = match g.load_context() {
-        Ok(c) => c,
-        Err(e) => return eprintln!("note: cannot check the catalog now: {e:#}"),
-    };
     let nats = match context.connect(timeout).await {
         Ok(n) => n,
         Err(e) => return eprintln!("note: cannot check the catalog now: {e:#}"),
     };
     let options = crate::client::ClientOptions { request_timeout: timeout, ..crate::cli::client_options(g) };
-    let owner = account_label(g, &import.owner);
     let identity = std::sync::Arc::new(crate::identity::Identity::ephemeral());
     let pins = crate::identity::PinStore::in_memory();
     let answer = match crate::client::CatalogClient::for_import(nats, import, options, identity, pins) {
@@ -338,24 +337,26 @@ async fn report_owner_answer(g: &Globals, import: &ImportedCatalog, me: &str) {
 pub async fn catalog_unimport(g: &Globals, name: &str) -> Result<()> {
     let context = g.load_context()?;
     let own = crate::index::catalog_names(&g.home);
-    if context.find_import(&own, name).is_none() {
+    let Some(owner) = context.find_import(&own, name).map(|i| i.owner.clone()) else {
         bail!(
             "context '{}' does not import a catalog '{name}'; `natster-mount catalog ls` lists its imports",
             g.context
         );
-    }
+    };
     let my_key = imports::context_account(&context, &g.context)?;
-    let mut managed = managing_operator(g, &my_key);
+    let operator = Operator::load(&operator_home(g)).ok();
+    let label = label_in(operator.as_ref(), &owner);
+    let mut managed = managing(operator, &my_key);
     let side = match managed.as_mut() {
         Some((operator, account)) => AccountSide::Managed { operator, account: account.as_str() },
         None => AccountSide::External,
     };
     let external = matches!(side, AccountSide::External);
-    let (import, applied) = imports::remove(&g.home, &g.context, side, name)
+    let removed = imports::remove(&g.home, &g.context, side, name)
         .await
         .map_err(|e| e.context("the import is kept; try again when the server runs"))?;
-    let label = account_label(g, &import.owner);
-    let last_of_owner = !g.load_context()?.imports.iter().any(|i| i.owner == import.owner && i.route == import.route);
+    let import = &removed.import;
+    let last_of_owner = !removed.context.imports.iter().any(|i| i.owner == import.owner && i.route == import.route);
     if external && (import.route == ImportRoute::Catalog || last_of_owner) {
         let [service, stream] = match import.route {
             ImportRoute::Owner => accounts::owner_imports(&my_key, &import.owner)?,
@@ -369,11 +370,11 @@ pub async fn catalog_unimport(g: &Globals, name: &str) -> Result<()> {
             stream.subject
         );
     }
-    if applied == Applied::AtNextStart {
+    if removed.applied == Applied::AtNextStart {
         eprintln!("note: the local server is not running; the removal takes effect at `operator up`");
     }
     outln!("catalog '{}' of {label} is no longer imported", import.catalog);
-    if applied == Applied::Pushed && import.route == ImportRoute::Owner {
+    if removed.applied == Applied::Pushed && import.route == ImportRoute::Owner {
         outln!("your account no longer imports from {label} (that was its last catalog you imported)");
     }
     Ok(())

@@ -480,7 +480,7 @@ impl Operator {
             }
             None => Applied::AtNextStart,
         };
-        self.commit_account(pending)?;
+        crate::store::blocking(|| self.commit_account(pending))?;
         Ok(applied)
     }
 
