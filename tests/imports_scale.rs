@@ -21,7 +21,8 @@ use common::*;
 use futures::StreamExt;
 use natster_mount::accounts::jwt::{Export, ExportType, Import};
 use natster_mount::accounts::{
-    catalog_imports, connect, owner_imports, push_account_jwt, Applied, LocalServer, LocalServerOptions, Operator,
+    catalog_imports, connect, lookup_account_jwt, owner_imports, push_account_jwt, Applied, LocalServer,
+    LocalServerOptions, Operator,
 };
 use natster_mount::client::{CatalogClient, ClientError};
 use natster_mount::context::{shown_names, Home, ImportedCatalog};
@@ -45,9 +46,7 @@ async fn request(c: &async_nats::Client, subject: &str) -> Result<String, async_
 
 /// The account JWT the server's resolver holds for `key`.
 async fn server_jwt(sys: &async_nats::Client, key: &str) -> String {
-    let subject = format!("$SYS.REQ.ACCOUNT.{key}.CLAIMS.LOOKUP");
-    let reply = tokio::time::timeout(STEP, sys.request(subject, "".into())).await.expect("lookup in time");
-    String::from_utf8_lossy(&reply.expect("lookup").payload).into_owned()
+    lookup_account_jwt(sys, key).await.expect("lookup")
 }
 
 fn import(name: &str, subject: String, account: &str, local: String, kind: ExportType) -> Import {
@@ -543,4 +542,66 @@ async fn a_refused_push_changes_nothing_and_same_names_both_mount() {
     assert_eq!(server_jwt(&sys, &carol_key).await, local, "the restarted server loaded the local JWT");
     let operator = Operator::load(&Home::at(&op_home)).expect("operator");
     assert_eq!(operator.owner_imports("carol").expect("owners"), vec![alice.key()]);
+}
+
+/// The original's scheme for comparison: per-catalog imports, one push of the whole JWT each,
+/// until the JWT no longer fits in a NATS message. That failed push changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: about 1,600 per-catalog imports, some 20 minutes; run with --ignored --nocapture for its figures"]
+async fn soak_per_catalog_imports_for_comparison() {
+    let operator_dir = operator_dir();
+    let op_home = operator_dir.path().to_path_buf();
+    operator_init(&op_home, free_port());
+    let _up = OperatorUp::start(&op_home);
+    let owner = Person::with_account(&op_home, "owner").await;
+    let carol = Person::with_account(&op_home, "carol").await;
+    let (owner_key, carol_key) = (owner.key(), carol.key());
+    let mut operator = Operator::load(&Home::at(&op_home)).expect("operator");
+    let home = carol.home.home();
+    let context_file = home.context_path("default");
+    let local_jwt = op_home.join("operator/accounts/carol/account.jwt");
+    for n in 1..=2000usize {
+        let request = ImportRequest {
+            route: natster_mount::context::ImportRoute::Catalog,
+            ..ImportRequest::new(&format!("c{n:04}"), &owner_key)
+        };
+        let before = (std::fs::read(&context_file).unwrap(), std::fs::read(&local_jwt).unwrap());
+        let t = Instant::now();
+        let side = AccountSide::Managed { operator: &mut operator, account: "carol" };
+        match imports::add(&home, "default", side, &[request]).await {
+            Ok(_) if [400, 800, 1200, 1600].contains(&n) => eprintln!(
+                "per-catalog import #{n}: {:.0} ms, account JWT {} bytes",
+                t.elapsed().as_secs_f64() * 1000.0,
+                std::fs::metadata(&local_jwt).unwrap().len()
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("per-catalog import #{n} failed after {:.0} ms: {e:#}", t.elapsed().as_secs_f64() * 1000.0);
+                assert!(n > 400, "failed early: {e:#}");
+                let after = (std::fs::read(&context_file).unwrap(), std::fs::read(&local_jwt).unwrap());
+                assert!(after == before, "the failed import changed the context or the local JWT");
+                assert_eq!(carol.context().imports.len(), n - 1);
+                // The server either kept the old JWT or (a push whose answer came too late)
+                // applied the new one after all; then the same import again makes them agree.
+                let sys = connect(&carol.context().server, &operator.system_creds(), STEP).await.expect("sys");
+                let held = wait_for("the server answering a lookup", Duration::from_secs(60), || async {
+                    lookup_account_jwt(&sys, &carol_key).await.ok()
+                })
+                .await;
+                if held.as_bytes() != &before.1[..] {
+                    eprintln!("the server applied the refused push late; importing again");
+                    let side = AccountSide::Managed { operator: &mut operator, account: "carol" };
+                    let request = ImportRequest {
+                        route: natster_mount::context::ImportRoute::Catalog,
+                        ..ImportRequest::new(&format!("c{n:04}"), &owner_key)
+                    };
+                    imports::add(&home, "default", side, &[request]).await.expect("the retry");
+                }
+                let local = std::fs::read_to_string(&local_jwt).unwrap();
+                assert_eq!(server_jwt(&sys, &carol_key).await, local, "the server and the local JWT agree");
+                return;
+            }
+        }
+    }
+    panic!("2,000 per-catalog imports fitted in one JWT: the limit moved");
 }

@@ -73,7 +73,8 @@ pub use imports::{
 pub use local_server::{nats_server_binary, LocalServer, LocalServerOptions};
 use operator::check_account_key;
 pub use operator::{
-    connect, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator, PendingAccount,
+    connect, lookup_account_jwt, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator,
+    PendingAccount,
 };
 
 /// The two exports every Natster account carries.

@@ -473,9 +473,25 @@ impl Operator {
         let sys = connect(url, &self.system_creds(), Duration::from_secs(2)).await.ok();
         let applied = match sys {
             Some(sys) => {
-                push_account_jwt(&sys, &pending.jwt).await.with_context(|| {
-                    format!("cannot update account '{}' on the server at {url}; nothing was changed", pending.name)
-                })?;
+                if let Err(e) = push_account_jwt(&sys, &pending.jwt).await {
+                    // A push whose answer was lost (a timeout) may still have been taken: the
+                    // server's resolver says which JWT it holds.
+                    let held = lookup_account_jwt(&sys, &pending.claims.sub).await.ok();
+                    if held.as_deref() != Some(pending.jwt.as_str()) {
+                        let current = &self.account(&pending.name)?.jwt;
+                        let unsure = if held.as_ref() == Some(current) {
+                            ""
+                        } else {
+                            " here (the server did not say which JWT it holds: should it apply this one late, the \
+                             same command again brings them back in agreement)"
+                        };
+                        return Err(e.context(format!(
+                            "cannot update account '{}' on the server at {url}; nothing was changed{unsure}",
+                            pending.name
+                        )));
+                    }
+                    tracing::info!(account = %pending.name, "the push was not answered, but the server holds the new JWT");
+                }
                 Applied::Pushed
             }
             None => Applied::AtNextStart,
@@ -570,6 +586,25 @@ pub async fn connect(url: &str, creds: &Path, timeout: Duration) -> Result<async
     }
 }
 
+/// The account JWT a full-resolver nats-server holds for `account_key`
+/// (`$SYS.REQ.ACCOUNT.<key>.CLAIMS.LOOKUP`, answered by its resolver), over a system user's
+/// connection, within [`PUSH_TIMEOUT`].
+pub async fn lookup_account_jwt(sys: &async_nats::Client, account_key: &str) -> Result<String> {
+    check_account_key(account_key, "account key")?;
+    let subject = format!("$SYS.REQ.ACCOUNT.{account_key}.CLAIMS.LOOKUP");
+    let request = async_nats::Request::new().timeout(Some(PUSH_TIMEOUT));
+    let reply = match tokio::time::timeout(PUSH_TIMEOUT, sys.send_request(subject, request)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => bail!("looking up account {account_key} on the server failed: {e}"),
+        Err(_) => bail!("looking up account {account_key} on the server timed out after {PUSH_TIMEOUT:?}"),
+    };
+    let text = String::from_utf8_lossy(&reply.payload).trim().to_string();
+    if text.is_empty() {
+        bail!("the server holds no JWT for account {account_key}");
+    }
+    Ok(text)
+}
+
 #[derive(Debug, Deserialize)]
 struct ClaimsUpdateReply {
     #[serde(default)]
@@ -608,8 +643,9 @@ pub async fn push_account_jwt(sys: &async_nats::Client, jwt: &str) -> Result<()>
     if claims.nats.claim_type != jwt::ACCOUNT || !is_account_key(&claims.sub) {
         bail!("refusing to push a JWT that is not an account JWT (type {:?})", claims.nats.claim_type);
     }
-    let request = sys.request(CLAIMS_UPDATE_SUBJECT, jwt.trim().to_string().into());
-    let reply = match tokio::time::timeout(PUSH_TIMEOUT, request).await {
+    // The connection's own request timeout may be shorter: a large JWT takes the server a while.
+    let request = async_nats::Request::new().payload(jwt.trim().to_string().into()).timeout(Some(PUSH_TIMEOUT));
+    let reply = match tokio::time::timeout(PUSH_TIMEOUT, sys.send_request(CLAIMS_UPDATE_SUBJECT, request)).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => bail!(
             "no nats-server answered {CLAIMS_UPDATE_SUBJECT}; the connection must be the system user's and \
