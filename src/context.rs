@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::Route;
+
 /// The state folder.
 #[derive(Debug, Clone)]
 pub struct Home(PathBuf);
@@ -66,6 +68,87 @@ pub struct CredentialsRefused {
 pub struct ImportedCatalog {
     pub catalog: String,
     pub owner: String,
+    /// Which imports of the account reach it. Contexts written before per-owner imports have
+    /// no such field: theirs are the original's per-catalog imports.
+    #[serde(default)]
+    pub route: ImportRoute,
+    /// The owner's account name, when the local operator knew it at import time: a label for
+    /// telling two owners' catalogs of one name apart (`movies@alice`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_name: Option<String>,
+}
+
+/// How an account's imports reach an imported catalog.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportRoute {
+    /// The original's two imports per catalog, on the local subjects `natster.catalog.<C>.>`
+    /// and `natster.media.<C>.*`: one catalog of a name per account.
+    #[default]
+    Catalog,
+    /// Two imports per owner (all of the owner's catalogs, each still gated by the owner's
+    /// share list), on local subjects under `natster.from.<owner>`.
+    Owner,
+}
+
+impl ImportedCatalog {
+    /// An import through the owner's per-owner imports (what `catalog import` makes).
+    pub fn via_owner(catalog: &str, owner: &str) -> Self {
+        ImportedCatalog {
+            catalog: catalog.to_string(),
+            owner: owner.to_string(),
+            route: ImportRoute::Owner,
+            owner_name: None,
+        }
+    }
+
+    /// An import through the original's per-catalog imports.
+    pub fn per_catalog(catalog: &str, owner: &str) -> Self {
+        ImportedCatalog { route: ImportRoute::Catalog, ..Self::via_owner(catalog, owner) }
+    }
+
+    /// The local subjects this import is read through.
+    pub fn route(&self) -> Route {
+        match self.route {
+            ImportRoute::Catalog => Route::Direct,
+            ImportRoute::Owner => Route::Owner(self.owner.clone()),
+        }
+    }
+
+    /// The short label of the owner in a folder name: its account name if known, else the
+    /// first 8 characters of its key.
+    fn owner_label(&self) -> String {
+        match self.owner_name.as_deref() {
+            // A label shaped like an account key could pass for another owner's full key.
+            Some(name) if crate::protocol::validate_catalog_name(name).is_ok() && name.len() != 56 => name.to_string(),
+            _ => self.owner.chars().take(8).collect(),
+        }
+    }
+}
+
+/// The names a context shows its imports under, in the order of `imports` (mount folders,
+/// `catalog ls`, and the NAME that `contents`, `download` and `unimport` take). An import keeps
+/// its catalog's name unless one of `own` catalogs or an earlier import already uses it; then it
+/// becomes `<catalog>@<owner label>` (the owner's account name, else the first 8 characters of
+/// its key), then `<catalog>@<first 8 of the key>`, then `<catalog>@<owner key>`, whichever is
+/// free first. So the first catalog of a name
+/// keeps its name when a second one arrives, and no two names are ever the same: catalog
+/// names hold no `@`, a label is never shaped like a key, and (catalog, owner) is unique.
+pub fn shown_names(own: &[String], imports: &[ImportedCatalog]) -> Vec<String> {
+    let mut taken: std::collections::HashSet<String> = own.iter().cloned().collect();
+    let mut names = Vec::with_capacity(imports.len());
+    for import in imports {
+        let candidates = [
+            import.catalog.clone(),
+            format!("{}@{}", import.catalog, import.owner_label()),
+            format!("{}@{}", import.catalog, import.owner.chars().take(8).collect::<String>()),
+            format!("{}@{}", import.catalog, import.owner),
+        ];
+        let name = candidates.iter().find(|c| !taken.contains(*c)).unwrap_or(&candidates[3]).clone();
+        taken.insert(name.clone());
+        names.push(name);
+    }
+    names
 }
 
 /// One named context, stored as `$NATSTER_HOME/<name>.context` (JSON).
@@ -108,16 +191,27 @@ impl Context {
         })
     }
 
-    /// Writes the context atomically, mode 0600.
+    /// Writes the context atomically and durably, mode 0600.
     pub fn save(&self, home: &Home, name: &str) -> Result<PathBuf> {
         validate_context_name(name)?;
         home.ensure()?;
         let path = home.context_path(name);
-        let mut tmp = tempfile::NamedTempFile::new_in(home.path())?;
-        serde_json::to_writer_pretty(&mut tmp, self)?;
-        set_mode(tmp.path(), 0o600)?;
-        tmp.persist(&path).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::store::write_atomic(&path, &serde_json::to_vec_pretty(self)?, 0o600)?;
         Ok(path)
+    }
+
+    /// The import shown as `name` next to the `own` catalogs (see [`shown_names`]), or written
+    /// `<catalog>@<owner key>`. None for an own catalog or a name this context does not read.
+    pub fn find_import(&self, own: &[String], name: &str) -> Option<&ImportedCatalog> {
+        if own.iter().any(|o| o == name) {
+            return None;
+        }
+        let shown = shown_names(own, &self.imports);
+        if let Some(i) = shown.iter().position(|s| s == name) {
+            return self.imports.get(i);
+        }
+        let (catalog, owner) = name.split_once('@')?;
+        self.imports.iter().find(|i| i.catalog == catalog && i.owner == owner)
     }
 
     /// Connects to NATS with this context's server and credentials.
@@ -174,8 +268,13 @@ impl Context {
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))
             // Reconnect quickly after a server restart or a network blip (the default backoff
-            // grows to seconds): 0.1, 0.2, 0.4 … at most 2 s between attempts.
-            .reconnect_delay_callback(|attempts| Duration::from_millis((100u64 << attempts.min(5)).min(2000)))
+            // grows to seconds): at once, then 0.1, 0.2, 0.4 … at most 2 s between attempts.
+            // async-nats asks this for the very first connection too (attempt 1): it must not
+            // wait there, or every command pays for it.
+            .reconnect_delay_callback(|attempts| match attempts {
+                0 | 1 => Duration::ZERO,
+                n => Duration::from_millis((100u64 << (n - 2).min(5)).min(2000)),
+            })
             // Chunks are published in bursts; a deep client buffer keeps bursts off the
             // slow-consumer path.
             .subscription_capacity(64 * 1024))
@@ -186,5 +285,63 @@ impl Context {
             "cannot connect to NATS at {}; check that the server runs and that the context's server and creds are right",
             self.server
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_catalog_of_a_name_keeps_it_and_names_never_repeat() {
+        let (a, b, c) = (
+            nkeys::KeyPair::new_account().public_key(),
+            nkeys::KeyPair::new_account().public_key(),
+            nkeys::KeyPair::new_account().public_key(),
+        );
+        let named = |catalog: &str, owner: &str, name: Option<&str>| ImportedCatalog {
+            owner_name: name.map(str::to_string),
+            ..ImportedCatalog::via_owner(catalog, owner)
+        };
+        let imports = vec![
+            named("movies", &a, Some("alice")),
+            named("movies", &b, Some("bob")),
+            named("music", &a, Some("alice")),
+            // Same label twice (two operators' "carol"), and one without a name.
+            named("movies", &c, Some("bob")),
+            named("photos", &b, None),
+            named("photos", &c, None),
+        ];
+        let names = shown_names(&["photos".to_string()], &imports);
+        assert_eq!(
+            names,
+            vec![
+                "movies".to_string(),
+                "movies@bob".into(),
+                "music".into(),
+                format!("movies@{}", &c[..8]),
+                format!("photos@{}", &b[..8]),
+                format!("photos@{}", &c[..8]),
+            ]
+        );
+        let context = Context { imports: imports.clone(), ..Context::default() };
+        let own = ["photos".to_string()];
+        assert_eq!(context.find_import(&own, "movies@bob"), Some(&imports[1]));
+        assert_eq!(context.find_import(&own, &format!("movies@{c}")), Some(&imports[3]));
+        assert_eq!(context.find_import(&own, "photos"), None, "own catalog");
+        assert_eq!(context.find_import(&own, "nope"), None);
+        // A key-shaped label falls back to owner8, so a full-key name stays unique.
+        let sneaky = vec![named("m", &a, None), named("m", &b, Some(&a))];
+        assert_eq!(shown_names(&[], &sneaky), vec!["m".to_string(), format!("m@{}", &b[..8])]);
+    }
+
+    #[test]
+    fn contexts_without_a_route_read_per_catalog() {
+        let json = r#"{"server":"nats://h:1","imports":[{"catalog":"c","owner":"AOWNER"}]}"#;
+        let context: Context = serde_json::from_str(json).unwrap();
+        assert_eq!(context.imports[0].route, ImportRoute::Catalog);
+        assert_eq!(context.imports[0].route(), Route::Direct);
+        let written = serde_json::to_string(&ImportedCatalog::via_owner("c", "AOWNER")).unwrap();
+        assert_eq!(written, r#"{"catalog":"c","owner":"AOWNER","route":"owner"}"#);
     }
 }

@@ -244,6 +244,9 @@ fn creds_seed(creds: &str) -> Option<&str> {
     (body.starts_with('S') && !body.starts_with("---")).then_some(body)
 }
 
+/// The file in the home that [`PinStore::in_home`] keeps (not a catalog, though `.json`).
+pub const PINS_FILE: &str = "known_servers.json";
+
 /// Server keys pinned at first contact, per catalog (`known_servers.json` in the home).
 pub struct PinStore {
     file: Option<PathBuf>,
@@ -258,7 +261,7 @@ impl PinStore {
 
     /// Pins kept in `$NATSTER_HOME/known_servers.json`.
     pub fn in_home(home: &Home) -> Arc<PinStore> {
-        let file = home.path().join("known_servers.json");
+        let file = home.path().join(PINS_FILE);
         let pins = match crate::store::load_json::<BTreeMap<String, String>>(&file) {
             Ok(pins) => pins.unwrap_or_default(),
             Err(e) => {

@@ -172,6 +172,9 @@ pub fn catalog_names(home: &Home) -> Vec<String> {
         .flatten()
         .filter_map(|item| {
             let file = item.file_name().to_string_lossy().to_string();
+            if file == crate::identity::PINS_FILE {
+                return None;
+            }
             let stem = file.strip_suffix(".json")?;
             let catalog = !stem.ends_with(".shares") && !NOT_CATALOGS.contains(&stem);
             (catalog && protocol::validate_catalog_name(stem).is_ok()).then(|| stem.to_string())

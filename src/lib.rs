@@ -29,6 +29,7 @@ pub mod crypto;
 pub mod daemon;
 pub mod fs;
 pub mod identity;
+pub mod imports;
 pub mod index;
 pub mod protocol;
 pub mod server;

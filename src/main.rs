@@ -223,9 +223,17 @@ enum CatalogCommand {
         /// Only record it: the imports were added outside this operator (nsc, Synadia Cloud).
         #[arg(long)]
         external: bool,
+        /// The original's two imports for this catalog alone, instead of the owner's two for all
+        /// its catalogs (for an owner that exports only named catalogs, or for the original
+        /// Natster CLI in the same account).
+        #[arg(long)]
+        per_catalog: bool,
     },
     /// Undo `catalog import NAME`: remove the imports from your account and this context.
-    Unimport { name: String },
+    Unimport {
+        /// The name `catalog ls` shows (e.g. `movies`, or `movies@alice` beside another `movies`).
+        name: String,
+    },
     /// List catalogs shared by me and imported by me.
     Ls,
     /// List the files of catalog NAME.
@@ -374,8 +382,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             CatalogCommand::Share { name, account } => sharing::catalog_share(&globals, &name, &account, true),
             CatalogCommand::Unshare { name, account } => sharing::catalog_share(&globals, &name, &account, false),
-            CatalogCommand::Import { name, owner, external } => {
-                runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external))
+            CatalogCommand::Import { name, owner, external, per_catalog } => {
+                runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external, per_catalog))
             }
             CatalogCommand::Unimport { name } => runtime.block_on(sharing::catalog_unimport(&globals, &name)),
             CatalogCommand::Ls => sharing::catalog_ls(&globals),

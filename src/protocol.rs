@@ -84,6 +84,11 @@ pub fn notice_wildcard() -> String {
     format!("natster.media.*.{NOTICE_TOKEN}")
 }
 
+/// Every notice of catalogs imported per owner ([`Route::Owner`]).
+pub fn owner_notice_wildcard() -> String {
+    format!("natster.from.*.media.*.{NOTICE_TOKEN}")
+}
+
 /// A catalog server's notice. It only makes a reader fetch the (signed) listing sooner, so
 /// nothing in it is trusted beyond that.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +98,43 @@ pub struct Notice {
     /// Who may read changed (a share or an unshare): refresh even if the revision did not.
     #[serde(default)]
     pub access: bool,
+}
+
+/// How a reader's account reaches a catalog: which local subjects its requests and media use.
+/// The owner's side is the same either way (`<reader>.natster.catalog.<C>.<op>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The subjects without an owner: the owner's own account, and the original's per-catalog
+    /// imports (`natster.catalog.<C>.<op>`, media `natster.media.<C>.*`). One catalog name
+    /// can be reached this way only once per account.
+    Direct,
+    /// Through the per-owner imports of owner account `O`: `natster.from.<O>.catalog.<C>.<op>`,
+    /// media `natster.from.<O>.media.<C>.*`. Each owner has a namespace of its own, so two
+    /// owners' catalogs of one name never meet.
+    Owner(String),
+}
+
+impl Route {
+    /// Subject of operation `op` on `catalog`.
+    pub fn request_subject(&self, catalog: &str, op: Operation) -> String {
+        match self {
+            Route::Direct => catalog_subject(catalog, op),
+            Route::Owner(owner) => format!("{}.catalog.{catalog}.{}", owner_prefix(owner), op.as_str()),
+        }
+    }
+
+    /// Subject that receives every chunk of `catalog`.
+    pub fn media_wildcard(&self, catalog: &str) -> String {
+        match self {
+            Route::Direct => media_wildcard(catalog),
+            Route::Owner(owner) => format!("{}.media.{catalog}.*", owner_prefix(owner)),
+        }
+    }
+}
+
+/// First tokens of every local subject the per-owner imports of `owner` map to.
+pub fn owner_prefix(owner: &str) -> String {
+    format!("natster.from.{owner}")
 }
 
 /// Subject the server publishes a chunk on: prefixed by the caller's account when the
@@ -364,6 +406,16 @@ mod tests {
         assert_eq!(parse_request_subject("natster.catalog.other.get", "c"), None);
         assert_eq!(parse_request_subject("natster.catalog.c.rm", "c"), None);
         assert_eq!(parse_request_subject("NOTAKEY.natster.catalog.c.get", "c"), None);
+    }
+
+    #[test]
+    fn routes_spell_their_subjects() {
+        let owner = nkeys::KeyPair::new_account().public_key();
+        assert_eq!(Route::Direct.request_subject("c", Operation::Get), "natster.catalog.c.get");
+        assert_eq!(Route::Direct.media_wildcard("c"), "natster.media.c.*");
+        let via = Route::Owner(owner.clone());
+        assert_eq!(via.request_subject("c", Operation::Read), format!("natster.from.{owner}.catalog.c.read"));
+        assert_eq!(via.media_wildcard("c"), format!("natster.from.{owner}.media.c.*"));
     }
 
     #[test]

@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::{self, LocalServer, LocalServerOptions, Operator};
+use crate::accounts::{self, Applied, LocalServer, LocalServerOptions, Operator};
 use crate::cli::{outln, Globals};
 use crate::client::ClientError;
-use crate::context::{Context, Home, ImportedCatalog};
+use crate::context::{Context, Home, ImportRoute, ImportedCatalog};
+use crate::imports::{self, AccountSide, ImportRequest};
 use crate::index::Catalog;
 use crate::protocol;
 use crate::serving::ServeRecord;
@@ -163,14 +164,18 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
 
 /// An account named by public key, or by name among the local operator's accounts.
 fn resolve_account(g: &Globals, who: &str) -> Result<String> {
+    resolve_in(Operator::load(&operator_home(g)).ok().as_ref(), who)
+}
+
+/// [`resolve_account`] with the local operator already loaded (if there is one).
+fn resolve_in(operator: Option<&Operator>, who: &str) -> Result<String> {
     if who.len() == 56 && who.starts_with('A') {
         if protocol::is_account_key(who) {
             return Ok(who.to_string());
         }
         bail!("'{who}' is not a valid account public key (bad checksum); copy it again");
     }
-    let known = Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_name(who));
-    match known {
+    match operator.and_then(|op| op.account_by_name(who)) {
         Some(record) => Ok(record.public_key),
         None => bail!(
             "'{who}' is neither an account public key (56 characters starting with A) nor an account of the local operator"
@@ -179,7 +184,12 @@ fn resolve_account(g: &Globals, who: &str) -> Result<String> {
 }
 
 fn account_label(g: &Globals, key: &str) -> String {
-    match Operator::load(&operator_home(g)).ok().and_then(|op| op.account_by_key(key)) {
+    label_in(Operator::load(&operator_home(g)).ok().as_ref(), key)
+}
+
+/// `KEY (name)` when the local operator knows the account, else `KEY`.
+fn label_in(operator: Option<&Operator>, key: &str) -> String {
+    match operator.and_then(|op| op.account_by_key(key)) {
         Some(r) => format!("{key} ({})", r.name),
         None => key.to_string(),
     }
@@ -217,82 +227,88 @@ fn own_key_hint(context: Option<&Context>) -> String {
     context.and_then(|c| c.account_public_key.clone()).unwrap_or_else(|| "<your account key>".into())
 }
 
-/// The context's account key: recorded by `operator add-account` or `init --creds`, else
-/// read from its creds (contexts written before `init` recorded it).
-fn account_key(g: &Globals, context: &Context) -> Result<String> {
-    if let Some(key) = &context.account_public_key {
-        return Ok(key.clone());
-    }
-    match &context.creds {
-        Some(creds) => accounts::creds_account(creds),
-        None => bail!(
-            "context '{}' names no account; create one with `natster-mount operator add-account NAME`, or bring \
-             your creds with `natster-mount init --server URL --creds FILE`",
-            g.context
-        ),
-    }
-}
-
 /// The local operator and the name of `key` in it, if it manages that account.
-fn managing_operator(g: &Globals, key: &str) -> Option<(Operator, String)> {
-    let operator = Operator::load(&operator_home(g)).ok()?;
+fn managing(operator: Option<Operator>, key: &str) -> Option<(Operator, String)> {
+    let operator = operator?;
     let name = operator.account_by_key(key)?.name;
     Some((operator, name))
 }
 
-pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: bool) -> Result<()> {
+/// `catalog import`: through the owner's per-owner imports (added to the account JWT with
+/// the owner's first catalog), or with `per_catalog` the original's two imports per catalog.
+/// The account side is made server first (see [`crate::imports`]); `external` only records
+/// imports made outside this operator.
+pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: bool, per_catalog: bool) -> Result<()> {
     protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
-    let owner_key = resolve_account(g, owner)?;
-    let mut context = g.load_context()?;
-    let my_key = account_key(g, &context)?;
-    if owner_key == my_key {
-        bail!("catalog '{catalog}' is your own; it needs no import");
-    }
-    if context.imports.iter().any(|i| i.catalog == catalog && i.owner == owner_key) {
-        bail!("catalog '{catalog}' of {} is already imported", account_label(g, &owner_key));
-    }
-    if context.imports.iter().any(|i| i.catalog == catalog) || Catalog::file_path(&g.home, catalog).exists() {
-        bail!("you already have a catalog named '{catalog}' (own or imported); its subjects would clash");
-    }
-    let record = ImportedCatalog { catalog: catalog.to_string(), owner: owner_key.clone() };
-    if !external {
-        let Some((mut operator, my_name)) = managing_operator(g, &my_key) else {
+    // Loaded once: with thousands of imports, every load and parse counts.
+    let operator = Operator::load(&operator_home(g)).ok();
+    let owner_key = resolve_in(operator.as_ref(), owner)?;
+    let label = label_in(operator.as_ref(), &owner_key);
+    let owner_name = operator.as_ref().and_then(|op| op.account_by_key(&owner_key)).map(|r| r.name);
+    let context = g.load_context()?;
+    let my_key = imports::context_account(&context, &g.context)?;
+    let route = if per_catalog { ImportRoute::Catalog } else { ImportRoute::Owner };
+    let request = ImportRequest { owner_name, route, ..ImportRequest::new(catalog, &owner_key) };
+    let mut managed = if external { None } else { managing(operator, &my_key) };
+    let side = match managed.as_mut() {
+        Some((operator, name)) => AccountSide::Managed { operator, account: name.as_str() },
+        None if external => AccountSide::External,
+        None => {
             let name = context.account_name.clone().unwrap_or_else(|| my_key.clone());
-            for line in accounts::nsc_import_commands(&name, &my_key, catalog, &owner_key)? {
+            let lines = match route {
+                ImportRoute::Owner => accounts::nsc_owner_import_commands(&name, &my_key, &owner_key)?,
+                ImportRoute::Catalog => accounts::nsc_import_commands(&name, &my_key, catalog, &owner_key)?,
+            };
+            for line in lines {
                 outln!("{line}");
             }
+            let once = if per_catalog { "" } else { " (once per owner: skip them if you import from it already)" };
+            let flag = if per_catalog { " --per-catalog" } else { "" };
             bail!(
-                "account {my_key} is not managed by this machine's operator: add the two imports above with nsc \
-                 (or in Synadia Cloud), then run `natster-mount catalog import {catalog} {owner_key} --external`"
+                "account {my_key} is not managed by this machine's operator: add the two imports above{once} with \
+                 nsc (or in Synadia Cloud), then run `natster-mount catalog import {catalog} {owner_key}{flag} --external`"
             );
-        };
-        operator.add_catalog_import(&my_name, catalog, &owner_key)?;
-        match system_connection(&operator, &context.server).await {
-            Some(sys) => operator.push_account(&sys, &my_name).await?,
-            None => eprintln!("note: the local server is not running; the import takes effect at `operator up`"),
         }
+    };
+    let added = imports::add(&g.home, &g.context, side, std::slice::from_ref(&request)).await?;
+    let import = &added.imports[0];
+    match shown_name(g, &added.context, import) {
+        name if name == catalog => outln!("imported catalog '{catalog}' from {label}"),
+        name => outln!("imported catalog '{catalog}' from {label} as '{name}' (another catalog has that name)"),
     }
-    if context.account_public_key.is_none() {
-        context.account_public_key = Some(my_key.clone());
+    match (added.applied, route) {
+        (Applied::Pushed, ImportRoute::Owner) => {
+            outln!("your account now imports from {label}: two imports for all of its catalogs")
+        }
+        (Applied::AtNextStart, _) => {
+            eprintln!("note: the local server is not running; the import takes effect at `operator up`")
+        }
+        _ => {}
     }
-    context.imports.push(record);
-    context.save(&g.home, &g.context)?;
-    outln!("imported catalog '{catalog}' from {}", account_label(g, &owner_key));
-    report_owner_answer(g, &context, catalog, &owner_key, &my_key).await;
+    report_owner_answer(g, &added.context, import, &label, &my_key).await;
     Ok(())
+}
+
+/// The name the context shows `import` under.
+fn shown_name(g: &Globals, context: &Context, import: &ImportedCatalog) -> String {
+    let own = crate::index::catalog_names(&g.home);
+    let names = crate::context::shown_names(&own, &context.imports);
+    context.imports.iter().position(|i| i == import).and_then(|i| names.get(i).cloned()).unwrap_or_default()
 }
 
 /// Asks the owner's server for the catalog once, and says what it answered: the import is
 /// kept either way (the owner may share or come online later).
-async fn report_owner_answer(g: &Globals, context: &Context, catalog: &str, owner: &str, me: &str) {
+async fn report_owner_answer(g: &Globals, context: &Context, import: &ImportedCatalog, owner: &str, me: &str) {
+    let catalog = import.catalog.as_str();
     let timeout = g.timeout.min(Duration::from_secs(2));
     let nats = match context.connect(timeout).await {
         Ok(n) => n,
         Err(e) => return eprintln!("note: cannot check the catalog now: {e:#}"),
     };
     let options = crate::client::ClientOptions { request_timeout: timeout, ..crate::cli::client_options(g) };
-    let owner = account_label(g, owner);
-    let answer = match crate::client::CatalogClient::new(nats, catalog, options) {
+    let identity = std::sync::Arc::new(crate::identity::Identity::ephemeral());
+    let pins = crate::identity::PinStore::in_memory();
+    let answer = match crate::client::CatalogClient::for_import(nats, import, options, identity, pins) {
         Ok(client) => client.get().await,
         Err(e) => Err(e),
     };
@@ -316,51 +332,51 @@ async fn report_owner_answer(g: &Globals, context: &Context, catalog: &str, owne
     }
 }
 
-/// `catalog unimport`: removes the two imports from the account JWT (pushed to the running
-/// local server; put back if the push fails), then drops the import from the context.
-pub async fn catalog_unimport(g: &Globals, catalog: &str) -> Result<()> {
-    protocol::validate_catalog_name(catalog).map_err(anyhow::Error::msg)?;
-    let mut context = g.load_context()?;
-    let Some(position) = context.imports.iter().position(|i| i.catalog == catalog) else {
+/// `catalog unimport NAME`: the account side first (server first; the owner's imports go
+/// with its last catalog), then the context.
+pub async fn catalog_unimport(g: &Globals, name: &str) -> Result<()> {
+    let context = g.load_context()?;
+    let own = crate::index::catalog_names(&g.home);
+    let Some(owner) = context.find_import(&own, name).map(|i| i.owner.clone()) else {
         bail!(
-            "context '{}' does not import a catalog '{catalog}'; `natster-mount catalog ls` lists its imports",
+            "context '{}' does not import a catalog '{name}'; `natster-mount catalog ls` lists its imports",
             g.context
         );
     };
-    let import = context.imports[position].clone();
-    let my_key = account_key(g, &context)?;
-    let mut nsc_hint = None;
-    match managing_operator(g, &my_key) {
-        Some((mut operator, my_name)) => {
-            let in_jwt = operator.catalog_imports(&my_name)?.contains(&import);
-            if in_jwt {
-                operator.remove_catalog_import(&my_name, catalog, &import.owner)?;
-                if let Some(sys) = system_connection(&operator, &context.server).await {
-                    if let Err(e) = operator.push_account(&sys, &my_name).await {
-                        operator.add_catalog_import(&my_name, catalog, &import.owner)?;
-                        return Err(e.context("the import is kept; try again when the server runs"));
-                    }
-                } else {
-                    eprintln!("note: the local server is not running; the removal takes effect at `operator up`");
-                }
-            }
-        }
-        None => {
-            let [service, stream] = accounts::catalog_imports(&my_key, catalog, &import.owner)?;
-            let account = context.account_name.clone().unwrap_or_else(|| my_key.clone());
-            nsc_hint = Some(format!(
-                "remove the imports from account {account} with nsc (or in Synadia Cloud): `nsc delete import \
-                 --account {account} --subject '{}'` and the same for '{}'",
-                service.subject, stream.subject
-            ));
-        }
+    let my_key = imports::context_account(&context, &g.context)?;
+    let operator = Operator::load(&operator_home(g)).ok();
+    let label = label_in(operator.as_ref(), &owner);
+    let mut managed = managing(operator, &my_key);
+    let side = match managed.as_mut() {
+        Some((operator, account)) => AccountSide::Managed { operator, account: account.as_str() },
+        None => AccountSide::External,
+    };
+    let external = matches!(side, AccountSide::External);
+    let removed = imports::remove(&g.home, &g.context, side, name)
+        .await
+        .map_err(|e| e.context("the import is kept; try again when the server runs"))?;
+    let import = &removed.import;
+    let last_of_owner = !removed.context.imports.iter().any(|i| i.owner == import.owner && i.route == import.route);
+    if external && (import.route == ImportRoute::Catalog || last_of_owner) {
+        let [service, stream] = match import.route {
+            ImportRoute::Owner => accounts::owner_imports(&my_key, &import.owner)?,
+            ImportRoute::Catalog => accounts::catalog_imports(&my_key, &import.catalog, &import.owner)?,
+        };
+        let account = context.account_name.clone().unwrap_or_else(|| my_key.clone());
+        outln!(
+            "remove the imports from account {account} with nsc (or in Synadia Cloud): `nsc delete import \
+             --account {account} --subject '{}'` and the same for '{}'",
+            service.subject,
+            stream.subject
+        );
     }
-    context.imports.remove(position);
-    context.save(&g.home, &g.context)?;
-    if let Some(hint) = nsc_hint {
-        outln!("{hint}");
+    if removed.applied == Applied::AtNextStart {
+        eprintln!("note: the local server is not running; the removal takes effect at `operator up`");
     }
-    outln!("catalog '{catalog}' of {} is no longer imported", account_label(g, &import.owner));
+    outln!("catalog '{}' of {label} is no longer imported", import.catalog);
+    if removed.applied == Applied::Pushed && import.route == ImportRoute::Owner {
+        outln!("your account no longer imports from {label} (that was its last catalog you imported)");
+    }
     Ok(())
 }
 
@@ -387,6 +403,14 @@ pub async fn whoami(g: &Globals) -> Result<()> {
 
 pub fn catalog_ls(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
+    // One operator load for every label (thousands of imports).
+    let names: std::collections::HashMap<String, String> = Operator::load(&operator_home(g))
+        .map(|op| op.accounts().into_iter().map(|r| (r.public_key, r.name)).collect())
+        .unwrap_or_default();
+    let label = |key: &str| match names.get(key) {
+        Some(name) => format!("{key} ({name})"),
+        None => key.to_string(),
+    };
     outln!("shared by me:");
     let own = crate::index::catalog_names(&g.home);
     if own.is_empty() {
@@ -402,15 +426,17 @@ pub fn catalog_ls(g: &Globals) -> Result<()> {
             outln!("  {catalog}: only you");
         }
         for key in &list.accounts {
-            outln!("  {catalog}: {}", account_label(g, key));
+            outln!("  {catalog}: {}", label(key));
         }
     }
     outln!("imported (shared with me):");
     if context.imports.is_empty() {
         outln!("  (none; import one with `natster-mount catalog import NAME OWNER`)");
     }
-    for import in &context.imports {
-        outln!("  {} from {}", import.catalog, account_label(g, &import.owner));
+    let shown = crate::context::shown_names(&own, &context.imports);
+    for (import, name) in context.imports.iter().zip(&shown) {
+        let per_catalog = if import.route == ImportRoute::Catalog { " (per-catalog import)" } else { "" };
+        outln!("  {name} from {}{per_catalog}", label(&import.owner));
     }
     Ok(())
 }

@@ -27,6 +27,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Runs file work `f` from async code without stalling the runtime: on a multi-threaded
+/// runtime the worker hands its other tasks off first (`block_in_place`); elsewhere (no runtime,
+/// or a current-thread one, where nothing else could run meanwhile) it simply runs. For work
+/// that borrows from the caller, where `spawn_blocking` cannot be used.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Reads and parses a JSON file; `Ok(None)` if it does not exist.
 pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {

@@ -436,7 +436,7 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(loaded.accounts(), op.accounts());
     assert_eq!(
         loaded.catalog_imports("bob").expect("imports"),
-        vec![ImportedCatalog { catalog: "c".into(), owner: alice.public_key.clone() }]
+        vec![ImportedCatalog::per_catalog("c", &alice.public_key)]
     );
     assert_eq!(loaded.account_jwt("bob").expect("jwt"), jwt);
 

@@ -18,6 +18,7 @@ use natster_mount::accounts::{self, jwt, Operator};
 use natster_mount::client::ClientError;
 use natster_mount::context::Home;
 use natster_mount::fs::mount::is_mounted;
+use natster_mount::protocol::Operation;
 
 /// An operator-mode server with accounts alice and bob; alice serves `media` (not shared).
 struct World {
@@ -72,6 +73,15 @@ async fn plain(files: &[(&str, Vec<u8>)], serve_args: &[&str]) -> Plain {
     Plain { served: Some(served), home, tree, nats }
 }
 
+/// The kind of error a bare request to `subject` ends with (None: it was answered).
+async fn raw_request_kind(nats: &async_nats::Client, subject: &str) -> Option<async_nats::RequestErrorKind> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, nats.request(subject.to_string(), "".into())).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.kind()),
+        Err(_) => Some(async_nats::RequestErrorKind::TimedOut),
+    }
+}
+
 fn assert_one_line(out: &RunOutput, what: &str) {
     assert_eq!(out.stderr_lines().len(), 1, "{what}: one line on stderr, got:\n{}", out.stderr);
 }
@@ -86,16 +96,25 @@ fn partials(dir: &Path) -> Vec<String> {
     file_names(dir).into_iter().filter(|n| n.starts_with(".natster-download-")).collect()
 }
 
-/// Item 1 (its cheap part): `catalog new` refuses a name this context already imports, as
-/// `catalog import` refuses a name it owns.
+/// Item 1 (its cheap part): `catalog new` refuses a name this context imports per catalog (the
+/// original's unaliased subjects would clash), as `catalog import --per-catalog` refuses a name
+/// it owns; an import through its owner's imports clashes with nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn catalog_new_refuses_a_name_already_imported() {
+async fn catalog_new_refuses_a_name_already_imported_per_catalog() {
     let w = world().await;
     w.bob.run(&["catalog", "import", "media", "alice"]).await.assert_success("import");
     let dir = tempfile::tempdir().unwrap();
     write_file(dir.path(), "mine.txt", b"bob's own\n");
+    let own = w.bob.run(&["catalog", "new", "media", dir.path().to_str().unwrap()]).await;
+    own.assert_success("an own catalog beside one imported through its owner");
+    let ls = w.bob.run(&["catalog", "ls"]).await;
+    assert!(ls.stdout.contains(&format!("media@alice from {} (alice)", w.alice.key())), "{}", ls.stdout);
+    std::fs::remove_file(w.bob.home.path().join("media.json")).unwrap();
+    w.bob.run(&["catalog", "unimport", "media"]).await.assert_success("unimport");
+
+    w.bob.run(&["catalog", "import", "media", "alice", "--per-catalog"]).await.assert_success("import per catalog");
     let new = w.bob.run(&["catalog", "new", "media", dir.path().to_str().unwrap()]).await;
-    new.assert_failure("catalog new of an imported name");
+    new.assert_failure("catalog new of a name imported per catalog");
     let expected = format!(
         "catalog media is already imported from {}; pick another name or `natster-mount catalog unimport media` first",
         w.alice.key()
@@ -126,8 +145,9 @@ async fn bring_your_own_creds_imports_with_external() {
     refused.assert_failure("import into an unmanaged account");
     assert!(refused.stdout.contains("nsc add import") && refused.stderr.contains("--external"), "{refused:?}");
     // The imports are added outside natster-mount (here: the operator's library, as nsc would).
+    assert!(refused.stdout.contains(&format!("--remote-subject '{bob_key}.natster.catalog.>'")), "{refused:?}");
     let mut op = Operator::load(&Home::at(w.operator.path())).expect("operator");
-    op.add_catalog_import("bob", "media", &alice_key).expect("add import");
+    op.add_owner_import("bob", &alice_key).expect("add import");
     let sys = accounts::connect(&w.url(), &op.system_creds(), Duration::from_secs(5)).await.expect("system user");
     op.push_account(&sys, "bob").await.expect("push bob");
     w.alice.run(&["catalog", "share", "media", &bob_key]).await.assert_success("share");
@@ -482,8 +502,9 @@ async fn import_reports_the_owner_answer_and_unimport_undoes_it() {
     assert_eq!(w.bob.context().imports.len(), 2, "both imports are kept");
 
     w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
-    let bob = w.bob.plain_client("media").await;
+    let bob = w.bob.client("media").await;
     assert!(bob.get().await.is_ok(), "bob reads after the share");
+    let owner_route = w.bob.context().imports[0].route();
 
     let undo = w.bob.run(&["catalog", "unimport", "media"]).await;
     undo.assert_success("unimport");
@@ -491,15 +512,24 @@ async fn import_reports_the_owner_answer_and_unimport_undoes_it() {
     let context = w.bob.context();
     assert_eq!(context.imports.len(), 1);
     assert_eq!(context.imports[0].catalog, "nosuch");
+    // The owner's imports stay while another of its catalogs is imported.
     let op = Operator::load(&Home::at(w.operator.path())).unwrap();
-    let in_jwt: Vec<String> = op.catalog_imports("bob").unwrap().into_iter().map(|i| i.catalog).collect();
-    assert_eq!(in_jwt, vec!["nosuch".to_string()]);
-    // The server applied the new JWT: bob's next request finds no import.
-    let after = w.bob.plain_client("media").await.get().await;
-    assert!(matches!(after, Err(ClientError::NoResponders(_))), "{after:?}");
+    assert_eq!(op.owner_imports("bob").unwrap(), vec![w.alice.key()]);
+    let after = w.bob.client("media").await.get().await;
+    assert!(matches!(after, Err(ClientError::NoResponders(_))), "no longer read: {after:?}");
     let twice = w.bob.run(&["catalog", "unimport", "media"]).await;
     twice.assert_failure("unimport twice");
     assert_one_line(&twice, "unimport twice");
+
+    // The owner's last catalog takes its imports along; the server applied the new JWT.
+    let last = w.bob.run(&["catalog", "unimport", "nosuch"]).await;
+    last.assert_success("unimport the last");
+    assert!(last.stdout.contains("no longer imports from"), "{}", last.stdout);
+    let op = Operator::load(&Home::at(w.operator.path())).unwrap();
+    assert!(op.owner_imports("bob").unwrap().is_empty());
+    let bob_nats = w.bob.nats().await;
+    let gone = raw_request_kind(&bob_nats, &owner_route.request_subject("media", Operation::Get)).await;
+    assert_eq!(gone, Some(async_nats::RequestErrorKind::NoResponders), "the owner's import is gone");
     // With the import gone, the name is free for bob's own catalog.
     w.bob.run(&["catalog", "new", "media", w.tree.path().to_str().unwrap()]).await.assert_success("own media");
     drop(w.up);

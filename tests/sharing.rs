@@ -13,7 +13,9 @@ use common::operator::*;
 use common::*;
 use futures::StreamExt;
 use natster_mount::client::{CatalogClient, ClientError};
+use natster_mount::context::ImportedCatalog;
 use natster_mount::identity::{Identity, PinStore};
+use natster_mount::protocol::Operation;
 
 struct World {
     up: OperatorUp,
@@ -99,43 +101,62 @@ async fn share_import_read_refuse_and_unshare() {
         m.stop();
     }
 
-    // Eve imports without a share: get, open and read are refused, and no media reaches her.
+    // Eve imports without a share: her per-owner import reaches alice's server, whose share
+    // list refuses get, open, read and download; no media reaches her on any route.
     w.eve.run(&["catalog", "import", "media", &alice_key]).await.assert_success("eve import");
     let eve_nats = w.eve.nats().await;
     let mut eve_media = eve_nats.subscribe("natster.media.>").await.unwrap();
+    let mut eve_owner_media = eve_nats.subscribe("natster.from.*.media.>").await.unwrap();
     eve_nats.flush().await.unwrap();
-    let eve = CatalogClient::new(eve_nats.clone(), "media", test_options()).unwrap();
+    let eve_import = w.eve.context().imports[0].clone();
+    assert_eq!(
+        eve_import,
+        ImportedCatalog { owner_name: Some("alice".into()), ..ImportedCatalog::via_owner("media", &alice_key) },
+        "through alice's per-owner imports"
+    );
+    let eve = CatalogClient::for_import(
+        eve_nats.clone(),
+        &eve_import,
+        test_options(),
+        std::sync::Arc::new(Identity::ephemeral()),
+        PinStore::in_memory(),
+    )
+    .unwrap();
     assert!(matches!(eve.get().await, Err(ClientError::Refused { code: 403, .. })));
     let hash = sha256_hex(&std::fs::read(w.tree.path().join("films/clip.bin")).unwrap());
     let open = eve.open(&hash, None).await;
     assert!(matches!(open, Err(ClientError::Refused { code: 403, .. })), "{:?}", open.err());
+    let route = eve_import.route();
     let read = raw_request(
         &eve_nats,
-        "natster.catalog.media.read",
+        &route.request_subject("media", Operation::Read),
         format!(r#"{{"session":"{}","first_chunk":0,"count":4}}"#, "0".repeat(32)),
     )
     .await;
     assert_eq!(code(&read), 403);
     let v1 = raw_request(
         &eve_nats,
-        "natster.catalog.media.download",
+        &route.request_subject("media", Operation::Download),
         format!(r#"{{"hash":"{hash}","target_xkey":"{}"}}"#, nkeys::XKey::new().public_key()),
     )
     .await;
     assert_eq!(code(&v1), 403);
     // Absence of media can only be checked by waiting a bounded moment.
-    let stray = tokio::time::timeout(Duration::from_millis(500), eve_media.next()).await;
-    assert!(stray.is_err(), "media reached eve: {:?}", stray.ok().flatten().map(|m| m.subject));
+    let stray = tokio::time::timeout(
+        Duration::from_millis(500),
+        futures::future::select(eve_media.next(), eve_owner_media.next()),
+    )
+    .await;
+    assert!(stray.is_err(), "media reached eve");
 
     // A reader on bob's connection signing as eve does not pass for bob: the server checks the
     // signed identity against the account nats-server put in the subject.
     let eve_creds = w.eve.context().creds.expect("eve's creds");
     let eve_identity = std::sync::Arc::new(Identity::from_creds_file(&eve_creds).expect("eve identity"));
     let alice_key = w.alice.key();
-    let posing = CatalogClient::for_owner(
+    let posing = CatalogClient::for_import(
         w.bob.nats().await,
-        "media",
-        Some(&alice_key),
+        &ImportedCatalog::via_owner("media", &alice_key),
         test_options(),
         eve_identity,
         PinStore::in_memory(),

@@ -1,6 +1,6 @@
 //! A self-hosted NATS operator: the operator, system account and per-person accounts with
 //! their nkeys, JWTs and creds files, kept under `$NATSTER_HOME/operator/`; the Natster
-//! exports and per-catalog imports in account JWTs; a `nats-server` configuration for operator
+//! exports and the per-owner and per-catalog imports in account JWTs; a `nats-server` configuration for operator
 //! mode with a full resolver; pushing updated account JWTs to a running server; and a local
 //! `nats-server` child process.
 //!
@@ -16,8 +16,9 @@
 //! The account JWT on disk is the source of truth for an account's imports.
 //!
 //! Parts: `jwt` (claims, signing, verifying), `operator` (the operator and its accounts on
-//! disk, pushing JWTs), `local_server` (the nats-server child); here: the Natster exports and
-//! imports, `nsc` hints, creds files and the private-file helpers they share.
+//! disk, pushing JWTs server first), `imports` (the Natster imports, per owner and per
+//! catalog, and their `nsc` lines), `local_server` (the nats-server child); here: the Natster
+//! exports, creds files and the private-file helpers they share.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -31,7 +32,7 @@ use serde::Deserialize;
 use crate::context::{set_mode, Home, ImportedCatalog};
 use crate::protocol::{is_account_key, validate_catalog_name};
 
-use self::jwt::{AccountLimits, AccountNats, Claims, Export, ExportType, Import, OperatorNats, UserNats};
+use self::jwt::{AccountLimits, AccountNats, Claims, Export, ExportType, OperatorNats, UserNats};
 
 /// Name of the service export every Natster account carries.
 pub const CATALOG_EXPORT_NAME: &str = "natster_catalog";
@@ -60,26 +61,21 @@ const ACCOUNT_JWT: &str = "account.jwt";
 const USER_CREDS: &str = "user.creds";
 const OPERATOR_NAME: &str = "natster";
 
+mod imports;
 pub mod jwt;
 mod local_server;
 
 mod operator;
 
+pub use imports::{
+    catalog_imports, imported_catalog, imported_owner, nsc_import_commands, nsc_owner_import_commands, owner_imports,
+};
 pub use local_server::{nats_server_binary, LocalServer, LocalServerOptions};
 use operator::check_account_key;
-pub use operator::{connect, push_account_jwt, validate_account_name, AccountRecord, Operator};
-
-/// The catalog a Natster import of account `importer_key` is for, recognised by its remote
-/// subject (`<ME>.natster.catalog.<C>.>` for the service, `<ME>.natster.media.<C>.*` for the
-/// stream) rather than by its name, which `nsc` users choose freely.
-fn imported_catalog<'a>(import: &'a Import, importer_key: &str) -> Option<&'a str> {
-    let rest = import.subject.strip_prefix(importer_key)?.strip_prefix('.')?;
-    let catalog = match import.kind {
-        ExportType::Service => rest.strip_prefix("natster.catalog.")?.strip_suffix(".>")?,
-        ExportType::Stream => rest.strip_prefix("natster.media.")?.strip_suffix(".*")?,
-    };
-    validate_catalog_name(catalog).is_ok().then_some(catalog)
-}
+pub use operator::{
+    connect, lookup_account_jwt, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator,
+    PendingAccount,
+};
 
 /// The two exports every Natster account carries.
 pub fn natster_exports() -> Vec<Export> {
@@ -99,64 +95,7 @@ pub fn natster_exports() -> Vec<Export> {
     ]
 }
 
-/// The two imports that let account `importer_key` read catalog `catalog` of `owner_key`:
-/// service `natster_<C>` and stream `natster_<C>_media`.
-pub fn catalog_imports(importer_key: &str, catalog: &str, owner_key: &str) -> Result<[Import; 2]> {
-    validate_catalog_name(catalog).map_err(|e| anyhow!(e))?;
-    check_account_key(importer_key, "importing account key")?;
-    check_account_key(owner_key, "owner account key")?;
-    Ok([
-        Import {
-            name: format!("natster_{catalog}"),
-            subject: format!("{importer_key}.natster.catalog.{catalog}.>"),
-            account: owner_key.to_string(),
-            local_subject: Some(format!("natster.catalog.{catalog}.>")),
-            to: None,
-            kind: ExportType::Service,
-        },
-        Import {
-            name: format!("natster_{catalog}_media"),
-            subject: format!("{importer_key}.natster.media.{catalog}.*"),
-            account: owner_key.to_string(),
-            local_subject: Some(format!("natster.media.{catalog}.*")),
-            to: None,
-            kind: ExportType::Stream,
-        },
-    ])
-}
-
-/// For an account this operator does not manage (an `nsc` operator's): the two
-/// `nsc add import` command lines that add the imports of catalog `catalog` from `owner_key`.
-pub fn nsc_import_commands(
-    account_name: &str,
-    account_key: &str,
-    catalog: &str,
-    owner_key: &str,
-) -> Result<Vec<String>> {
-    if owner_key == account_key {
-        bail!("account {account_key} owns catalog '{catalog}': it needs no import");
-    }
-    let imports = catalog_imports(account_key, catalog, owner_key)?;
-    Ok(imports
-        .iter()
-        .map(|i| {
-            let mut line = format!(
-                "nsc add import --account {} --name {} --src-account {} --remote-subject {} --local-subject {}",
-                sh_quote(account_name),
-                sh_quote(&i.name),
-                i.account,
-                sh_quote(&i.subject),
-                sh_quote(i.local_subject.as_deref().unwrap_or(&i.subject)),
-            );
-            if i.kind == ExportType::Service {
-                line.push_str(" --service");
-            }
-            line
-        })
-        .collect())
-}
-
-fn sh_quote(s: &str) -> String {
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -1,6 +1,10 @@
 //! The operator itself: its keys and JWTs on disk, the accounts it manages (create, load,
 //! re-sign with imports), the nats-server configuration for them, and pushing an account JWT
 //! to a running server's full resolver.
+//!
+//! Account changes that must agree with a running server go server first:
+//! [`Operator::prepare_account`] signs, the push must succeed, and only then
+//! [`Operator::commit_account`] writes the JWT ([`Operator::apply_account`] does all three).
 
 use super::*;
 
@@ -25,6 +29,35 @@ impl AccountState {
     fn record(&self) -> AccountRecord {
         AccountRecord { name: self.name.clone(), public_key: self.key.public_key(), creds: self.dir.join(USER_CREDS) }
     }
+}
+
+/// A signed account JWT not stored yet (see [`Operator::prepare_account`]).
+#[derive(Debug, Clone)]
+pub struct PendingAccount {
+    name: String,
+    claims: Claims<AccountNats>,
+    jwt: String,
+}
+
+impl PendingAccount {
+    pub fn jwt(&self) -> &str {
+        &self.jwt
+    }
+
+    pub fn claims(&self) -> &Claims<AccountNats> {
+        &self.claims
+    }
+}
+
+/// Where an account change took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing needed to change.
+    Unchanged,
+    /// The running server took it, then it was stored.
+    Pushed,
+    /// No server was running: stored, and loaded at `operator up`.
+    AtNextStart,
 }
 
 /// The operator and every account it manages. Holds seeds: its `Debug` shows public keys only.
@@ -316,9 +349,7 @@ impl Operator {
             .imports
             .iter()
             .filter(|i| i.kind == ExportType::Service)
-            .filter_map(|i| {
-                imported_catalog(i, &me).map(|c| ImportedCatalog { catalog: c.to_string(), owner: i.account.clone() })
-            })
+            .filter_map(|i| imported_catalog(i, &me).map(|c| ImportedCatalog::per_catalog(c, &i.account)))
             .collect())
     }
 
@@ -359,6 +390,22 @@ impl Operator {
         self.store_account_claims(importer, claims)
     }
 
+    /// Adds to `importer`'s account JWT the two per-owner imports of `owner_key` (see
+    /// `accounts::imports`), stores and returns the re-signed JWT without pushing it (as `nsc`
+    /// would; [`Operator::apply_account`] is the server-first way). Nothing changes on error.
+    pub fn add_owner_import(&mut self, importer: &str, owner_key: &str) -> Result<String> {
+        let account = self.account(importer)?;
+        let me = account.key.public_key();
+        let mut claims = account.claims.clone();
+        for import in owner_imports(&me, owner_key)? {
+            if claims.nats.imports.iter().any(|i| i.kind == import.kind && imported_owner(i, &me) == Some(owner_key)) {
+                bail!("account '{importer}' already imports from {owner_key}");
+            }
+            claims.nats.imports.push(import);
+        }
+        self.store_account_claims(importer, claims)
+    }
+
     /// Removes the two imports of catalog `catalog` from `owner_key` from `importer`'s account
     /// JWT, stores and returns the re-signed JWT. Nothing changes on error.
     pub fn remove_catalog_import(&mut self, importer: &str, catalog: &str, owner_key: &str) -> Result<String> {
@@ -375,13 +422,82 @@ impl Operator {
         self.store_account_claims(importer, claims)
     }
 
-    fn store_account_claims(&mut self, name: &str, mut claims: Claims<AccountNats>) -> Result<String> {
-        let token = self.sign_account(&mut claims)?;
-        let account = self.accounts.get_mut(name).ok_or_else(|| anyhow!("no account '{name}'"))?;
-        write_public(&account.dir.join(ACCOUNT_JWT), token.as_bytes())?;
+    fn store_account_claims(&mut self, name: &str, claims: Claims<AccountNats>) -> Result<String> {
+        let pending = self.prepare_account(name, claims)?;
+        self.commit_account(pending)
+    }
+
+    /// Owners whose per-owner imports (both of them) account `name`'s JWT holds.
+    pub fn owner_imports(&self, name: &str) -> Result<Vec<String>> {
+        let account = self.account(name)?;
+        let me = account.key.public_key();
+        let imports = &account.claims.nats.imports;
+        let has = |owner: &str, kind: ExportType| {
+            imports.iter().any(|i| i.kind == kind && imported_owner(i, &me) == Some(owner))
+        };
+        let mut owners: Vec<String> = Vec::new();
+        for owner in imports.iter().filter(|i| i.kind == ExportType::Service).filter_map(|i| imported_owner(i, &me)) {
+            if has(owner, ExportType::Stream) && !owners.iter().any(|o| o == owner) {
+                owners.push(owner.to_string());
+            }
+        }
+        Ok(owners)
+    }
+
+    /// Signs new claims for account `name` without storing them: push the result, then
+    /// [`Operator::commit_account`] it (or let [`Operator::apply_account`] do both).
+    pub fn prepare_account(&self, name: &str, mut claims: Claims<AccountNats>) -> Result<PendingAccount> {
+        let account = self.account(name)?;
+        if claims.sub != account.key.public_key() {
+            bail!("these claims are for account {}, not for '{name}' ({})", claims.sub, account.key.public_key());
+        }
+        let jwt = self.sign_account(&mut claims)?;
+        Ok(PendingAccount { name: name.to_string(), claims, jwt })
+    }
+
+    /// Stores a prepared account JWT as the account's current one, and returns it.
+    pub fn commit_account(&mut self, pending: PendingAccount) -> Result<String> {
+        let PendingAccount { name, claims, jwt } = pending;
+        let account = self.accounts.get_mut(&name).ok_or_else(|| anyhow!("no account '{name}'"))?;
+        write_public(&account.dir.join(ACCOUNT_JWT), jwt.as_bytes())?;
         account.claims = claims;
-        account.jwt = token.clone();
-        Ok(token)
+        account.jwt = jwt.clone();
+        Ok(jwt)
+    }
+
+    /// Makes a prepared change, server first: pushes it to the server at `url` and stores it
+    /// only once the server has taken it, so a refused or failed push changes nothing. A
+    /// server that is not running (no connection) cannot disagree: the change is stored and
+    /// the server loads it at its next start (its resolver preload).
+    pub async fn apply_account(&mut self, url: &str, pending: PendingAccount) -> Result<Applied> {
+        let sys = connect(url, &self.system_creds(), Duration::from_secs(2)).await.ok();
+        let applied = match sys {
+            Some(sys) => {
+                if let Err(e) = push_account_jwt(&sys, &pending.jwt).await {
+                    // A push whose answer was lost (a timeout) may still have been taken: the
+                    // server's resolver says which JWT it holds.
+                    let held = lookup_account_jwt(&sys, &pending.claims.sub).await.ok();
+                    if held.as_deref() != Some(pending.jwt.as_str()) {
+                        let current = &self.account(&pending.name)?.jwt;
+                        let unsure = if held.as_ref() == Some(current) {
+                            ""
+                        } else {
+                            " here (the server did not say which JWT it holds: should it apply this one late, the \
+                             same command again brings them back in agreement)"
+                        };
+                        return Err(e.context(format!(
+                            "cannot update account '{}' on the server at {url}; nothing was changed{unsure}",
+                            pending.name
+                        )));
+                    }
+                    tracing::info!(account = %pending.name, "the push was not answered, but the server holds the new JWT");
+                }
+                Applied::Pushed
+            }
+            None => Applied::AtNextStart,
+        };
+        crate::store::blocking(|| self.commit_account(pending))?;
+        Ok(applied)
     }
 
     /// A nats-server configuration for this operator: loopback `port`, operator mode, full
@@ -470,6 +586,25 @@ pub async fn connect(url: &str, creds: &Path, timeout: Duration) -> Result<async
     }
 }
 
+/// The account JWT a full-resolver nats-server holds for `account_key`
+/// (`$SYS.REQ.ACCOUNT.<key>.CLAIMS.LOOKUP`, answered by its resolver), over a system user's
+/// connection, within [`PUSH_TIMEOUT`].
+pub async fn lookup_account_jwt(sys: &async_nats::Client, account_key: &str) -> Result<String> {
+    check_account_key(account_key, "account key")?;
+    let subject = format!("$SYS.REQ.ACCOUNT.{account_key}.CLAIMS.LOOKUP");
+    let request = async_nats::Request::new().timeout(Some(PUSH_TIMEOUT));
+    let reply = match tokio::time::timeout(PUSH_TIMEOUT, sys.send_request(subject, request)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => bail!("looking up account {account_key} on the server failed: {e}"),
+        Err(_) => bail!("looking up account {account_key} on the server timed out after {PUSH_TIMEOUT:?}"),
+    };
+    let text = String::from_utf8_lossy(&reply.payload).trim().to_string();
+    if text.is_empty() {
+        bail!("the server holds no JWT for account {account_key}");
+    }
+    Ok(text)
+}
+
 #[derive(Debug, Deserialize)]
 struct ClaimsUpdateReply {
     #[serde(default)]
@@ -508,8 +643,9 @@ pub async fn push_account_jwt(sys: &async_nats::Client, jwt: &str) -> Result<()>
     if claims.nats.claim_type != jwt::ACCOUNT || !is_account_key(&claims.sub) {
         bail!("refusing to push a JWT that is not an account JWT (type {:?})", claims.nats.claim_type);
     }
-    let request = sys.request(CLAIMS_UPDATE_SUBJECT, jwt.trim().to_string().into());
-    let reply = match tokio::time::timeout(PUSH_TIMEOUT, request).await {
+    // The connection's own request timeout may be shorter: a large JWT takes the server a while.
+    let request = async_nats::Request::new().payload(jwt.trim().to_string().into()).timeout(Some(PUSH_TIMEOUT));
+    let reply = match tokio::time::timeout(PUSH_TIMEOUT, sys.send_request(CLAIMS_UPDATE_SUBJECT, request)).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => bail!(
             "no nats-server answered {CLAIMS_UPDATE_SUBJECT}; the connection must be the system user's and \

@@ -141,8 +141,11 @@ fn bar(total: u64, what: &str) -> ProgressBar {
 
 pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>, force: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
-    // A name means one catalog: an imported one keeps its name (its subjects would clash).
-    if let Some(import) = g.load_context().ok().and_then(|c| c.imports.into_iter().find(|i| i.catalog == name)) {
+    // A per-catalog import uses the unaliased subjects an own catalog of that name would
+    // answer on; imports through their owner (`natster.from.<owner>…`) never clash.
+    let per_catalog =
+        |i: &crate::context::ImportedCatalog| i.catalog == name && i.route == crate::context::ImportRoute::Catalog;
+    if let Some(import) = g.load_context().ok().and_then(|c| c.imports.into_iter().find(per_catalog)) {
         bail!(
             "catalog {name} is already imported from {}; pick another name or `natster-mount catalog unimport {name}` first",
             import.owner

@@ -5,7 +5,10 @@
 //! - `v1`: the original's whole-file `download`, to read original peers.
 //! - `download`: `catalog download` to a file, verified before it appears.
 //!
-//! One NATS subscription per catalog (`natster.media.<catalog>.*`) receives every chunk; a
+//! Requests and media travel on the subjects of the catalog's [`protocol::Route`]: `natster.catalog.<C>.*`
+//! for own catalogs and per-catalog imports, `natster.from.<owner>.catalog.<C>.*` through the
+//! owner's per-owner imports (so two owners' catalogs of one name are two clients apart).
+//! One NATS subscription per catalog (the route's media wildcard) receives every chunk; a
 //! dispatcher routes each to the file session (or v1 download) named by the subject's last
 //! token. Every request is bounded by `request_timeout`; a read re-requests chunks that do not
 //! arrive within `chunk_timeout`, reopens a session the server forgot, and gives up after
@@ -140,6 +143,8 @@ enum Route {
 struct ClientInner {
     nats: async_nats::Client,
     catalog: String,
+    /// Which local subjects reach the catalog.
+    route: protocol::Route,
     options: ClientOptions,
     routes: Mutex<HashMap<String, Route>>,
     dispatcher: tokio::sync::OnceCell<tokio::task::JoinHandle<()>>,
@@ -214,13 +219,27 @@ impl CatalogClient {
         options: ClientOptions,
     ) -> anyhow::Result<Self> {
         let identity = Arc::new(Identity::load(home, context)?);
-        let owner = context
-            .imports
-            .iter()
-            .find(|i| i.catalog == catalog)
-            .map(|i| i.owner.as_str())
-            .or(context.account_public_key.as_deref());
-        Ok(Self::for_owner(nats, catalog, owner, options, identity, PinStore::in_home(home))?)
+        let own = crate::index::catalog_names(home);
+        let pins = PinStore::in_home(home);
+        match context.find_import(&own, catalog) {
+            Some(import) => Ok(Self::for_import(nats, import, options, identity, pins)?),
+            None => {
+                let owner = context.account_public_key.as_deref();
+                Ok(Self::for_owner(nats, catalog, owner, options, identity, pins)?)
+            }
+        }
+    }
+
+    /// A client for an imported catalog: on its import's route, trusting only its owner.
+    pub fn for_import(
+        nats: async_nats::Client,
+        import: &crate::context::ImportedCatalog,
+        options: ClientOptions,
+        identity: Arc<Identity>,
+        pins: Arc<PinStore>,
+    ) -> Result<Self> {
+        let trust = Trust::account(&import.owner, &import.catalog, pins);
+        Self::trusting_via(nats, &import.catalog, import.route(), options, identity, trust)
     }
 
     /// A client for `catalog` of account `owner` (None: no accounts, pin the server key).
@@ -240,7 +259,7 @@ impl CatalogClient {
     }
 
     /// A client that signs its requests as `identity` and accepts only servers `trust` vouches
-    /// for.
+    /// for, on the subjects without an owner ([`protocol::Route::Direct`]).
     pub fn trusting(
         nats: async_nats::Client,
         catalog: &str,
@@ -248,11 +267,29 @@ impl CatalogClient {
         identity: Arc<Identity>,
         trust: Trust,
     ) -> Result<Self> {
+        Self::trusting_via(nats, catalog, protocol::Route::Direct, options, identity, trust)
+    }
+
+    /// Like [`CatalogClient::trusting`], on the subjects of `route`.
+    pub fn trusting_via(
+        nats: async_nats::Client,
+        catalog: &str,
+        route: protocol::Route,
+        options: ClientOptions,
+        identity: Arc<Identity>,
+        trust: Trust,
+    ) -> Result<Self> {
         protocol::validate_catalog_name(catalog).map_err(ClientError::Io)?;
+        if let protocol::Route::Owner(owner) = &route {
+            if !protocol::is_account_key(owner) {
+                return Err(ClientError::Io(format!("'{owner}' is not an account public key")));
+            }
+        }
         Ok(CatalogClient {
             inner: Arc::new(ClientInner {
                 nats,
                 catalog: catalog.to_string(),
+                route,
                 options,
                 routes: Mutex::new(HashMap::new()),
                 dispatcher: tokio::sync::OnceCell::new(),
@@ -316,7 +353,7 @@ impl ClientInner {
     /// One request/reply exchange; a success reply keeps its `data` as the exact bytes sent,
     /// for the signature check.
     async fn request_reply<Req: Serialize>(&self, op: Operation, body: &Req) -> Result<Reply> {
-        let subject = protocol::catalog_subject(&self.catalog, op);
+        let subject = self.route.request_subject(&self.catalog, op);
         let payload = serde_json::to_vec(body).map_err(|e| ClientError::Io(e.to_string()))?;
         let request = self.nats.request(subject, payload.into());
         let msg = match tokio::time::timeout(self.options.request_timeout, request).await {
@@ -356,7 +393,7 @@ impl ClientInner {
         let weak = Arc::downgrade(self);
         self.dispatcher
             .get_or_try_init(|| async {
-                let subject = protocol::media_wildcard(&self.catalog);
+                let subject = self.route.media_wildcard(&self.catalog);
                 let mut sub = self.nats.subscribe(subject).await.map_err(|e| ClientError::Nats(e.to_string()))?;
                 Ok(tokio::spawn(async move {
                     while let Some(msg) = sub.next().await {

@@ -247,25 +247,18 @@ pub struct Planned {
 }
 
 /// The catalogs this context can read: its own (every catalog file in the home) and its
-/// imports. A name used by two owners becomes `<catalog>@<owner8>` for the imported ones.
+/// imports, each under the name [`crate::context::shown_names`] gives it (a name already
+/// taken becomes `<catalog>@<owner label>`; the first catalog of a name keeps it).
 /// Reads only the home's file names: cheap enough to run at every change of the home.
 pub fn plan_catalogs(home: &Home, context: &Context) -> Vec<Planned> {
     let own = crate::index::catalog_names(home);
-    let mut counts: HashMap<&str, usize> = HashMap::new();
-    for name in own.iter().map(String::as_str).chain(context.imports.iter().map(|i| i.catalog.as_str())) {
-        *counts.entry(name).or_default() += 1;
-    }
+    let shown = crate::context::shown_names(&own, &context.imports);
     let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
     let mut planned: Vec<Planned> = own
         .iter()
         .map(|name| Planned { dir_name: name.clone(), name: name.clone(), owner: me.clone(), own: true })
         .collect();
-    for import in &context.imports {
-        let dir_name = if counts.get(import.catalog.as_str()).copied().unwrap_or(0) > 1 {
-            format!("{}@{}", import.catalog, import.owner.chars().take(8).collect::<String>())
-        } else {
-            import.catalog.clone()
-        };
+    for (import, dir_name) in context.imports.iter().zip(shown) {
         planned.push(Planned { dir_name, name: import.catalog.clone(), owner: import.owner.clone(), own: false });
     }
     planned
@@ -333,7 +326,12 @@ pub fn gather(
                     None
                 }
             };
-            let src = source(&p.name, Some(&p.owner))?;
+            let Some(import) = context.imports.iter().find(|i| i.catalog == p.name && i.owner == p.owner) else {
+                continue;
+            };
+            let client =
+                CatalogClient::for_import(nats.clone(), import, options.client.clone(), identity.clone(), pins.clone())?;
+            let src: Arc<dyn super::ChunkSource> = Arc::new(RemoteSource::new(client, v1_max));
             let mounted = MountedCatalog::new(p.dir_name, p.name, p.owner, src);
             gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
         }
@@ -858,11 +856,12 @@ struct HeartbeatBody {
     revision: serde_json::Value,
 }
 
-/// Catalogs named `name` whose shown revision is not `revision` (all of them if `force`).
-fn due(fs: &NatsterFs, name: &str, revision: &str, force: bool) -> Vec<usize> {
+/// Catalogs named `name` (of `owner`, when known) whose shown revision is not `revision`
+/// (all of them if `force`).
+fn due(fs: &NatsterFs, name: &str, owner: Option<&str>, revision: &str, force: bool) -> Vec<usize> {
     fs.catalogs()
         .into_iter()
-        .filter(|(_, c)| c.name == name && (force || c.revision() != revision))
+        .filter(|(_, c)| c.name == name && owner.is_none_or(|o| c.owner == o) && (force || c.revision() != revision))
         .map(|(i, _)| i)
         .collect()
 }
@@ -883,6 +882,14 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!("no change notices ({e}); relying on the {ttl:?} poll");
+            None
+        }
+    };
+    // Notices of catalogs imported per owner arrive as `natster.from.<owner>.media.<C>.notice`.
+    let mut owner_notices = match nats.subscribe(protocol::owner_notice_wildcard()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("no change notices of per-owner imports ({e}); relying on the {ttl:?} poll");
             None
         }
     };
@@ -910,7 +917,7 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
                             serde_json::Value::String(s) => s.clone(),
                             other => other.to_string(),
                         };
-                        due(&fs, &beat.catalog, &revision, false)
+                        due(&fs, &beat.catalog, None, &revision, false)
                     }
                     Err(_) => Vec::new(),
                 }
@@ -922,7 +929,20 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
                 // The subject's catalog token is what the import routes: the body must agree.
                 let named = msg.subject.split('.').nth(2);
                 match notice {
-                    Some(n) if named == Some(n.catalog.as_str()) => due(&fs, &n.catalog, &n.revision, n.access),
+                    Some(n) if named == Some(n.catalog.as_str()) => due(&fs, &n.catalog, None, &n.revision, n.access),
+                    _ => Vec::new(),
+                }
+            }
+            Some(msg) = next_message(&mut owner_notices) => {
+                let notice = (msg.payload.len() <= protocol::MAX_NOTICE_BYTES)
+                    .then(|| serde_json::from_slice::<protocol::Notice>(&msg.payload).ok())
+                    .flatten();
+                // The owner and catalog tokens are what the per-owner import routes.
+                let tokens: Vec<&str> = msg.subject.split('.').collect();
+                match (notice, tokens.get(2), tokens.get(4)) {
+                    (Some(n), Some(owner), Some(named)) if *named == n.catalog => {
+                        due(&fs, &n.catalog, Some(owner), &n.revision, n.access)
+                    }
                     _ => Vec::new(),
                 }
             }
