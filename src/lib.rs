@@ -20,6 +20,7 @@ pub mod client;
 pub mod context;
 pub mod crypto;
 pub mod fs;
+pub mod global;
 pub mod identity;
 pub mod index;
 pub mod protocol;
