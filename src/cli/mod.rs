@@ -62,6 +62,8 @@ macro_rules! outln {
 pub(crate) use outln;
 
 mod download;
+pub mod inbox;
+pub mod network;
 mod parse;
 
 pub use download::catalog_download;
