@@ -1,5 +1,6 @@
 //! Mount lifecycle: check the mountpoint, gather the catalogs this context can read, mount,
-//! keep listings fresh (TTL poll and the catalog servers' heartbeats), unmount cleanly on
+//! keep listings fresh (TTL poll, and heartbeats: the account's own catalog servers', and the
+//! global service's re-broadcast of its imports' owners'), unmount cleanly on
 //! SIGINT/SIGTERM, and `umount`.
 //!
 //! Invariants:
@@ -22,13 +23,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::fuse::FuseAdapter;
+use super::presence;
 use super::{FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
 use crate::client::{CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
+use crate::global::client::GlobalClient;
 use crate::identity::{Identity, PinStore};
 use crate::index::Catalog;
 use crate::protocol::CatalogSummary;
-use crate::server::HEARTBEAT_SUBJECT;
 
 /// Longest the mount waits for first listings before it appears.
 pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1000);
@@ -233,7 +235,8 @@ pub fn run(
     eprintln!("mounted {} catalog(s) on {}", fs.catalogs.len(), mountpoint.display());
 
     let invalidator = runtime.spawn(forward_invalidations(invalidated, notifier));
-    let fresh = runtime.spawn(keep_fresh(refresher, nats.clone(), options.listing_ttl));
+    let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
+    let fresh = runtime.spawn(keep_fresh(refresher, nats.clone(), options.listing_ttl, me));
     let signalled = runtime.block_on(async {
         tokio::select! {
             _ = crate::cli::shutdown_signal() => { tracing::info!("signal received; unmounting"); true }
@@ -356,46 +359,59 @@ impl Refresher {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct HeartbeatBody {
-    catalog: String,
-    #[serde(default)]
-    revision: serde_json::Value,
-}
-
-/// Polls every TTL and reacts at once to a heartbeat announcing a new revision.
-async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Duration) {
+/// Polls every TTL, reacts at once to a heartbeat announcing a new revision, and keeps each
+/// catalog's presence (see `super::presence`).
+async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, ttl: Duration, me: String) {
     let fs = refresher.fs.clone();
-    let mut beats = match nats.subscribe(HEARTBEAT_SUBJECT).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("no heartbeats ({e}); relying on the {ttl:?} poll");
-            None
+    let mut subscriptions = Vec::new();
+    for subject in presence::SUBJECTS {
+        match nats.subscribe(subject).await {
+            Ok(s) => subscriptions.push(s),
+            Err(e) => tracing::warn!("no heartbeats on {subject} ({e}); relying on the {ttl:?} poll"),
         }
-    };
+    }
+    let mut beats = futures::stream::select_all(subscriptions);
+    let global = GlobalClient::new(nats.clone(), presence::SHARES_TIMEOUT);
+    tokio::spawn(presence_from_shares(fs.clone(), global.clone()));
     let mut tick = tokio::time::interval(ttl);
     tick.tick().await;
     loop {
-        let due: Vec<usize> = tokio::select! {
-            _ = tick.tick() => (0..fs.catalogs.len()).collect(),
-            Some(msg) = async { match beats.as_mut() { Some(b) => b.next().await, None => std::future::pending().await } } => {
-                match serde_json::from_slice::<HeartbeatBody>(&msg.payload) {
-                    Ok(beat) => {
-                        let revision = match &beat.revision {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        fs.catalogs.iter().enumerate()
-                            .filter(|(_, c)| c.name == beat.catalog && c.revision() != revision)
-                            .map(|(i, _)| i).collect()
+        tokio::select! {
+            _ = tick.tick() => {
+                for i in 0..fs.catalogs.len() {
+                    refresher.spawn_refresh(i);
+                }
+                tokio::spawn(presence_from_shares(fs.clone(), global.clone()));
+            }
+            Some(msg) = beats.next() => {
+                let Some(beat) = presence::parse(msg.subject.as_str(), &msg.payload) else { continue };
+                for (i, catalog) in fs.catalogs.iter().enumerate() {
+                    if !beat.is_about(&catalog.name, &catalog.owner, &me) {
+                        continue;
                     }
-                    Err(_) => Vec::new(),
+                    let before = catalog.presence();
+                    catalog.set_presence(beat.presence());
+                    if beat.needs_refresh(&catalog.revision(), &before) {
+                        refresher.spawn_refresh(i);
+                    }
                 }
             }
-        };
-        for i in due {
-            refresher.spawn_refresh(i);
         }
+    }
+}
+
+/// Presence of every catalog from the global service's `my.shares` (nothing changes when it
+/// does not answer).
+async fn presence_from_shares(fs: Arc<NatsterFs>, global: GlobalClient) {
+    match global.my_shares().await {
+        Ok(shares) => {
+            for catalog in &fs.catalogs {
+                if let Some(p) = presence::from_shares(&shares, &catalog.name, &catalog.owner) {
+                    catalog.set_presence(p);
+                }
+            }
+        }
+        Err(e) => tracing::debug!("no presence from the global service: {e}"),
     }
 }
 
