@@ -181,8 +181,10 @@ pub async fn bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> R
     };
     match js.create_key_value(config).await {
         Ok(store) => Ok(store),
-        // Another instance created it at the same moment.
-        Err(_) => js.get_key_value(name).await.map_err(|e| Error::Store(format!("cannot open bucket {name}: {e}"))),
+        // Another instance may have created it at the same moment.
+        Err(created) => {
+            js.get_key_value(name).await.map_err(|_| Error::Store(format!("cannot create bucket {name}: {created}")))
+        }
     }
 }
 

@@ -86,7 +86,7 @@ impl Default for ServerOptions {
             max_sessions: 512,
             session_idle: Duration::from_secs(600),
             allow_all: false,
-            heartbeat: Duration::from_secs(2),
+            heartbeat: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(30),
             max_v1_transfers: 4,
             max_v1_waiting: 64,
