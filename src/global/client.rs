@@ -48,6 +48,9 @@ impl GlobalClient {
         let request = self.nats.request(subject.to_string(), body);
         let reply = match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(reply)) => reply,
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                return Err(CallError::Unavailable("no responders".into()))
+            }
             Ok(Err(e)) => return Err(CallError::Unavailable(e.to_string())),
             Err(_) => return Err(CallError::Unavailable(format!("no answer within {:?}", self.timeout))),
         };
