@@ -186,9 +186,7 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
     outln!("account '{name}' {}", record.public_key);
     outln!("creds {} (mode 0600)", record.creds.display());
     outln!("context '{}' written to {}", g.context, path.display());
-    if sys.is_some() {
-        crate::cli::network::account_added(g, &operator, &context, name).await;
-    }
+    crate::cli::network::account_added(g, &operator, &context, name, sys.is_none()).await;
     Ok(())
 }
 

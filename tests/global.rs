@@ -4,7 +4,7 @@
 //! a mount that follows the owner's re-index within 2 s, projections that survive restarts and
 //! are rebuilt from the log by a second instance with empty KV, forged events and one-time
 //! codes, the original's envelopes (tests/vectors/global.json), and everything still working
-//! with no global service at all.
+//! with no global service at all (what happened meanwhile reaching it once it runs).
 //!
 //! Each test builds its own network; presence runs on a 3 s TTL and 1 s heartbeats so the
 //! deadlines stay short. Deadlines promised by the product (2 s, 5 s) are tested with slack.
@@ -710,4 +710,18 @@ async fn without_a_global_service_everything_but_the_inbox_works() {
         m.stop();
     }
     assert!(net.up.output().contains("nats-server v"), "operator up says its version:\n{}", net.up.output());
+
+    // What happened meanwhile was kept: once a global service runs, alice's next command sends
+    // her share with eve, and eve's inbox (which first sends her own kept natster_initialized)
+    // shows it.
+    let eve = Person::with_account(&net.op, "eve").await;
+    alice.run(&["catalog", "share", "media", "eve"]).await.assert_success("share with eve");
+    let _instance = GlobalServe::start(&net.op, &[]);
+    let ls = alice.run(&["catalog", "ls"]).await;
+    assert!(ls.stderr_lines().is_empty(), "{}", ls.stderr);
+    let inbox = eve.run(&["catalog", "inbox"]).await;
+    inbox.assert_success("eve's inbox");
+    assert!(inbox.stdout.contains(&format!("natster-mount catalog import media {}", alice.key())), "{}", inbox.stdout);
+    let who = global(&eve).await.whoami().await.expect("whoami");
+    assert!(who.is_some_and(|w| w.initialized > 0), "eve's kept natster_initialized was sent");
 }

@@ -19,6 +19,7 @@ use crate::global::wire::Share;
 pub async fn pending(g: &Globals, context: &Context) -> Result<Vec<Share>, CallError> {
     let Some(me) = context.account_public_key.clone() else { return Ok(Vec::new()) };
     let client = global_client(g, context).await.ok_or_else(|| CallError::Unavailable("cannot reach NATS".into()))?;
+    crate::cli::network::flush(g, &client).await;
     let shares = client.my_shares().await?;
     Ok(shares
         .into_iter()
@@ -74,6 +75,7 @@ pub async fn catalog_ls(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
     let Some(me) = context.account_public_key.clone() else { return Ok(()) };
     let Some(client) = global_client(g, &context).await else { return Ok(()) };
+    crate::cli::network::flush(g, &client).await;
     let shares = match client.my_shares().await {
         Ok(s) => s,
         Err(e) => {

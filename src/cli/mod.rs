@@ -64,6 +64,7 @@ pub(crate) use outln;
 mod download;
 pub mod inbox;
 pub mod network;
+mod outbox;
 mod parse;
 
 pub use download::catalog_download;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use crate::accounts::{self, Operator, ServerVersion, HUB_CATALOG};
+use crate::cli::outbox::Outbox;
 use crate::cli::Globals;
 use crate::context::{Context, Home, ImportedCatalog};
 use crate::global::client::{unavailable_line, CallError, GlobalClient};
@@ -61,28 +62,74 @@ pub async fn global_client(g: &Globals, context: &Context) -> Option<GlobalClien
     }
 }
 
-/// Logs an event as this context's account; a failure is the one line, never an error.
-pub async fn emit(g: &Globals, context: &Context, event_type: &str, target: &str, catalog: &str) {
+fn event(event_type: &str, target: &str, catalog: &str) -> wire::EventPut {
+    wire::EventPut { catalog: catalog.into(), target: target.into(), event_type: event_type.into(), data: None }
+}
+
+/// Logs `events` as the account of `context` (named `name` in `home`), after any it kept
+/// from before; what the global service does not take is kept in the context's outbox, and
+/// said in the one line (unless `quiet` and NATS itself is unreachable), never an error.
+pub async fn emit_as(
+    g: &Globals,
+    (home, name): (&Home, &str),
+    context: &Context,
+    events: Vec<wire::EventPut>,
+    quiet: bool,
+) {
     if context.account_public_key.is_none() && context.creds.is_none() {
         return; // no accounts: no network
     }
-    let Some(client) = global_client(g, context).await else { return };
-    if let Err(e) = client.put_event(event_type, target, catalog).await {
+    let outbox = Outbox::of(home, name);
+    let client = match context.connect(global_timeout(g)).await {
+        Ok(nats) => GlobalClient::new(nats, global_timeout(g)),
+        Err(e) => {
+            if !quiet {
+                warn_unavailable(&CallError::Unavailable(format!("{e:#}")));
+            }
+            for e in events {
+                outbox.keep(e);
+            }
+            return;
+        }
+    };
+    let mut events = events.into_iter();
+    let first = events.next();
+    let mut delivered = outbox.deliver(&client, first).await;
+    for e in events {
+        delivered = match delivered {
+            Ok(()) => outbox.deliver(&client, Some(e)).await,
+            Err(err) => {
+                outbox.keep(e);
+                Err(err)
+            }
+        };
+    }
+    if let Err(e) = delivered {
         warn_unavailable(&e);
     }
 }
 
+/// Sends what this context kept from an earlier outage (before an inbox call, say).
+pub async fn flush(g: &Globals, client: &GlobalClient) {
+    if let Err(e) = Outbox::of(&g.home, &g.context).deliver(client, None).await {
+        tracing::debug!("kept events not sent yet: {e}");
+    }
+}
+
+async fn emit(g: &Globals, event_type: &str, target: &str, catalog: &str) {
+    let Ok(context) = g.load_context() else { return };
+    emit_as(g, (&g.home, &g.context), &context, vec![event(event_type, target, catalog)], false).await;
+}
+
 /// After `catalog share|unshare`.
 pub async fn shared(g: &Globals, catalog: &str, target: &str, share: bool) {
-    let Ok(context) = g.load_context() else { return };
     let kind = if share { wire::CATALOG_SHARED } else { wire::CATALOG_UNSHARED };
-    emit(g, &context, kind, target, catalog).await;
+    emit(g, kind, target, catalog).await;
 }
 
 /// After `catalog import`.
 pub async fn imported(g: &Globals, catalog: &str, owner: &str) {
-    let Ok(context) = g.load_context() else { return };
-    emit(g, &context, wire::CATALOG_IMPORTED, owner, catalog).await;
+    emit(g, wire::CATALOG_IMPORTED, owner, catalog).await;
 }
 
 /// Oldest nats-server `operator up` runs: operator mode with a full resolver and JetStream.
@@ -194,6 +241,11 @@ impl Network {
                 match client.stats().await {
                     Ok(_) => {
                         outln!("global service running in account {} {global}", accounts::GLOBAL_ACCOUNT_NAME);
+                        // The hub's shares with accounts added while no global service ran.
+                        let outbox = Outbox::of(&hub_home, crate::context::DEFAULT_CONTEXT);
+                        if let Err(e) = outbox.deliver(&client, None).await {
+                            tracing::debug!("the hub's kept events wait: {e}");
+                        }
                         break;
                     }
                     Err(e) if tokio::time::Instant::now() >= deadline => {
@@ -254,30 +306,32 @@ pub fn add_hub(operator: &mut Operator, name: &str, key: &str) -> Result<Option<
 }
 
 /// The events of a new account: initialized, the hub's share (sent as the hub) and its import.
-pub async fn account_added(g: &Globals, operator: &Operator, context: &Context, name: &str) {
+/// Kept as the hub's until `operator up` sends them. `quiet`: the server is known to be down
+/// (the caller said so already).
+pub async fn account_added(g: &Globals, operator: &Operator, context: &Context, name: &str, quiet: bool) {
     let Some(key) = context.account_public_key.clone() else { return };
-    let Some(client) = global_client(g, context).await else { return };
-    let init = wire::EventPut {
+    let mut events = vec![wire::EventPut {
         catalog: wire::NONE.into(),
         target: wire::NONE.into(),
         event_type: wire::NATSTER_INITIALIZED.into(),
         data: Some(serde_json::json!({ "account_id": key, "account_name": name, "account_key": key })),
-    };
-    if let Err(e) = client.put(&init).await {
-        return warn_unavailable(&e);
-    }
-    let Some(hub) = operator.hub_account() else { return };
-    let hub_context = Context {
-        server: context.server.clone(),
-        creds: Some(hub.creds.clone()),
-        account_public_key: Some(hub.public_key.clone()),
-        ..Context::default()
-    };
-    emit(g, &hub_context, wire::CATALOG_SHARED, &key, HUB_CATALOG).await;
-    if context.imports.iter().any(|i| i.catalog == HUB_CATALOG) {
-        if let Err(e) = client.put_event(wire::CATALOG_IMPORTED, &hub.public_key, HUB_CATALOG).await {
-            warn_unavailable(&e);
+    }];
+    let hub = operator.hub_account().zip(operator.hub_home());
+    if let Some((hub, _)) = &hub {
+        if context.imports.iter().any(|i| i.catalog == HUB_CATALOG && i.owner == hub.public_key) {
+            events.push(event(wire::CATALOG_IMPORTED, &hub.public_key, HUB_CATALOG));
         }
+    }
+    emit_as(g, (&g.home, &g.context), context, events, quiet).await;
+    if let Some((hub, hub_home)) = hub {
+        let hub_context = Context {
+            server: context.server.clone(),
+            creds: Some(hub.creds.clone()),
+            account_public_key: Some(hub.public_key.clone()),
+            ..Context::default()
+        };
+        let share = event(wire::CATALOG_SHARED, &key, HUB_CATALOG);
+        emit_as(g, (&hub_home, crate::context::DEFAULT_CONTEXT), &hub_context, vec![share], true).await;
     }
 }
 
