@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from nothing: a local NATS operator and an
-# operator-mode nats-server, two people (alice and bob), alice serving examples/media and
-# sharing it with bob, bob importing it and mounting it at ./mnt; then ls -lR and the video's
-# duration read through the mount, a wait for Ctrl-C (on a terminal), and a clean teardown.
+# operator-mode nats-server with the global service and the hub catalog, two people (alice and
+# bob), alice serving examples/media and sharing it with bob, bob finding the share in his
+# inbox, importing everything pending and mounting it at ./mnt (alice's catalog and the hub);
+# then ls -lR, presence on the catalog folder and the video's duration read through the mount,
+# a wait for Ctrl-C (on a terminal), and a clean teardown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -36,6 +38,8 @@ pids+=($!)
 port=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["port"])' "$work/operator/operator/local-server.json")
 for _ in $(seq 200); do grep -q "Ctrl-C to stop" "$work/operator-up.log" && break; sleep 0.05; done
 grep -q "Ctrl-C to stop" "$work/operator-up.log" || { cat "$work/operator-up.log"; exit 1; }
+say "natster-mount operator up &"
+grep -E "^(nats-server v|hub catalog|global service running)" "$work/operator-up.log"
 echo "operator-mode nats-server running on nats://127.0.0.1:$port"
 
 as alice operator add-account alice
@@ -46,13 +50,17 @@ NATSTER_HOME="$alice" "$bin" catalog serve media >"$work/serve.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 200); do NATSTER_HOME="$alice" "$bin" --timeout 1 catalog contents media >/dev/null 2>&1 && break; sleep 0.05; done
 as alice catalog share media bob
-as bob catalog import media alice
+as bob catalog inbox
+as bob catalog import --all
+as bob catalog ls
 as bob catalog contents media
 
 mkdir -p "$mnt"
 as bob mount ./mnt
 say "ls -lR ./mnt"
 ls -lR mnt
+say "getfattr -d mnt/media   # presence, revision and owner of the catalog folder"
+python3 -c 'import os, sys; [print(f"{a}=\"{os.getxattr(sys.argv[1], a).decode()}\"") for a in os.listxattr(sys.argv[1])]' "$mnt/media"
 say "ffprobe -v error -show_entries format=duration -of csv=p=0 mnt/media/trailers/natster-demo.mp4"
 ffprobe -v error -show_entries format=duration -of csv=p=0 "$mnt/media/trailers/natster-demo.mp4"
 

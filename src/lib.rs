@@ -28,6 +28,7 @@ pub mod context;
 pub mod crypto;
 pub mod daemon;
 pub mod fs;
+pub mod global;
 pub mod identity;
 pub mod imports;
 pub mod index;

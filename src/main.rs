@@ -135,6 +135,9 @@ enum Command {
         #[arg(long, default_value = "30", value_parser = cli::parse_seconds::<86400>)]
         listing_ttl: Duration,
     },
+    /// The Natster global service: events, shares, presence (in the global account).
+    #[command(subcommand)]
+    Global(GlobalCommand),
 }
 
 #[derive(Subcommand)]
@@ -149,6 +152,25 @@ enum ServiceCommand {
     Uninstall,
     /// Whether the unit is installed and running.
     Status,
+}
+
+#[derive(Subcommand)]
+enum GlobalCommand {
+    /// Run one instance of the global service until Ctrl-C (several may run at once).
+    Serve {
+        /// NATS server URL (default: the local operator's server).
+        #[arg(long)]
+        server: Option<String>,
+        /// Creds of a user of the global account (default: the local operator's).
+        #[arg(long)]
+        creds: Option<PathBuf>,
+        /// Seconds without a heartbeat after which a catalog counts as offline.
+        #[arg(long, default_value = "90", value_parser = cli::parse_seconds::<86400>)]
+        presence_ttl: Duration,
+        /// The account allowed to claim one-time codes (none: every claim is refused).
+        #[arg(long)]
+        site_account: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +189,21 @@ enum OperatorCommand {
         /// Log every protocol message (for audits: no seed ever appears).
         #[arg(long, hide = true)]
         trace: bool,
+        /// Do not run the global service (presence and the inbox are then unavailable).
+        #[arg(long)]
+        no_global: bool,
+        /// Do not serve the hub catalog.
+        #[arg(long)]
+        no_hub: bool,
+        /// Folder the hub catalog serves (default examples/media if here, else a small sample).
+        #[arg(long)]
+        hub_dir: Option<PathBuf>,
+        /// Seconds without a heartbeat after which a catalog counts as offline.
+        #[arg(long, default_value = "90", value_parser = cli::parse_seconds::<86400>)]
+        presence_ttl: Duration,
+        /// Seconds between the hub server's heartbeats.
+        #[arg(long, hide = true, default_value = "30", value_parser = cli::parse_seconds::<3600>)]
+        heartbeat_interval: Duration,
     },
     /// Create an account with the Natster exports and write its context and creds.
     AddAccount { name: String },
@@ -211,6 +248,9 @@ enum CatalogCommand {
         /// Do not serve now: stop `up` serving it.
         #[arg(long)]
         not_at_login: bool,
+        /// Seconds between heartbeats (presence, and the original's 30 s).
+        #[arg(long, hide = true, default_value = "30", value_parser = cli::parse_seconds::<3600>)]
+        heartbeat_interval: Duration,
     },
     /// Share catalog NAME with an account (public key, or a local operator account's name).
     Share { name: String, account: String },
@@ -218,8 +258,13 @@ enum CatalogCommand {
     Unshare { name: String, account: String },
     /// Import catalog NAME from its owner's account, so this account can read it.
     Import {
-        name: String,
-        owner: String,
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        #[arg(required_unless_present = "all")]
+        owner: Option<String>,
+        /// Import every catalog shared with you that you have not imported (see `catalog inbox`).
+        #[arg(long, conflicts_with_all = ["name", "owner"])]
+        all: bool,
         /// Only record it: the imports were added outside this operator (nsc, Synadia Cloud).
         #[arg(long)]
         external: bool,
@@ -236,6 +281,8 @@ enum CatalogCommand {
     },
     /// List catalogs shared by me and imported by me.
     Ls,
+    /// List catalogs shared with me that I have not imported, with the command that imports each.
+    Inbox,
     /// List the files of catalog NAME.
     Contents {
         name: String,
@@ -286,6 +333,7 @@ fn main() -> ExitCode {
             | Command::Up { .. }
             | Command::Operator(OperatorCommand::Up { .. })
             | Command::Web { .. }
+            | Command::Global(GlobalCommand::Serve { .. })
     );
     // A one-shot command whose reader went away (`catalog ls | head -1`) ends quietly with
     // status 0 at its next line of output; a long-running one keeps running.
@@ -357,9 +405,27 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime.shutdown_timeout(Duration::from_millis(500));
             served
         }
+        Command::Global(GlobalCommand::Serve { server, creds, presence_ttl, site_account }) => {
+            let options = natster_mount::global::GlobalOptions {
+                presence_ttl,
+                site_account,
+                ..natster_mount::global::GlobalOptions::default()
+            };
+            let args = cli::network::GlobalServeArgs { options, server, creds };
+            runtime.block_on(cli::network::global_serve(&globals, args))
+        }
         Command::Operator(o) => match o {
             OperatorCommand::Init { port } => sharing::operator_init(&globals, port),
-            OperatorCommand::Up { port, trace } => runtime.block_on(sharing::operator_up(&globals, port, trace)),
+            OperatorCommand::Up { port, trace, no_global, no_hub, hub_dir, presence_ttl, heartbeat_interval } => {
+                let network = cli::network::UpOptions {
+                    global: !no_global,
+                    hub: !no_hub,
+                    hub_dir,
+                    presence_ttl,
+                    heartbeat_interval,
+                };
+                runtime.block_on(sharing::operator_up(&globals, port, trace, network))
+            }
             OperatorCommand::AddAccount { name } => runtime.block_on(sharing::operator_add_account(&globals, &name)),
         },
         Command::Catalog(c) => match c {
@@ -373,20 +439,29 @@ fn run(args: Args) -> anyhow::Result<()> {
             CatalogCommand::Serve { name, at_login, not_at_login, .. } if at_login || not_at_login => {
                 cli::at_login(&globals, &name, at_login)
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, no_watch, .. } => {
-                let options = ServerOptions { chunk_size, allow_all, v1_only, ..ServerOptions::default() };
+            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, no_watch, heartbeat_interval, .. } => {
+                let options =
+                    ServerOptions { chunk_size, allow_all, v1_only, heartbeat_interval, ..ServerOptions::default() };
                 let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force, !no_watch));
                 // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
                 runtime.shutdown_timeout(Duration::from_millis(500));
                 served
             }
-            CatalogCommand::Share { name, account } => sharing::catalog_share(&globals, &name, &account, true),
-            CatalogCommand::Unshare { name, account } => sharing::catalog_share(&globals, &name, &account, false),
-            CatalogCommand::Import { name, owner, external, per_catalog } => {
-                runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external, per_catalog))
+            CatalogCommand::Share { name, account } => {
+                runtime.block_on(sharing::catalog_share(&globals, &name, &account, true))
             }
+            CatalogCommand::Unshare { name, account } => {
+                runtime.block_on(sharing::catalog_share(&globals, &name, &account, false))
+            }
+            CatalogCommand::Import { name, owner, all, external, per_catalog } => match (name, owner) {
+                (Some(name), Some(owner)) if !all => {
+                    runtime.block_on(sharing::catalog_import(&globals, &name, &owner, external, per_catalog))
+                }
+                _ => runtime.block_on(cli::inbox::import_all(&globals, external)),
+            },
             CatalogCommand::Unimport { name } => runtime.block_on(sharing::catalog_unimport(&globals, &name)),
-            CatalogCommand::Ls => sharing::catalog_ls(&globals),
+            CatalogCommand::Ls => runtime.block_on(cli::inbox::catalog_ls(&globals)),
+            CatalogCommand::Inbox => runtime.block_on(cli::inbox::catalog_inbox(&globals)),
             CatalogCommand::Contents { name, json } => runtime.block_on(cli::catalog_contents(&globals, &name, json)),
             CatalogCommand::Download { name, file, out, force, window, batch } => {
                 let options = cli::client_options(&globals);

@@ -75,6 +75,11 @@ fn local_url(port: u16) -> String {
     format!("nats://127.0.0.1:{port}")
 }
 
+/// The URL of the local operator's server (its port chosen at `operator init`).
+pub fn local_server_url(op: &Home) -> Result<String> {
+    Ok(local_url(local_port(op, None)?))
+}
+
 pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
     let op_home = operator_home(g);
     check_port(&op_home, port)?;
@@ -83,11 +88,19 @@ pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
     let port = local_port(&op_home, port)?;
     outln!("operator {} in {}", operator.public_key(), operator.dir().display());
     outln!("system account {}", operator.system_account_key());
+    for line in crate::cli::network::network_lines(&operator) {
+        outln!("{line}");
+    }
     outln!("local server will listen on {}", local_url(port));
     Ok(())
 }
 
-pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<()> {
+pub async fn operator_up(
+    g: &Globals,
+    port: Option<u16>,
+    trace: bool,
+    network: crate::cli::network::UpOptions,
+) -> Result<()> {
     let op_home = operator_home(g);
     check_port(&op_home, port)?;
     op_home.ensure()?;
@@ -96,7 +109,16 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
     let mut options = LocalServerOptions::new(operator.dir().join("server"));
     options.port = port;
     options.trace = trace;
+    options.binary = Some(crate::cli::network::checked_nats_server(network.global).await?);
     let mut server = LocalServer::start(&operator, options).await?;
+    let started = crate::cli::network::Network::start(&operator, &server.url(), &network).await;
+    let network = match started {
+        Ok(n) => n,
+        Err(e) => {
+            server.shutdown(Duration::from_millis(1500)).await;
+            return Err(e);
+        }
+    };
     outln!(
         "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
         server.url(),
@@ -116,6 +138,7 @@ pub async fn operator_up(g: &Globals, port: Option<u16>, trace: bool) -> Result<
         _ = crate::cli::shutdown_signal() => None,
         status = died => Some(status),
     };
+    network.stop().await;
     if let Some(status) = died {
         bail!("nats-server exited unexpectedly ({status}); see its log {}", server.log_path().display());
     }
@@ -143,9 +166,14 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
         );
     }
     let record = operator.add_account(name)?;
+    let hub = crate::cli::network::add_hub(&mut operator, name, &record.public_key)?;
     let url = local_url(port);
-    match system_connection(&operator, &url).await {
-        Some(sys) => operator.push_account(&sys, name).await?,
+    let sys = system_connection(&operator, &url).await;
+    match &sys {
+        Some(sys) => {
+            operator.push_network(sys).await?;
+            operator.push_account(sys, name).await?
+        }
         None => eprintln!("note: the local server is not running; it loads account '{name}' at `operator up`"),
     }
     let context = Context {
@@ -153,12 +181,13 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
         creds: Some(record.creds.clone()),
         account_public_key: Some(record.public_key.clone()),
         account_name: Some(name.to_string()),
-        imports: Vec::new(),
+        imports: hub.into_iter().collect(),
     };
     let path = context.save(&g.home, &g.context)?;
     outln!("account '{name}' {}", record.public_key);
     outln!("creds {} (mode 0600)", record.creds.display());
     outln!("context '{}' written to {}", g.context, path.display());
+    crate::cli::network::account_added(g, &operator, &context, name, sys.is_none()).await;
     Ok(())
 }
 
@@ -183,19 +212,20 @@ fn resolve_in(operator: Option<&Operator>, who: &str) -> Result<String> {
     }
 }
 
-fn account_label(g: &Globals, key: &str) -> String {
+pub(crate) fn account_label(g: &Globals, key: &str) -> String {
     label_in(Operator::load(&operator_home(g)).ok().as_ref(), key)
 }
 
-/// `KEY (name)` when the local operator knows the account, else `KEY`.
+/// `KEY (name)` when the local operator knows the account (the hub included), else `KEY`.
 fn label_in(operator: Option<&Operator>, key: &str) -> String {
-    match operator.and_then(|op| op.account_by_key(key)) {
+    let hub = operator.and_then(|op| op.hub_account()).filter(|h| h.public_key == key);
+    match operator.and_then(|op| op.account_by_key(key)).or(hub) {
         Some(r) => format!("{key} ({})", r.name),
         None => key.to_string(),
     }
 }
 
-pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Result<()> {
+pub async fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Result<()> {
     Catalog::load(&g.home, catalog)?;
     let key = resolve_account(g, who)?;
     let context = g.load_context().ok();
@@ -212,6 +242,7 @@ pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Resu
         list.save(&g.home)?;
         outln!("catalog '{catalog}' shared with {}", account_label(g, &key));
         outln!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+        crate::cli::network::shared(g, catalog, &key, true).await;
     } else {
         if !list.allows(&key) {
             bail!("catalog '{catalog}' is not shared with {}; nothing to undo", account_label(g, &key));
@@ -219,6 +250,7 @@ pub fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -> Resu
         list.accounts.retain(|a| a != &key);
         list.save(&g.home)?;
         outln!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
+        crate::cli::network::shared(g, catalog, &key, false).await;
     }
     Ok(())
 }
@@ -286,6 +318,7 @@ pub async fn catalog_import(g: &Globals, catalog: &str, owner: &str, external: b
         _ => {}
     }
     report_owner_answer(g, &added.context, import, &label, &my_key).await;
+    crate::cli::network::imported(g, catalog, &owner_key).await;
     Ok(())
 }
 
@@ -398,6 +431,7 @@ pub async fn whoami(g: &Globals) -> Result<()> {
         },
     };
     outln!("status:   {status}");
+    crate::cli::network::whoami_lines(g, &context).await;
     Ok(())
 }
 

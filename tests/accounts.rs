@@ -347,7 +347,7 @@ async fn operator_mode_end_to_end() {
 
     // No seed in the server log (which traced every CONNECT) nor in any JWT.
     let seeds = seeds_on_disk(op.dir());
-    assert_eq!(seeds.len(), 1 + 4 * 2, "operator + (account, user) x (SYS, alice, bob, eve)");
+    assert_eq!(seeds.len(), 1 + 6 * 2, "operator + (account, user) x (SYS, global, hub, alice, bob, eve)");
     let log_text = std::fs::read_to_string(&log).expect("log");
     assert!(log_text.contains("CONNECT"), "the log is a protocol trace");
     let mut jwts = vec![op.jwt().to_string(), op.system_account_jwt().to_string(), forged_jwt, invalid_jwt, rogue_jwt];
@@ -409,7 +409,8 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     let jwt = op.add_catalog_import("bob", "c", &alice.public_key).expect("import");
     let claims: jwt::Claims<AccountNats> = jwt::decode(&jwt).expect("decode");
     assert_eq!(claims.iss, op.public_key());
-    assert_eq!(claims.nats.imports.len(), 2);
+    // The two of the global service's that every account has, and the catalog's two.
+    assert_eq!(claims.nats.imports.len(), 4);
     let after_import = snapshot(op.dir());
     let e = err(op.add_catalog_import("bob", "c", &alice.public_key));
     assert!(e.contains("already imports catalog 'c'"), "{e}");
@@ -427,7 +428,10 @@ fn bad_input_gets_clear_errors_and_changes_nothing() {
     op.remove_catalog_import("bob", "x_media", &alice.public_key).expect("remove x_media");
     let names: Vec<String> =
         op.account_claims("bob").expect("claims").nats.imports.iter().map(|i| i.name.clone()).collect();
-    assert_eq!(names, ["natster_c", "natster_c_media", "natster_x", "natster_x_media"]);
+    assert_eq!(
+        names,
+        ["natster_global", "natster_global_events", "natster_c", "natster_c_media", "natster_x", "natster_x_media"]
+    );
     op.remove_catalog_import("bob", "x", &alice.public_key).expect("remove x");
     let jwt = op.account_jwt("bob").expect("jwt");
 

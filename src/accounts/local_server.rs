@@ -17,7 +17,7 @@ pub struct LocalServerOptions {
     pub port: u16,
     /// Folder for the config, the log, the resolver's JWTs and JetStream.
     pub store_dir: PathBuf,
-    /// The nats-server binary; default `$NATS_SERVER_BIN`, else the Debian path, else `PATH`.
+    /// The nats-server binary; default [`nats_server_binary`].
     pub binary: Option<PathBuf>,
     /// Run with `-DV` (debug and protocol trace).
     pub trace: bool,
@@ -40,10 +40,28 @@ impl LocalServerOptions {
     }
 }
 
-/// `$NATS_SERVER_BIN`, else the Debian package's path, else `nats-server` from `PATH`.
+/// Where `scripts/setup.sh` installs a current nats-server when the system's is too old:
+/// `${XDG_CACHE_HOME:-~/.cache}/natster-mount/bin/nats-server`.
+pub fn cached_nats_server() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|c| !c.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(cache.join("natster-mount").join("bin").join("nats-server"))
+}
+
+/// The nats-server binary, the one place its lookup order is spelled: `$NATSTER_NATS_SERVER`
+/// (or the older `$NATS_SERVER_BIN`), else the one `scripts/setup.sh` installed in the cache
+/// ([`cached_nats_server`], present only when the system's was older than 2.10), else the
+/// Debian package's path, else `nats-server` from `PATH`.
 pub fn nats_server_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("NATS_SERVER_BIN").filter(|p| !p.is_empty()) {
-        return p.into();
+    for var in ["NATSTER_NATS_SERVER", "NATS_SERVER_BIN"] {
+        if let Some(p) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+            return p.into();
+        }
+    }
+    if let Some(cached) = cached_nats_server().filter(|p| p.exists()) {
+        return cached;
     }
     for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"] {
         if Path::new(candidate).exists() {
@@ -51,6 +69,45 @@ pub fn nats_server_binary() -> PathBuf {
         }
     }
     "nats-server".into()
+}
+
+/// A nats-server release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ServerVersion(pub u32, pub u32, pub u32);
+
+impl ServerVersion {
+    /// The first `X.Y.Z` in `text` (`nats-server: v2.9.10`, or an INFO `version`).
+    pub fn parse(text: &str) -> Option<ServerVersion> {
+        let start = text.find(|c: char| c.is_ascii_digit())?;
+        let mut parts = text[start..].split(|c: char| !c.is_ascii_digit()).take(3).map(|p| p.parse().ok());
+        Some(ServerVersion(parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+    }
+}
+
+impl std::fmt::Display for ServerVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}.{}", self.0, self.1, self.2)
+    }
+}
+
+/// What `binary --version` says (bounded: a binary that hangs is not a nats-server).
+pub async fn nats_server_version(binary: &Path) -> Result<ServerVersion> {
+    let run = tokio::process::Command::new(binary).arg("--version").kill_on_drop(true).output();
+    let out = match tokio::time::timeout(Duration::from_secs(5), run).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => bail!(
+            "cannot run {}: {e}; run scripts/setup.sh (or install nats-server 2.10+) or set NATSTER_NATS_SERVER",
+            binary.display()
+        ),
+        Err(_) => bail!("{} --version did not answer within 5 s; is it a nats-server?", binary.display()),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    match ServerVersion::parse(&text) {
+        Some(v) if text.contains("nats-server") => Ok(v),
+        _ => {
+            bail!("{} does not say it is a nats-server ({:?}); set NATSTER_NATS_SERVER", binary.display(), text.trim())
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,7 +184,7 @@ impl LocalServer {
             });
         }
         let child = command.spawn().with_context(|| {
-            format!("cannot run {}; install the nats-server package or set NATS_SERVER_BIN", binary.display())
+            format!("cannot run {}; run scripts/setup.sh or set NATSTER_NATS_SERVER", binary.display())
         })?;
         let mut server = LocalServer { child, port, name, config, log };
         server.wait_ready(options.ready_timeout).await?;
@@ -236,5 +293,20 @@ impl LocalServer {
 impl Drop for LocalServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServerVersion;
+
+    #[test]
+    fn versions_parse_and_order() {
+        assert_eq!(ServerVersion::parse("nats-server: v2.9.10\n"), Some(ServerVersion(2, 9, 10)));
+        assert_eq!(ServerVersion::parse("2.15.1-RC.2"), Some(ServerVersion(2, 15, 1)));
+        assert_eq!(ServerVersion::parse("v2.11"), Some(ServerVersion(2, 11, 0)));
+        assert_eq!(ServerVersion::parse("nothing"), None);
+        assert!(ServerVersion(2, 9, 10) < ServerVersion(2, 10, 0));
+        assert_eq!(ServerVersion(2, 15, 1).to_string(), "2.15.1");
     }
 }

@@ -11,6 +11,8 @@
 //! operator/system/account.nk    system account seed ("SYS")
 //! operator/system/account.jwt
 //! operator/system/user.creds    system user creds (JWT + seed)
+//! operator/global/…            the Natster global service's account (same three files)
+//! operator/hub/…               the hub account; its catalog's state in operator/hub/home/
 //! operator/accounts/<name>/…    same three files per account
 //! ```
 //! The account JWT on disk is the source of truth for an account's imports.
@@ -64,13 +66,20 @@ const OPERATOR_NAME: &str = "natster";
 mod imports;
 pub mod jwt;
 mod local_server;
+mod network;
 
 mod operator;
 
 pub use imports::{
     catalog_imports, imported_catalog, imported_owner, nsc_import_commands, nsc_owner_import_commands, owner_imports,
 };
-pub use local_server::{nats_server_binary, LocalServer, LocalServerOptions};
+pub use local_server::{
+    cached_nats_server, nats_server_binary, nats_server_version, LocalServer, LocalServerOptions, ServerVersion,
+};
+pub use network::{
+    global_exports, global_imports, GLOBAL_ACCOUNT_NAME, GLOBAL_EVENTS_EXPORT_SUBJECT, GLOBAL_EXPORT_SUBJECT,
+    HUB_ACCOUNT_NAME, HUB_CATALOG,
+};
 use operator::check_account_key;
 pub use operator::{
     connect, lookup_account_jwt, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator,

@@ -17,16 +17,16 @@ pub struct AccountRecord {
     pub creds: PathBuf,
 }
 
-struct AccountState {
-    name: String,
-    key: KeyPair,
-    claims: Claims<AccountNats>,
-    jwt: String,
-    dir: PathBuf,
+pub(super) struct AccountState {
+    pub(super) name: String,
+    pub(super) key: KeyPair,
+    pub(super) claims: Claims<AccountNats>,
+    pub(super) jwt: String,
+    pub(super) dir: PathBuf,
 }
 
 impl AccountState {
-    fn record(&self) -> AccountRecord {
+    pub(super) fn record(&self) -> AccountRecord {
         AccountRecord { name: self.name.clone(), public_key: self.key.public_key(), creds: self.dir.join(USER_CREDS) }
     }
 }
@@ -62,11 +62,15 @@ pub enum Applied {
 
 /// The operator and every account it manages. Holds seeds: its `Debug` shows public keys only.
 pub struct Operator {
-    dir: PathBuf,
-    key: KeyPair,
+    pub(super) dir: PathBuf,
+    pub(super) key: KeyPair,
     jwt: String,
     system: AccountState,
-    accounts: BTreeMap<String, AccountState>,
+    /// The Natster global and hub accounts (`network`); None in an operator made before them
+    /// until [`Operator::ensure_network`] runs.
+    pub(super) global: Option<AccountState>,
+    pub(super) hub: Option<AccountState>,
+    pub(super) accounts: BTreeMap<String, AccountState>,
 }
 
 impl std::fmt::Debug for Operator {
@@ -99,9 +103,16 @@ impl Operator {
     }
 
     /// Loads the operator in `home`, creating it first (operator key and self-signed JWT,
-    /// system account "SYS" and its user) if there is none. Creation is atomic: a staging
+    /// system account "SYS" and its user) if there is none, and its global and hub accounts
+    /// if it has none yet ([`Operator::ensure_network`]). Creation is atomic: a staging
     /// folder is renamed into place, so an interrupted run leaves nothing half-made.
     pub fn init(home: &Home) -> Result<Operator> {
+        let mut operator = Self::create(home)?;
+        operator.ensure_network()?;
+        Ok(operator)
+    }
+
+    fn create(home: &Home) -> Result<Operator> {
         let dir = Self::dir_in(home);
         if dir.join(OPERATOR_JWT).exists() {
             return Self::load(home);
@@ -179,6 +190,15 @@ impl Operator {
         if claims.nats.system_account.as_deref() != Some(system.key.public_key().as_str()) {
             bail!("the operator JWT's system_account is not the account in {}", dir.join(SYSTEM_DIR).display());
         }
+        let special = |sub: &str, name: &str| -> Result<Option<AccountState>> {
+            let path = dir.join(sub);
+            if !path.join(ACCOUNT_JWT).exists() {
+                return Ok(None);
+            }
+            load_account_dir(&path, name, &key.public_key()).map(Some)
+        };
+        let global = special(super::network::GLOBAL_DIR, super::network::GLOBAL_ACCOUNT_NAME)?;
+        let hub = special(super::network::HUB_DIR, super::network::HUB_ACCOUNT_NAME)?;
         let mut accounts = BTreeMap::new();
         let accounts_dir = dir.join(ACCOUNTS_DIR);
         let entries = fs::read_dir(&accounts_dir).with_context(|| format!("cannot read {}", accounts_dir.display()))?;
@@ -192,7 +212,7 @@ impl Operator {
             let account = load_account_dir(&entry.path(), &name, &key.public_key())?;
             accounts.insert(name, account);
         }
-        Ok(Operator { dir, key, jwt: operator_jwt, system, accounts })
+        Ok(Operator { dir, key, jwt: operator_jwt, system, global, hub, accounts })
     }
 
     /// The operator public key.
@@ -315,17 +335,8 @@ impl Operator {
             .tempdir_in(&accounts_dir)
             .with_context(|| format!("cannot create a staging folder in {}", accounts_dir.display()))?;
         let account = KeyPair::new_account();
-        let claims = Claims::new(
-            name,
-            &account.public_key(),
-            AccountNats {
-                imports: Vec::new(),
-                exports: natster_exports(),
-                limits: AccountLimits::unlimited(true),
-                claim_type: jwt::ACCOUNT.into(),
-                version: jwt::VERSION,
-            },
-        );
+        let global = self.global_account_key();
+        let claims = super::network::person_claims(name, &account.public_key(), global.as_deref());
         write_account_dir(staging.path(), &self.key, &account, claims, name)?;
         let staged = staging.keep();
         if let Err(e) = fs::rename(&staged, &target) {
@@ -422,7 +433,7 @@ impl Operator {
         self.store_account_claims(importer, claims)
     }
 
-    fn store_account_claims(&mut self, name: &str, claims: Claims<AccountNats>) -> Result<String> {
+    pub(super) fn store_account_claims(&mut self, name: &str, claims: Claims<AccountNats>) -> Result<String> {
         let pending = self.prepare_account(name, claims)?;
         self.commit_account(pending)
     }
@@ -519,6 +530,9 @@ impl Operator {
         conf.push_str("  allow_delete: false\n  interval: \"2m\"\n}\n");
         conf.push_str("resolver_preload: {\n");
         conf.push_str(&format!("  {}: {}\n", self.system_account_key(), conf_quote(&self.system.jwt)));
+        for (key, jwt) in self.network_jwts() {
+            conf.push_str(&format!("  {key}: {}\n", conf_quote(jwt)));
+        }
         for account in self.accounts.values() {
             conf.push_str(&format!("  {}: {}\n", account.key.public_key(), conf_quote(&account.jwt)));
         }
@@ -530,7 +544,7 @@ impl Operator {
 
 /// Writes `account.nk`, `account.jwt` (signed by `operator`) and `user.creds` into `dir`
 /// (created if missing, 0700).
-fn write_account_dir(
+pub(super) fn write_account_dir(
     dir: &Path,
     operator: &KeyPair,
     account: &KeyPair,
@@ -552,7 +566,7 @@ fn write_account_dir(
     Ok(())
 }
 
-fn load_account_dir(dir: &Path, name: &str, operator_key: &str) -> Result<AccountState> {
+pub(super) fn load_account_dir(dir: &Path, name: &str, operator_key: &str) -> Result<AccountState> {
     let key = read_seed(&dir.join(ACCOUNT_SEED), KeyPairType::Account)?;
     let jwt_path = dir.join(ACCOUNT_JWT);
     let token = read_text(&jwt_path)?.trim().to_string();

@@ -65,6 +65,9 @@ pub(crate) use outln;
 
 mod download;
 pub mod helper;
+pub mod inbox;
+pub mod network;
+mod outbox;
 mod parse;
 pub mod service;
 mod up;

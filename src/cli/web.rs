@@ -59,7 +59,8 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
     };
     let fs = Arc::new(NatsterFs::new(Vec::new(), options.fs.clone()));
     let connected = crate::daemon::link::watch_state(&nats);
-    let refresh = spawn_listing_refresh(fs.clone(), nats, connected, options.listing_ttl, gathered);
+    let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
+    let refresh = spawn_listing_refresh(fs.clone(), nats, connected, options.listing_ttl, gathered, me);
     let ctx = WebContext {
         home: g.home.clone(),
         context: g.context.clone(),

@@ -300,6 +300,7 @@ fn start(
         target,
         options,
         gathered,
+        context.account_public_key.clone().unwrap_or_else(|| "self".into()),
     )?;
     Ok((daemon, Some(live)))
 }

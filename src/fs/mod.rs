@@ -13,6 +13,7 @@
 
 pub mod fuse;
 pub mod mount;
+pub mod presence;
 mod read;
 pub mod readahead;
 pub mod source;
@@ -122,6 +123,8 @@ pub struct MountedCatalog {
     health: Mutex<Health>,
     /// Set while a listing refresh runs, so refreshes of one catalog never pile up.
     pub refreshing: AtomicBool,
+    /// Online or offline, from heartbeats (`presence`).
+    presence: Mutex<presence::Presence>,
 }
 
 impl MountedCatalog {
@@ -134,7 +137,16 @@ impl MountedCatalog {
             revision: Mutex::new(String::new()),
             health: Mutex::new(Health::default()),
             refreshing: AtomicBool::new(false),
+            presence: Mutex::new(presence::Presence::default()),
         }
+    }
+
+    pub fn presence(&self) -> presence::Presence {
+        self.presence.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_presence(&self, presence: presence::Presence) {
+        *self.presence.lock().unwrap_or_else(|p| p.into_inner()) = presence;
     }
 
     /// Revision of the listing the mount shows (empty before any, and from original peers).
@@ -340,7 +352,20 @@ impl NatsterFs {
                     self.catalog(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
                 ),
             ]),
-            NodeKind::Dir { .. } => Ok(Vec::new()),
+            // A catalog's folder: who owns it, whether it is online, the revision shown.
+            NodeKind::Dir { .. } => {
+                let Some(catalog) = (0..self.catalogs.len())
+                    .find(|&i| tree.catalog_ino(i) == Some(ino))
+                    .and_then(|i| self.catalogs.get(i))
+                else {
+                    return Ok(Vec::new());
+                };
+                Ok(vec![
+                    ("user.natster.owner", catalog.owner.clone()),
+                    ("user.natster.online", catalog.presence().state.as_str().to_string()),
+                    ("user.natster.revision", catalog.revision()),
+                ])
+            }
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Mount lifecycle: check the mountpoint, mount, follow the catalogs this context can read
-//! (folders come and go as imports and own catalogs do), keep listings fresh, unmount cleanly,
-//! and `umount`. [`LiveMount`] is the running mount; `daemon` drives it (`mount`, `up`, the
-//! fstab helper).
+//! (folders come and go as imports and own catalogs do), keep listings fresh (TTL poll,
+//! notices, and heartbeats: the account's own catalog servers', and the global service's
+//! re-broadcast of its imports' owners'), unmount cleanly, and `umount`. [`LiveMount`] is the
+//! running mount; `daemon` drives it (`mount`, `up`, the fstab helper).
 //!
 //! Invariants:
 //! - The mount appears within [`FIRST_LISTING_WAIT`] whatever its catalogs do. Each catalog
@@ -34,13 +35,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use super::fuse::FuseAdapter;
+use super::presence;
 use super::{FsError, FsOptions, Invalidations, MountedCatalog, NatsterFs, RemoteSource};
 use crate::client::{CatalogClient, ClientOptions};
 use crate::context::{Context, Home};
+use crate::global::client::GlobalClient;
 use crate::identity::{Identity, PinStore};
 use crate::index::Catalog;
 use crate::protocol::{self, CatalogSummary};
-use crate::server::HEARTBEAT_SUBJECT;
 
 /// Longest the mount waits for first listings before it appears.
 pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1000);
@@ -378,6 +380,7 @@ impl LiveMount {
         target: Target,
         options: &MountOptions,
         catalogs: Vec<Gathered>,
+        me: String,
     ) -> Result<LiveMount> {
         let fs = Arc::new(NatsterFs::new(Vec::new(), options.fs.clone()));
         let (invalidations, invalidated) = mpsc::unbounded_channel();
@@ -387,6 +390,7 @@ impl LiveMount {
             invalidations,
             permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
             ttl: options.listing_ttl,
+            me,
         });
         let first = {
             let _entered = runtime.enter();
@@ -606,6 +610,8 @@ struct Refresher {
     invalidations: mpsc::UnboundedSender<Invalidations>,
     permits: Semaphore,
     ttl: Duration,
+    /// This context's account key ("self" without one): own catalogs' owner.
+    me: String,
 }
 
 /// Clears a catalog's `refreshing` flag however the refresh ends.
@@ -849,13 +855,6 @@ impl Refresher {
     }
 }
 
-#[derive(serde::Deserialize)]
-struct HeartbeatBody {
-    catalog: String,
-    #[serde(default)]
-    revision: serde_json::Value,
-}
-
 /// Catalogs named `name` (of `owner`, when known) whose shown revision is not `revision`
 /// (all of them if `force`).
 fn due(fs: &NatsterFs, name: &str, owner: Option<&str>, revision: &str, force: bool) -> Vec<usize> {
@@ -866,39 +865,43 @@ fn due(fs: &NatsterFs, name: &str, owner: Option<&str>, revision: &str, force: b
         .collect()
 }
 
-/// Polls every TTL, reacts at once to a heartbeat (own account) or a notice (any owner)
-/// announcing a new revision or access, and refreshes everything when NATS (re)connects.
+async fn subscribe_or_warn(nats: &async_nats::Client, subject: String, ttl: Duration) -> Option<async_nats::Subscriber> {
+    match nats.subscribe(subject.clone()).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("no messages on {subject} ({e}); relying on the {ttl:?} poll");
+            None
+        }
+    }
+}
+
+/// Polls every TTL, reacts at once to a heartbeat (own servers', or the global service's
+/// re-broadcast of an owner's) or a notice (any owner) announcing a new revision or access,
+/// keeps each catalog's presence (see `super::presence`), and refreshes everything when NATS
+/// (re)connects.
 async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut connected: watch::Receiver<bool>) {
     let fs = refresher.fs.clone();
     let ttl = refresher.ttl;
-    let mut beats = match nats.subscribe(HEARTBEAT_SUBJECT).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("no heartbeats ({e}); relying on the {ttl:?} poll");
-            None
-        }
-    };
-    let mut notices = match nats.subscribe(protocol::notice_wildcard()).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("no change notices ({e}); relying on the {ttl:?} poll");
-            None
-        }
-    };
+    let me = refresher.me.clone();
+    let mut subscriptions = Vec::new();
+    for subject in presence::SUBJECTS {
+        subscriptions.extend(subscribe_or_warn(&nats, subject.to_string(), ttl).await);
+    }
+    let mut beats = futures::stream::select_all(subscriptions);
+    let mut notices = subscribe_or_warn(&nats, protocol::notice_wildcard(), ttl).await;
     // Notices of catalogs imported per owner arrive as `natster.from.<owner>.media.<C>.notice`.
-    let mut owner_notices = match nats.subscribe(protocol::owner_notice_wildcard()).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!("no change notices of per-owner imports ({e}); relying on the {ttl:?} poll");
-            None
-        }
-    };
+    let mut owner_notices = subscribe_or_warn(&nats, protocol::owner_notice_wildcard(), ttl).await;
+    let global = GlobalClient::new(nats.clone(), presence::SHARES_TIMEOUT);
+    tokio::spawn(presence_from_shares(fs.clone(), global.clone()));
     let mut tick = tokio::time::interval(ttl);
     tick.tick().await;
     let mut was_connected = *connected.borrow_and_update();
     loop {
         let due: Vec<usize> = tokio::select! {
-            _ = tick.tick() => fs.catalogs().into_iter().map(|(i, _)| i).collect(),
+            _ = tick.tick() => {
+                tokio::spawn(presence_from_shares(fs.clone(), global.clone()));
+                fs.catalogs().into_iter().map(|(i, _)| i).collect()
+            }
             changed = connected.changed() => {
                 if changed.is_err() {
                     // The connection's owner is gone: only the TTL is left.
@@ -910,17 +913,20 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
                 was_connected = now;
                 if reconnected { fs.catalogs().into_iter().map(|(i, _)| i).collect() } else { Vec::new() }
             }
-            Some(msg) = next_message(&mut beats) => {
-                match serde_json::from_slice::<HeartbeatBody>(&msg.payload) {
-                    Ok(beat) => {
-                        let revision = match &beat.revision {
-                            serde_json::Value::String(s) => s.clone(),
-                            other => other.to_string(),
-                        };
-                        due(&fs, &beat.catalog, None, &revision, false)
+            Some(msg) = beats.next() => {
+                let Some(beat) = presence::parse(msg.subject.as_str(), &msg.payload) else { continue };
+                let mut due = Vec::new();
+                for (i, catalog) in fs.catalogs() {
+                    if !beat.is_about(&catalog.name, &catalog.owner, &me) {
+                        continue;
                     }
-                    Err(_) => Vec::new(),
+                    let before = catalog.presence();
+                    catalog.set_presence(beat.presence());
+                    if beat.needs_refresh(&catalog.revision(), &before) {
+                        due.push(i);
+                    }
                 }
+                due
             }
             Some(msg) = next_message(&mut notices) => {
                 let notice = (msg.payload.len() <= protocol::MAX_NOTICE_BYTES)
@@ -950,6 +956,21 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
         for i in due {
             refresher.spawn_refresh(i);
         }
+    }
+}
+
+/// Presence of every catalog from the global service's `my.shares` (nothing changes when it
+/// does not answer).
+async fn presence_from_shares(fs: Arc<NatsterFs>, global: GlobalClient) {
+    match global.my_shares().await {
+        Ok(shares) => {
+            for (_, catalog) in fs.catalogs() {
+                if let Some(p) = presence::from_shares(&shares, &catalog.name, &catalog.owner) {
+                    catalog.set_presence(p);
+                }
+            }
+        }
+        Err(e) => tracing::debug!("no presence from the global service: {e}"),
     }
 }
 
@@ -1016,6 +1037,7 @@ pub fn spawn_listing_refresh(
     connected: watch::Receiver<bool>,
     ttl: Duration,
     catalogs: Vec<Gathered>,
+    me: String,
 ) -> tokio::task::JoinHandle<()> {
     // Nobody receives invalidations: sends to the closed channel are ignored.
     let (invalidations, _) = mpsc::unbounded_channel();
@@ -1025,6 +1047,7 @@ pub fn spawn_listing_refresh(
         invalidations,
         permits: Semaphore::new(MAX_CONCURRENT_REFRESHES),
         ttl,
+        me,
     });
     let planned: Vec<Planned> = catalogs.iter().map(|g| g.planned()).collect();
     drop(refresher.sync(&planned, |_| catalogs));

@@ -22,6 +22,7 @@
 //!   by itself and re-subscribes; requests resume when it is back.
 
 mod files;
+pub mod heartbeat;
 mod trees;
 mod v1;
 mod v2;
@@ -35,7 +36,6 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, Result};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::context::Home;
@@ -49,7 +49,7 @@ pub use files::open_beneath;
 use files::{Checked, FileIdentity, Verifier};
 
 /// Subject the server announces its catalog's revision on, for mounts of the same account.
-pub const HEARTBEAT_SUBJECT: &str = "natster.local-events.heartbeat";
+pub const HEARTBEAT_SUBJECT: &str = crate::global::wire::LOCAL_HEARTBEAT;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -61,8 +61,10 @@ pub struct ServerOptions {
     pub session_idle: Duration,
     /// Serve every account, ignoring the share list (the original's `--allowall`).
     pub allow_all: bool,
-    /// How often the catalog file is checked for a re-index and a heartbeat is sent.
+    /// How often the catalog file is checked for a re-index (a re-index is announced at once).
     pub heartbeat: Duration,
+    /// How often a heartbeat says the catalog is online (the original's 30 s).
+    pub heartbeat_interval: Duration,
     /// Most v1 whole-file transfers streaming at once.
     pub max_v1_transfers: usize,
     /// Most v1 downloads waiting for their turn; past it a download is refused (503).
@@ -89,7 +91,8 @@ impl Default for ServerOptions {
             max_sessions: 512,
             session_idle: Duration::from_secs(600),
             allow_all: false,
-            heartbeat: Duration::from_secs(2),
+            heartbeat: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(30),
             max_v1_transfers: 4,
             max_v1_waiting: 64,
             v1_only: false,
@@ -261,6 +264,8 @@ impl CatalogServer {
         s.serving.send_replace(false);
         housekeeping.abort();
         verification.abort();
+        let beat = heartbeat::heartbeat(&s.loaded().catalog, s.identity.account().unwrap_or_default());
+        heartbeat::announce(&s.nats, &beat, false, STOP_FLUSH).await;
         s.verifier.cancel();
         // A flush waits for a reconnect that may never come: only when connected, and bounded.
         let connected = s.nats.connection_state() == async_nats::connection::State::Connected;
@@ -366,42 +371,31 @@ fn catalog_file_identity(home: &Home, name: &str) -> Option<(SystemTime, u64, u6
     Some((meta.modified().ok()?, meta.ino(), meta.len()))
 }
 
-#[derive(Serialize)]
-struct Heartbeat<'a> {
-    catalog: &'a str,
-    revision: String,
-    entries: usize,
-}
-
 impl Shared {
     fn loaded(&self) -> Arc<Loaded> {
         self.loaded.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Every `heartbeat`: picks up a re-index, drops idle sessions, announces the revision.
-    /// A task of its own, so a slow re-load or a publish waiting for a reconnect never
-    /// delays request dispatch.
+    /// Every `heartbeat`: picks up a re-index, drops idle sessions; announces the revision at
+    /// start, after a re-index and every `heartbeat_interval`. A task of its own, so a slow
+    /// re-load or a publish waiting for a reconnect never delays request dispatch.
     async fn housekeeping(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.options.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_beat: Option<tokio::time::Instant> = None;
         loop {
             tick.tick().await;
             let this = self.clone();
             let reloaded = tokio::task::spawn_blocking(move || this.reload_if_changed()).await.ok().flatten();
+            let changed = reloaded.is_some();
             if let Some(fresh) = reloaded {
                 tokio::spawn(self.clone().verify_unverified(fresh));
             }
             self.expire_sessions();
-            let loaded = self.loaded();
-            let beat = Heartbeat {
-                catalog: &self.name,
-                revision: loaded.catalog.revision(),
-                entries: loaded.catalog.entries.len(),
-            };
-            if let Ok(body) = serde_json::to_vec(&beat) {
-                // While NATS is down the publish queue may be full: skip this beat, not wait.
-                let publish = self.nats.publish(HEARTBEAT_SUBJECT, body.into());
-                let _ = tokio::time::timeout(self.options.heartbeat, publish).await;
+            if changed || last_beat.is_none_or(|t| t.elapsed() >= self.options.heartbeat_interval) {
+                last_beat = Some(tokio::time::Instant::now());
+                let beat = heartbeat::heartbeat(&self.loaded().catalog, self.identity.account().unwrap_or_default());
+                heartbeat::announce(&self.nats, &beat, true, self.options.heartbeat).await;
             }
         }
     }

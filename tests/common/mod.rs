@@ -43,6 +43,19 @@ pub fn nats_server_bin() -> PathBuf {
     natster_mount::accounts::nats_server_binary()
 }
 
+/// The tests' nats-server's version, as `--version` says it.
+pub fn nats_server_version() -> natster_mount::accounts::ServerVersion {
+    let out = Command::new(nats_server_bin()).arg("--version").output().expect("nats-server --version");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    natster_mount::accounts::ServerVersion::parse(&text).unwrap_or_else(|| panic!("no version in {text:?}"))
+}
+
+/// Whether the tests' nats-server can carry the global service (2.10 or newer); scripts/test.sh
+/// also runs the sharing tests on Debian's 2.9.10, where `operator up` runs without it.
+pub fn nats_server_has_global() -> bool {
+    nats_server_version() >= natster_mount::accounts::ServerVersion(2, 10, 0)
+}
+
 /// A port that was free a moment ago (bind to port 0, read it, release it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("cannot bind a loopback port").port()

@@ -81,10 +81,15 @@ impl OperatorUp {
     /// Like [`OperatorUp::start`], with extra `operator up` arguments (e.g. `--trace`).
     pub fn start_with(operator_home: &Path, extra: &[&str]) -> OperatorUp {
         let out = tempfile::NamedTempFile::new().expect("log");
-        let args: Vec<&str> = ["operator", "up"].iter().chain(extra).copied().collect();
+        let mut args: Vec<&str> = ["operator", "up"].iter().chain(extra).copied().collect();
+        if !nats_server_has_global() && !args.contains(&"--no-global") {
+            args.push("--no-global");
+        }
+        // Both streams append to one file: two plain handles would overwrite each other's lines.
+        let append = || std::fs::OpenOptions::new().append(true).open(out.path()).expect("log");
         let child = operator_command(operator_home, &args)
-            .stdout(out.reopen().expect("out"))
-            .stderr(out.reopen().expect("err"))
+            .stdout(append())
+            .stderr(append())
             .spawn()
             .expect("spawn operator up");
         let mut up = OperatorUp { child, out, operator_home: operator_home.to_path_buf() };
@@ -204,19 +209,37 @@ pub struct Serve(Child, tempfile::NamedTempFile);
 
 impl Serve {
     pub fn start(person: &Person, catalog: &str) -> Serve {
+        Self::start_with(person, catalog, &[])
+    }
+
+    /// Like [`Serve::start`], with extra `catalog serve` arguments.
+    pub fn start_with(person: &Person, catalog: &str, extra: &[&str]) -> Serve {
         let log = tempfile::NamedTempFile::new().expect("serve log");
-        let child = person
-            .command(&["catalog", "serve", catalog])
-            .stdout(Stdio::null())
-            .stderr(log.reopen().expect("log"))
-            .spawn()
-            .expect("serve");
+        let args: Vec<&str> = ["catalog", "serve", catalog].iter().chain(extra).copied().collect();
+        let child =
+            person.command(&args).stdout(Stdio::null()).stderr(log.reopen().expect("log")).spawn().expect("serve");
         Serve(child, log)
     }
 
     /// Everything the server wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.1.path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit; SIGKILL after 10 s.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let until = Instant::now() + STOP_DEADLINE;
+        while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < until {
+            std::thread::sleep(POLL);
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
