@@ -19,7 +19,9 @@
 //!   the first instance to create that key starts a new generation, whose consumer replays the
 //!   stream from the start, and deletes the consumers of older generations.
 //! - Redelivery is bounded (`MAX_DELIVER`, with backoff); an event that cannot be parsed is
-//!   logged and acknowledged, never retried forever.
+//!   logged and acknowledged, never retried forever. A bucket deleted under a running
+//!   consumer restarts it on a fresh bucket and generation (the request side of an instance
+//!   keeps its old handle until restarted, and answers 503 meanwhile).
 
 use std::time::Duration;
 
@@ -404,6 +406,11 @@ async fn run_once(js: &jetstream::Context, projection: Projection) -> Result<(),
                 }
             }
             Err(e) => {
+                // A bucket deleted under us: start over (a fresh bucket replays the whole log).
+                if js.get_key_value(projection.bucket()).await.is_err() {
+                    let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
+                    return Err(Error::Unavailable(format!("bucket {} is gone; rebuilding it", projection.bucket())));
+                }
                 let backoff = Duration::from_millis(200u64 << delivered.clamp(1, 6));
                 if delivered >= MAX_DELIVER {
                     tracing::error!(
