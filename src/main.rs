@@ -439,7 +439,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             CatalogCommand::Serve { name, at_login, not_at_login, .. } if at_login || not_at_login => {
                 cli::at_login(&globals, &name, at_login)
             }
-            CatalogCommand::Serve { name, chunk_size, allow_all, v1_only, force, no_watch, heartbeat_interval, .. } => {
+            CatalogCommand::Serve {
+                name, chunk_size, allow_all, v1_only, force, no_watch, heartbeat_interval, ..
+            } => {
                 let options =
                     ServerOptions { chunk_size, allow_all, v1_only, heartbeat_interval, ..ServerOptions::default() };
                 let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force, !no_watch));

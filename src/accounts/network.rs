@@ -18,6 +18,7 @@
 //! out); creating one is atomic (a staging folder renamed into place; a concurrent creator's
 //! folder wins).
 
+use super::jwt::Import;
 use super::operator::{load_account_dir, write_account_dir, AccountState};
 use super::*;
 

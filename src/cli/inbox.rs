@@ -129,7 +129,7 @@ pub async fn import_all(g: &Globals, external: bool) -> Result<()> {
     }
     let mut failed = 0;
     for offer in &offers {
-        if let Err(e) = crate::sharing::catalog_import(g, &offer.catalog, &offer.from_account, external).await {
+        if let Err(e) = crate::sharing::catalog_import(g, &offer.catalog, &offer.from_account, external, false).await {
             eprintln!("error: catalog '{}' from {}: {e:#}", offer.catalog, offer.from_account);
             failed += 1;
         }

@@ -302,7 +302,13 @@ pub fn add_hub(operator: &mut Operator, name: &str, key: &str) -> Result<Option<
         list.save(&hub_home)?;
     }
     operator.add_hub_import(name)?;
-    Ok(Some(ImportedCatalog { catalog: HUB_CATALOG.to_string(), owner: hub.public_key }))
+    // The hub is imported per catalog (the original's two imports), as original peers expect.
+    Ok(Some(ImportedCatalog {
+        catalog: HUB_CATALOG.to_string(),
+        owner: hub.public_key,
+        route: crate::context::ImportRoute::Catalog,
+        owner_name: None,
+    }))
 }
 
 /// The events of a new account: initialized, the hub's share (sent as the hub) and its import.

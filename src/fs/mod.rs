@@ -339,6 +339,9 @@ impl NatsterFs {
 
     /// The user.natster.* attributes of a file.
     pub fn xattrs(&self, ino: u64) -> Result<Vec<(&'static str, String)>, FsError> {
+        // Taken before the tree: `add_catalog` locks catalogs, then the tree; never the reverse.
+        let catalogs = self.catalogs();
+        let by_index = |i: usize| catalogs.iter().find(|(j, _)| *j == i).map(|(_, c)| c.clone());
         let tree = self.tree();
         let node = tree.nodes.get(&ino).ok_or(FsError::NotFound)?;
         match &node.kind {
@@ -346,18 +349,15 @@ impl NatsterFs {
                 ("user.natster.hash", entry.hash.clone()),
                 ("user.natster.mime_type", entry.mime_type.clone()),
                 ("user.natster.description", entry.description.clone()),
-                ("user.natster.owner", self.catalog(*catalog).map(|c| c.owner.clone()).unwrap_or_default()),
+                ("user.natster.owner", by_index(*catalog).map(|c| c.owner.clone()).unwrap_or_default()),
                 (
                     "user.natster.verified",
-                    self.catalog(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
+                    by_index(*catalog).map(|c| c.source.verification().to_string()).unwrap_or_default(),
                 ),
             ]),
             // A catalog's folder: who owns it, whether it is online, the revision shown.
             NodeKind::Dir { .. } => {
-                let Some(catalog) = (0..self.catalogs.len())
-                    .find(|&i| tree.catalog_ino(i) == Some(ino))
-                    .and_then(|i| self.catalogs.get(i))
-                else {
+                let Some((_, catalog)) = catalogs.iter().find(|(i, _)| tree.catalog_ino(*i) == Some(ino)) else {
                     return Ok(Vec::new());
                 };
                 Ok(vec![

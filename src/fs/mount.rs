@@ -331,8 +331,13 @@ pub fn gather(
             let Some(import) = context.imports.iter().find(|i| i.catalog == p.name && i.owner == p.owner) else {
                 continue;
             };
-            let client =
-                CatalogClient::for_import(nats.clone(), import, options.client.clone(), identity.clone(), pins.clone())?;
+            let client = CatalogClient::for_import(
+                nats.clone(),
+                import,
+                options.client.clone(),
+                identity.clone(),
+                pins.clone(),
+            )?;
             let src: Arc<dyn super::ChunkSource> = Arc::new(RemoteSource::new(client, v1_max));
             let mounted = MountedCatalog::new(p.dir_name, p.name, p.owner, src);
             gathered.push(Gathered { catalog: mounted, seed, saved_at: Some(saved_at) });
@@ -865,7 +870,11 @@ fn due(fs: &NatsterFs, name: &str, owner: Option<&str>, revision: &str, force: b
         .collect()
 }
 
-async fn subscribe_or_warn(nats: &async_nats::Client, subject: String, ttl: Duration) -> Option<async_nats::Subscriber> {
+async fn subscribe_or_warn(
+    nats: &async_nats::Client,
+    subject: String,
+    ttl: Duration,
+) -> Option<async_nats::Subscriber> {
     match nats.subscribe(subject.clone()).await {
         Ok(s) => Some(s),
         Err(e) => {

@@ -206,7 +206,11 @@ async fn change_share(state: super::State, id: String, form: ShareForm, share: b
     let g = globals(&state);
     let name = catalog.name.clone();
     let who = account.clone();
-    let done = tokio::task::spawn_blocking(move || crate::sharing::catalog_share(&g, &name, &who, share)).await;
+    // Share lists and account files are written with blocking I/O: on a blocking thread.
+    let runtime = tokio::runtime::Handle::current();
+    let done =
+        tokio::task::spawn_blocking(move || runtime.block_on(crate::sharing::catalog_share(&g, &name, &who, share)))
+            .await;
     match done {
         Ok(Ok(())) => {
             state.events.send(Event { kind: "shares", catalog: Some(id.clone()) });
