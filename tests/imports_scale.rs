@@ -341,7 +341,9 @@ async fn thirty_owners(pace: Pace) {
     assert!(cli.stdout.contains("the owner's server answered: 1 files"), "{}", cli.stdout);
 
     // All succeeded, each under a name of its own; the JWT holds two imports per owner.
-    let context = bob.context();
+    let mut context = bob.context();
+    // The hub, which every account of the operator imports, aside.
+    context.imports.retain(|i| i.catalog != "hub");
     assert_eq!((count, context.imports.len()), (OWNERS * CATALOGS_PER_OWNER, OWNERS * CATALOGS_PER_OWNER));
     let shown = shown_names(&[], &context.imports);
     assert_eq!(shown.iter().collect::<std::collections::HashSet<_>>().len(), shown.len(), "names repeat");
@@ -350,7 +352,11 @@ async fn thirty_owners(pace: Pace) {
     let operator = Operator::load(&Home::at(&op_home)).expect("operator");
     assert_eq!(operator.owner_imports("bob").expect("owners").len(), OWNERS);
     let jwt = operator.account_jwt("bob").expect("jwt");
-    let claims = operator.account_claims("bob").expect("claims");
+    let mut claims = operator.account_claims("bob").expect("claims");
+    // The network's imports (the global service's two, the hub's two) aside.
+    let network: Vec<String> =
+        operator.global_account_key().into_iter().chain(operator.hub_account().map(|h| h.public_key)).collect();
+    claims.nats.imports.retain(|i| !network.contains(&i.account));
     assert_eq!(claims.nats.imports.len(), 2 * OWNERS, "two imports per owner, none per catalog");
     let (push_at, push_batch, push_took) = pushes.last().copied().expect("owners");
     eprintln!(
@@ -391,7 +397,16 @@ async fn thirty_owners(pace: Pace) {
     // `catalog ls` lists every import by its name.
     let ls = bob.run(&["catalog", "ls"]).await;
     ls.assert_success("ls");
-    let listed = ls.stdout.lines().skip_while(|l| !l.starts_with("imported")).skip(1).count();
+    // The imported section ends where the next header (presence, pending shares) starts; the
+    // hub, which every account imports, aside.
+    let listed = ls
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("imported"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter(|l| !l.trim_start().starts_with("hub "))
+        .count();
     assert_eq!(listed, OWNERS * CATALOGS_PER_OWNER, "catalog ls");
     assert!(ls.stdout.contains(&format!("  movies@owner01 from {} (owner01)", owners[1].key())), "{}", ls.stdout);
 
@@ -474,7 +489,8 @@ async fn a_refused_push_changes_nothing_and_same_names_both_mount() {
     if fuse_available_for("imports_scale::a_refused_push_changes_nothing_and_same_names_both_mount (its mount part)") {
         let m = Mounted::start(&carol.home, &[]);
         let root = m.path().to_path_buf();
-        let names = bounded("root listing", MOUNT_IO_DEADLINE, move || file_names(&root));
+        let mut names = bounded("root listing", MOUNT_IO_DEADLINE, move || file_names(&root));
+        names.retain(|n| n != "hub");
         assert_eq!(names, ["movies", "movies@bob"], "both owners' movies, the first keeping its name");
         for (dir, film) in [("movies", &films[0]), ("movies@bob", &films[1])] {
             let path = m.path().join(dir).join("film.bin");
@@ -527,7 +543,7 @@ async fn a_refused_push_changes_nothing_and_same_names_both_mount() {
     agree().await;
     let operator = Operator::load(&Home::at(&op_home)).expect("operator");
     assert_eq!(operator.owner_imports("carol").expect("owners"), vec![alice.key(), dave.key()]);
-    let names: Vec<String> = carol.context().imports.iter().map(|i| i.catalog.clone()).collect();
+    let names: Vec<String> = carol.context().imports.iter().map(|i| i.catalog.clone()).filter(|c| c != "hub").collect();
     assert_eq!(names, ["movies", "movies"]);
 
     // With no server running there is nothing to disagree with: the change is stored, and the
@@ -580,7 +596,7 @@ async fn soak_per_catalog_imports_for_comparison() {
                 assert!(n > 400, "failed early: {e:#}");
                 let after = (std::fs::read(&context_file).unwrap(), std::fs::read(&local_jwt).unwrap());
                 assert!(after == before, "the failed import changed the context or the local JWT");
-                assert_eq!(carol.context().imports.len(), n - 1);
+                assert_eq!(carol.context().imports.iter().filter(|i| i.catalog != "hub").count(), n - 1);
                 // The server either kept the old JWT or (a push whose answer came too late)
                 // applied the new one after all; then the same import again makes them agree.
                 let sys = connect(&carol.context().server, &operator.system_creds(), STEP).await.expect("sys");

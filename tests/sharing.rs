@@ -108,7 +108,7 @@ async fn share_import_read_refuse_and_unshare() {
     let mut eve_media = eve_nats.subscribe("natster.media.>").await.unwrap();
     let mut eve_owner_media = eve_nats.subscribe("natster.from.*.media.>").await.unwrap();
     eve_nats.flush().await.unwrap();
-    let eve_import = w.eve.context().imports[0].clone();
+    let eve_import = w.eve.context().imports.into_iter().find(|i| i.catalog == "media").unwrap();
     assert_eq!(
         eve_import,
         ImportedCatalog { owner_name: Some("alice".into()), ..ImportedCatalog::via_owner("media", &alice_key) },
