@@ -162,7 +162,7 @@ impl Catalog {
 }
 
 /// JSON files of the home that are not catalogs (server pins, `up`'s serve marks).
-const NOT_CATALOGS: &[&str] = &["known_servers", "at-login"];
+pub const NOT_CATALOGS: &[&str] = &["known_servers", "at-login"];
 
 /// Names of the catalogs indexed in `home` (its `<name>.json` files), sorted.
 pub fn catalog_names(home: &Home) -> Vec<String> {

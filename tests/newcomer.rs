@@ -122,6 +122,17 @@ async fn catalog_new_refuses_a_name_already_imported_per_catalog() {
     assert!(new.stderr.contains(&expected), "{}", new.stderr);
     assert_one_line(&new, "catalog new");
     assert!(!w.bob.home.path().join("media.json").exists(), "the refused catalog was written");
+
+    // The home's own files (server pins, `up`'s serve marks) are not catalog names.
+    for reserved in ["known_servers", "at-login"] {
+        let pins_before = std::fs::read(w.bob.home.path().join(format!("{reserved}.json"))).ok();
+        let new = w.bob.run(&["catalog", "new", reserved, dir.path().to_str().unwrap()]).await;
+        new.assert_failure("catalog new of a reserved name");
+        assert!(new.stderr.contains("natster-mount's own files"), "{}", new.stderr);
+        assert_one_line(&new, "catalog new of a reserved name");
+        let after = std::fs::read(w.bob.home.path().join(format!("{reserved}.json"))).ok();
+        assert_eq!(pins_before, after, "{reserved}.json was overwritten");
+    }
 }
 
 /// Item 2: after `init --server URL --creds FILE` the account comes from the creds, so an

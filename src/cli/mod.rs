@@ -144,6 +144,9 @@ fn bar(total: u64, what: &str) -> ProgressBar {
 
 pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str>, force: bool) -> Result<()> {
     protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    if crate::index::NOT_CATALOGS.contains(&name) {
+        bail!("'{name}' is the name of one of natster-mount's own files in the home; pick another catalog name");
+    }
     // A per-catalog import uses the unaliased subjects an own catalog of that name would
     // answer on; imports through their owner (`natster.from.<owner>…`) never clash.
     let per_catalog =
