@@ -38,7 +38,8 @@ pub struct MountArgs {
     pub gid: Option<u32>,
 }
 
-fn mount_options(g: &Globals, args: &MountArgs) -> Result<crate::fs::mount::MountOptions> {
+/// What a mount (or the web UI, on the same read engine) runs with; checks `--cache-size`.
+pub(super) fn mount_options(g: &Globals, args: &MountArgs) -> Result<crate::fs::mount::MountOptions> {
     if args.cache_size < 4 * 1024 * 1024 {
         bail!("--cache-size must be at least 4M (one chunk per open file needs room)");
     }

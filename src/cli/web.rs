@@ -9,9 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 
 use super::Globals;
-use crate::client::ClientOptions;
-use crate::fs::mount::{gather_catalogs, spawn_listing_refresh, MountOptions};
-use crate::fs::{FsOptions, NatsterFs};
+use crate::fs::mount::{gather_catalogs, spawn_listing_refresh};
+use crate::fs::NatsterFs;
 use crate::web::{self, NoGlobalService, TlsFiles, WebContext, WebOptions};
 
 pub struct WebArgs {
@@ -33,25 +32,19 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
     };
     let web_options = WebOptions { listen: args.listen, tls: tls.clone(), insecure_http: args.insecure_http };
     web::check_listen(&web_options)?;
-    if args.cache_size < 4 * 1024 * 1024 {
-        bail!("--cache-size must be at least 4M (one chunk per open file needs room)");
-    }
-    let context = g.load_context()?;
-    let options = MountOptions {
-        fs: FsOptions {
-            cache_bytes: usize::try_from(args.cache_size).unwrap_or(usize::MAX),
-            read_timeout: args.read_timeout,
-            ..FsOptions::default()
-        },
+    // The mount's options: the same read engine, cache and client timeouts.
+    let engine = super::MountArgs {
+        mountpoint: PathBuf::new(),
+        cache_size: args.cache_size,
+        read_timeout: args.read_timeout,
         listing_ttl: args.listing_ttl,
-        client: ClientOptions {
-            request_timeout: g.timeout.min(args.read_timeout),
-            chunk_timeout: (args.read_timeout / 4).max(Duration::from_millis(200)),
-            retries: 2,
-            ..ClientOptions::default()
-        },
+        foreground: true,
         allow_other: false,
+        uid: None,
+        gid: None,
     };
+    let options = super::up::mount_options(g, &engine)?;
+    let context = g.load_context()?;
     let nats = context.connect(g.timeout).await?;
     let gathered = {
         let (home, context, nats, options) = (g.home.clone(), context.clone(), nats.clone(), options.clone());

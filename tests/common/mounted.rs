@@ -66,9 +66,15 @@ pub fn fuse_available() -> bool {
 /// and as one line appended to the file named by `NATSTER_SKIP_LOG`, which scripts/test.sh
 /// counts, so a skip is never reported as a pass.
 pub fn fuse_available_for(test: &str) -> bool {
-    let Some(reason) = fuse_missing() else { return true };
+    runnable_or_skipped(test, "FUSE", fuse_missing())
+}
+
+/// Whether `test`, which needs `what`, can run: `missing` is why not. Without it, under
+/// `CI=true` it panics; otherwise it records the skip as [`fuse_available_for`] says.
+pub fn runnable_or_skipped(test: &str, what: &str, missing: Option<String>) -> bool {
+    let Some(reason) = missing else { return true };
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs FUSE and CI=true forbids skipping it: {reason}");
+        panic!("{test} needs {what} and CI=true forbids skipping it: {reason}");
     }
     let line = format!("SKIPPED {test}: {reason}\n");
     eprint!("{line}");

@@ -165,18 +165,7 @@ pub fn chromium_missing() -> Option<String> {
 /// Whether browser test `test` can run; records it as skipped (NATSTER_SKIP_LOG) if not, and
 /// fails under CI=true, like the FUSE tests.
 pub fn chromium_available_for(test: &str) -> bool {
-    let Some(reason) = chromium_missing() else { return true };
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{test} needs chromium and CI=true forbids skipping it: {reason}");
-    }
-    let line = format!("SKIPPED {test}: {reason}\n");
-    eprint!("{line}");
-    if let Some(log) = std::env::var_os("NATSTER_SKIP_LOG") {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("NATSTER_SKIP_LOG");
-        f.write_all(line.as_bytes()).expect("write NATSTER_SKIP_LOG");
-    }
-    false
+    crate::common::mounted::runnable_or_skipped(test, "chromium", chromium_missing())
 }
 
 /// chromedriver (and through it a headless Chromium) in a process group of its own; Drop

@@ -47,6 +47,16 @@ async fn get(web: &WebUi, cookie: &str, path: &str, headers: &[(&str, &str)]) ->
     tokio::time::timeout(Duration::from_secs(30), request.send()).await.expect("request timed out").expect("request")
 }
 
+/// A JSON POST with the session `cookie`, as the page's forms send it.
+async fn post_json(web: &WebUi, cookie: &str, path: &str, body: serde_json::Value) -> reqwest::Response {
+    let request = http()
+        .post(web.url(path))
+        .header("cookie", cookie)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    tokio::time::timeout(Duration::from_secs(30), request.send()).await.expect("request timed out").expect("request")
+}
+
 async fn json(response: reqwest::Response) -> serde_json::Value {
     let text = response.text().await.expect("body");
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -333,28 +343,14 @@ async fn share_and_unshare_from_the_page_and_the_cli_are_pushed_live() {
 
     // Unshare through the API, as the page's button does.
     seen.clear();
-    let r = http()
-        .post(web.url("/api/catalogs/media/unshare"))
-        .header("cookie", &cookie)
-        .header("content-type", "application/json")
-        .body(serde_json::json!({ "account": key }).to_string())
-        .send()
-        .await
-        .expect("unshare");
+    let r = post_json(web, &cookie, "/api/catalogs/media/unshare", serde_json::json!({ "account": key })).await;
     assert_eq!(r.status(), 200);
     assert!(json(r).await["message"].as_str().unwrap().contains("no longer shared"));
     sse_until(&mut events, &mut seen, "event: shares", Duration::from_secs(4)).await;
     let list = natster_mount::shares::ShareList::load(&s.home.home(), "media").expect("share list");
     assert!(list.accounts.is_empty(), "{list:?}");
     // Unsharing again says what is wrong.
-    let r = http()
-        .post(web.url("/api/catalogs/media/unshare"))
-        .header("cookie", &cookie)
-        .header("content-type", "application/json")
-        .body(serde_json::json!({ "account": key }).to_string())
-        .send()
-        .await
-        .expect("unshare");
+    let r = post_json(web, &cookie, "/api/catalogs/media/unshare", serde_json::json!({ "account": key })).await;
     assert_eq!(r.status(), 400);
     assert!(json(r).await["error"].as_str().unwrap().contains("not shared"));
 }
