@@ -938,9 +938,7 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
                 due
             }
             Some(msg) = next_message(&mut notices) => {
-                let notice = (msg.payload.len() <= protocol::MAX_NOTICE_BYTES)
-                    .then(|| serde_json::from_slice::<protocol::Notice>(&msg.payload).ok())
-                    .flatten();
+                let notice = parse_notice(&msg);
                 // The subject's catalog token is what the import routes: the body must agree.
                 let named = msg.subject.split('.').nth(2);
                 match notice {
@@ -949,9 +947,7 @@ async fn keep_fresh(refresher: Arc<Refresher>, nats: async_nats::Client, mut con
                 }
             }
             Some(msg) = next_message(&mut owner_notices) => {
-                let notice = (msg.payload.len() <= protocol::MAX_NOTICE_BYTES)
-                    .then(|| serde_json::from_slice::<protocol::Notice>(&msg.payload).ok())
-                    .flatten();
+                let notice = parse_notice(&msg);
                 // The owner and catalog tokens are what the per-owner import routes.
                 let tokens: Vec<&str> = msg.subject.split('.').collect();
                 match (notice, tokens.get(2), tokens.get(4)) {
@@ -981,6 +977,14 @@ async fn presence_from_shares(fs: Arc<NatsterFs>, global: GlobalClient) {
         }
         Err(e) => tracing::debug!("no presence from the global service: {e}"),
     }
+}
+
+/// A catalog server's notice, bounded; None for anything else.
+fn parse_notice(msg: &async_nats::Message) -> Option<protocol::Notice> {
+    if msg.payload.len() > protocol::MAX_NOTICE_BYTES {
+        return None;
+    }
+    serde_json::from_slice(&msg.payload).ok()
 }
 
 async fn next_message(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
