@@ -466,7 +466,12 @@ async fn projections_survive_restarts_and_rebuild_from_the_log() {
         js.delete_key_value(bucket).await.expect("delete bucket");
     }
     let fourth = GlobalServe::start(&net.op, &[]);
-    assert!(fourth.log().contains("rebuilding it from the event log"), "{}", fourth.log());
+    // The projections start beside the request handlers, so their log line may follow
+    // "running": awaited, bounded.
+    wait_for("the rebuild's log line", Duration::from_secs(10), || async {
+        fourth.log().contains("rebuilding it from the event log").then_some(())
+    })
+    .await;
     assert_eq!(settled(&js).await, before, "the rebuilt projections differ");
     alice.run(&["catalog", "share", "media", "eve"]).await.assert_success("share after the rebuild");
     let after = settled(&js).await;
