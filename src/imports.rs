@@ -113,25 +113,42 @@ pub async fn add(home: &Home, context_name: &str, side: AccountSide<'_>, request
     let (mut context, me) = blocking(|| {
         let context = Context::load(home, context_name)?;
         let me = context_account(&context, context_name)?;
-        check_requests(home, &context, &me, requests)?;
         anyhow::Ok((context, me))
     })?;
+    let recorded = |r: &ImportRequest| context.imports.iter().any(|i| i.catalog == r.catalog && i.owner == r.owner);
+    let (repairs, fresh): (Vec<ImportRequest>, Vec<ImportRequest>) = requests.iter().cloned().partition(recorded);
     let applied = match side {
         AccountSide::Managed { operator, account } => {
             let mut claims = managed_claims(operator, account, &me)?;
-            let mut changed = false;
-            for request in requests {
+            // A catalog the context records but whose imports the JWT lacks (an unshare removed
+            // its per-catalog imports) is repaired; one that lacks nothing is already imported.
+            for request in &repairs {
+                if !add_to_jwt(&mut claims, &me, request)? {
+                    blocking(|| check_requests(home, &context, &me, std::slice::from_ref(request)))?;
+                }
+            }
+            blocking(|| check_requests(home, &context, &me, &fresh))?;
+            let mut changed = !repairs.is_empty();
+            for request in &fresh {
                 changed |= add_to_jwt(&mut claims, &me, request)?;
             }
             apply(operator, account, &context.server, claims, changed).await?
         }
-        AccountSide::External => Applied::Unchanged,
+        AccountSide::External => {
+            blocking(|| check_requests(home, &context, &me, requests))?;
+            Applied::Unchanged
+        }
     };
     let records: Vec<ImportedCatalog> = requests.iter().map(ImportRequest::record).collect();
     if context.account_public_key.is_none() {
         context.account_public_key = Some(me);
     }
-    context.imports.extend(records.iter().cloned());
+    let new: Vec<ImportedCatalog> = records
+        .iter()
+        .filter(|r| !context.imports.iter().any(|i| i.catalog == r.catalog && i.owner == r.owner))
+        .cloned()
+        .collect();
+    context.imports.extend(new);
     blocking(|| context.save(home, context_name))?;
     Ok(Added { imports: records, applied, context })
 }
@@ -171,6 +188,27 @@ pub async fn remove(home: &Home, context_name: &str, side: AccountSide<'_>, name
     context.imports.retain(|i| *i != import);
     blocking(|| context.save(home, context_name))?;
     Ok(Removed { import, applied, context })
+}
+
+/// After `owner` unshares `catalog` with `importer` (an account the local operator manages):
+/// removes the importer's per-catalog imports of it (the original's two imports, which cost
+/// JWT space per catalog and would otherwise stay forever), server first. The per-owner
+/// imports stay: they carry every other catalog of the owner, cost nothing per catalog, and
+/// let the importer's mount hear the refusal (403: the folder empties) and a later re-share.
+/// The importer's context keeps its record; its mount shows the folder empty.
+pub async fn revoke_per_catalog(
+    operator: &mut Operator,
+    url: &str,
+    importer: &str,
+    owner: &str,
+    catalog: &str,
+) -> Result<Applied> {
+    let Some(record) = operator.account_by_key(importer) else { return Ok(Applied::Unchanged) };
+    let mut claims = managed_claims(operator, &record.name, importer)?;
+    let before = claims.nats.imports.len();
+    claims.nats.imports.retain(|i| !(i.account == owner && imported_catalog(i, importer) == Some(catalog)));
+    let changed = claims.nats.imports.len() != before;
+    apply(operator, &record.name, url, claims, changed).await
 }
 
 /// Refuses, before anything changes, what cannot be imported.

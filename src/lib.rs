@@ -10,7 +10,9 @@
 //! (the account token that nats-server writes into every imported request, checked against
 //! the owner's share list); authenticity on signatures checked offline by each end (`identity`:
 //! the catalog server signs `get` and `open` replies with its user nkey and the JWT its
-//! account issued, the reader signs its `open`), so neither another account, nor another user
+//! account issued, directly or through one of its signing keys, whose listing in the account
+//! JWT the reader checks up to a trusted (or first-met, then pinned) operator; the reader
+//! signs its `open` the same way), so neither another account, nor another user
 //! of the reader's account, nor a NATS server in between can answer as the owner or learn a
 //! session key; confidentiality and integrity of media on per-session AEAD keys (`crypto`);
 //! and every v2 chunk is bound to the listing (`chunk_tree`): the index keeps a BLAKE3 tree

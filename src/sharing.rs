@@ -251,8 +251,30 @@ pub async fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -
         list.save(&g.home)?;
         outln!("catalog '{catalog}' no longer shared with {}", account_label(g, &key));
         crate::cli::network::shared(g, catalog, &key, false).await;
+        revoke_imports(g, context.as_ref(), catalog, &key).await;
     }
     Ok(())
+}
+
+/// After an unshare, the importer's per-catalog imports of the catalog go too when this
+/// machine's operator manages its account ([`imports::revoke_per_catalog`]). The share list
+/// already refuses the importer; a failure here only leaves an import that reads nothing.
+async fn revoke_imports(g: &Globals, context: Option<&Context>, catalog: &str, importer: &str) {
+    let Some(owner) = context.and_then(|c| c.account_public_key.clone()) else { return };
+    let Ok(mut operator) = Operator::load(&operator_home(g)) else { return };
+    let url = match context.map(|c| c.server.clone()) {
+        Some(url) => url,
+        None => return,
+    };
+    match imports::revoke_per_catalog(&mut operator, &url, importer, &owner, catalog).await {
+        Ok(Applied::Unchanged) => {}
+        Ok(_) => outln!("removed {}'s per-catalog import of '{catalog}' from its account", account_label(g, importer)),
+        Err(e) => eprintln!(
+            "note: {}'s per-catalog import of '{catalog}' stays in its account ({e:#}); it reads nothing, as the share \
+             list refuses it",
+            account_label(g, importer)
+        ),
+    }
 }
 
 fn own_key_hint(context: Option<&Context>) -> String {

@@ -475,3 +475,38 @@ async fn requests_are_answered_while_a_reload_is_stuck() {
     let stopped = tokio::time::timeout(STOP_BOUND, task).await.expect("server stops promptly");
     stopped.expect("server task").expect("server run");
 }
+
+/// A catalog server is a NATS micro service: `$SRV.PING`, `$SRV.INFO` and `$SRV.STATS` (what
+/// `nats micro ls/info/stats` send) answer with its catalog, its endpoints, and per endpoint
+/// the requests served and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catalog_server_answers_the_micro_service_discovery_subjects() {
+    let server = NatsServer::start();
+    let (home, _tree) = home_with_catalog(&server, &[("a.txt", b"abc".to_vec())]).await;
+    let _served = Served::start(&home, &server, CATALOG).await;
+    let nats = connect(&server.url()).await;
+
+    let ping = raw_request(&nats, "$SRV.PING.natster-catalog", "").await;
+    assert_eq!(ping["name"], "natster-catalog", "{ping}");
+    assert_eq!(ping["metadata"]["catalog"], CATALOG, "{ping}");
+    let info = raw_request(&nats, "$SRV.INFO.natster-catalog", "").await;
+    let endpoints: Vec<&str> =
+        info["endpoints"].as_array().expect("endpoints").iter().filter_map(|e| e["name"].as_str()).collect();
+    for name in ["get", "get-own", "download", "open", "read", "close"] {
+        assert!(endpoints.contains(&name), "endpoint {name} in {endpoints:?}");
+    }
+
+    // Two listings and one malformed open, on the owner's own subjects.
+    for _ in 0..2 {
+        listing(&nats).await;
+    }
+    let bad = raw_request(&nats, &format!("natster.catalog.{CATALOG}.open"), "not json").await;
+    assert_eq!(code(&bad), 400, "{bad}");
+    let stats = raw_request(&nats, "$SRV.STATS.natster-catalog", "").await;
+    let endpoint = |name: &str| {
+        stats["endpoints"].as_array().expect("endpoints").iter().find(|e| e["name"] == name).cloned().expect(name)
+    };
+    assert!(endpoint("get-own")["num_requests"].as_u64() >= Some(2), "{stats}");
+    assert_eq!(endpoint("open-own")["data"]["refused"], 1, "{stats}");
+    assert_eq!(endpoint("get-own")["data"]["refused"], 0, "{stats}");
+}

@@ -152,7 +152,8 @@ async fn share_import_read_refuse_and_unshare() {
     // A reader on bob's connection signing as eve does not pass for bob: the server checks the
     // signed identity against the account nats-server put in the subject.
     let eve_creds = w.eve.context().creds.expect("eve's creds");
-    let eve_identity = std::sync::Arc::new(Identity::from_creds_file(&eve_creds).expect("eve identity"));
+    let eve_identity =
+        std::sync::Arc::new(Identity::from_creds_file(&w.eve.home.home(), &eve_creds).expect("eve identity"));
     let alice_key = w.alice.key();
     let posing = CatalogClient::for_import(
         w.bob.nats().await,
@@ -245,4 +246,100 @@ impl ContextPath for TestHome {
     fn context_path(&self) -> PathBuf {
         self.home().context_path("default")
     }
+}
+
+/// nsc and Synadia Cloud issue users with one of the account's signing keys, not the account
+/// key. Alice's catalog server runs as such a user: bob refuses it, naming what is missing,
+/// while it sends no chain, and reads it byte-identical once it sends alice's account JWT
+/// (which lists the signing key); the operator that JWT is signed by is pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_user_issued_by_a_signing_key_is_trusted_through_its_account_jwt() {
+    use natster_mount::accounts::jwt::{self, Claims, UserNats};
+    use natster_mount::accounts::{format_creds, Operator};
+    use natster_mount::context::Home;
+
+    let mut w = world().await;
+    let alice_key = w.alice.key();
+    w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
+    w.bob.run(&["catalog", "import", "media", "alice"]).await.assert_success("import");
+    drop(w.serve.take());
+
+    // A signing key in alice's account JWT, pushed to the server.
+    let signer = nkeys::KeyPair::new_account();
+    let mut operator = Operator::load(&Home::at(&w.alice.operator_home)).expect("operator");
+    let mut claims = operator.account_claims("alice").expect("alice's claims");
+    claims.nats.signing_keys.push(signer.public_key().into());
+    let pending = operator.prepare_account("alice", claims).expect("sign");
+    let account_jwt = pending.jwt().to_string();
+    operator.apply_account(&w.alice.context().server, pending).await.expect("push alice's JWT");
+
+    // A user issued by that key on alice's behalf, as `nsc add user` makes one.
+    let user = nkeys::KeyPair::new_user();
+    let mut nats = UserNats::unlimited();
+    nats.issuer_account = Some(alice_key.clone());
+    let token = jwt::encode(&mut Claims::new("alice-server", &user.public_key(), nats), &signer).expect("user JWT");
+    let creds = w.alice.home.path().join("signing-key.creds");
+    std::fs::write(&creds, format_creds(&token, &user.seed().expect("seed"))).expect("creds");
+    let mut context = w.alice.context();
+    context.creds = Some(creds);
+    context.save(&w.alice.home.home(), "default").expect("context");
+
+    let out = w.bob.home.path().join("clip.bin");
+    let target = out.to_str().unwrap().to_string();
+    let download = || async { w.bob.run(&["catalog", "download", "media", "/films/clip.bin", &target]).await };
+    {
+        let _serve = Serve::start(&w.alice, "media");
+        let refused = wait_for("bob to refuse the chainless server", Duration::from_secs(30), || async {
+            let run = download().await;
+            (!run.status.success() && run.stderr.contains("no account JWT came with it")).then_some(run)
+        })
+        .await;
+        eprintln!("refused: {}", refused.stderr.trim());
+        assert!(!out.exists(), "nothing is written from a refused server");
+    }
+
+    let chain = w.alice.home.path().join("chain");
+    std::fs::create_dir_all(&chain).expect("chain dir");
+    std::fs::write(chain.join(format!("{alice_key}.jwt")), &account_jwt).expect("chain file");
+    let _serve = Serve::start(&w.alice, "media");
+    wait_for("bob's download through the signing-key chain", Duration::from_secs(30), || async {
+        download().await.status.success().then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(w.tree.path().join("films/clip.bin")).unwrap());
+    let pins = std::fs::read_to_string(w.bob.home.path().join("known_servers.json")).expect("bob's pins");
+    assert!(pins.contains(&operator.public_key()), "the operator is pinned: {pins}");
+}
+
+/// `unshare` takes the importer's per-catalog imports (the original's, which cost JWT space per
+/// catalog) out of its account JWT when the local operator manages it; importing again after
+/// a new share puts them back instead of saying "already imported".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unshare_removes_per_catalog_imports_and_a_new_import_restores_them() {
+    use natster_mount::accounts::Operator;
+    use natster_mount::context::Home;
+
+    let w = world().await;
+    let per_catalog = || {
+        let operator = Operator::load(&Home::at(&w.bob.operator_home)).expect("operator");
+        let imports = operator.catalog_imports("bob").expect("bob's imports").into_iter().map(|i| i.catalog);
+        imports.filter(|c| c != natster_mount::accounts::HUB_CATALOG).collect::<Vec<_>>()
+    };
+    w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share");
+    w.bob.run(&["catalog", "import", "media", "alice", "--per-catalog"]).await.assert_success("import");
+    assert_eq!(per_catalog(), ["media"]);
+    within("bob's listing", w.bob.client("media").await.get()).await.expect("bob reads");
+
+    let unshare = w.alice.run(&["catalog", "unshare", "media", "bob"]).await;
+    unshare.assert_success("unshare");
+    assert!(unshare.stdout.contains("removed") && unshare.stdout.contains("per-catalog import"), "{}", unshare.stdout);
+    assert!(per_catalog().is_empty(), "the per-catalog imports are gone: {:?}", per_catalog());
+    let cut = within("bob's listing after the unshare", w.bob.client("media").await.get()).await;
+    assert!(cut.is_err(), "bob reads nothing: {cut:?}");
+
+    w.alice.run(&["catalog", "share", "media", "bob"]).await.assert_success("share again");
+    w.bob.run(&["catalog", "import", "media", "alice", "--per-catalog"]).await.assert_success("import again");
+    assert_eq!(per_catalog(), ["media"]);
+    assert_eq!(w.bob.context().imports.iter().filter(|i| i.catalog == "media").count(), 1, "recorded once");
+    within("bob's listing after the new share", w.bob.client("media").await.get()).await.expect("bob reads again");
 }

@@ -158,6 +158,10 @@ pub struct AccountNats {
     pub exports: Vec<Export>,
     #[serde(default)]
     pub limits: AccountLimits,
+    /// Keys that may issue user JWTs for the account (plain keys, or scoped ones as objects
+    /// with a `key`): kept as found, so re-signing an nsc-made account keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_keys: Vec<serde_json::Value>,
     #[serde(rename = "type")]
     pub claim_type: String,
     #[serde(default)]

@@ -214,6 +214,7 @@ mod tests {
                 imports: Vec::new(),
                 exports: natster_exports(),
                 limits: AccountLimits::unlimited(true),
+                signing_keys: Vec::new(),
                 claim_type: ACCOUNT.into(),
                 version: VERSION,
             },

@@ -151,6 +151,7 @@ impl Operator {
                 imports: Vec::new(),
                 exports: Vec::new(),
                 limits: AccountLimits::unlimited(false),
+                signing_keys: Vec::new(),
                 claim_type: jwt::ACCOUNT.into(),
                 version: jwt::VERSION,
             },

@@ -238,6 +238,7 @@ impl CatalogClient {
         identity: Arc<Identity>,
         pins: Arc<PinStore>,
     ) -> Result<Self> {
+        pins.trust_own_operator(&identity);
         let trust = Trust::account(&import.owner, &import.catalog, pins);
         Self::trusting_via(nats, &import.catalog, import.route(), options, identity, trust)
     }
@@ -251,6 +252,7 @@ impl CatalogClient {
         identity: Arc<Identity>,
         pins: Arc<PinStore>,
     ) -> Result<Self> {
+        pins.trust_own_operator(&identity);
         let trust = match owner {
             Some(owner) => Trust::account(owner, catalog, pins),
             None => Trust::pin(catalog, pins),

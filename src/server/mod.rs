@@ -5,7 +5,7 @@
 //! Layout: this module holds the public face, dispatch, the listing and housekeeping;
 //! [`v1`] the original's whole-file `download` (queued, bounded), [`v2`] ranged-read sessions,
 //! [`files`] file access beneath the root and the identity checks, [`trees`] the chunk trees
-//! v2 sessions prove chunks with.
+//! v2 sessions prove chunks with, [`service`] the NATS micro service it registers as.
 //!
 //! Invariants:
 //! - Every request is handled on its own task, so one slow reader does not stall the others;
@@ -23,6 +23,7 @@
 
 mod files;
 pub mod heartbeat;
+mod service;
 mod trees;
 mod v1;
 mod v2;
@@ -39,7 +40,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::context::Home;
-use crate::identity::{Identity, Purpose};
+use crate::identity::{Identity, PinStore, Purpose};
 use crate::index::{Catalog, IndexEntry};
 use crate::protocol::{self, error_reply, Caller, Envelope, Operation};
 use crate::shares::LiveShareList;
@@ -146,10 +147,14 @@ struct Shared {
     trees: trees::Trees,
     /// The key replies are signed with (the serving user's, from its creds).
     identity: Arc<Identity>,
+    /// Operators a reader's signing-key chain may end at.
+    pins: Arc<PinStore>,
     /// True once the subscriptions are in place (see [`ServerHandle::serving`]).
     serving: tokio::sync::watch::Sender<bool>,
     /// Callers answered recently, for `status` (bounded: see [`Shared::note_reader`]).
     readers: Mutex<HashMap<String, std::time::Instant>>,
+    /// What `$SRV.STATS` shows beside the service library's own counts.
+    counters: Arc<service::Counters>,
 }
 
 /// A request refused with an envelope error code.
@@ -185,6 +190,9 @@ impl CatalogServer {
                 "--allow-all: EVERY account that imports this catalog can read it, share list ignored"
             );
         }
+        let identity = options.identity.clone().unwrap_or_else(|| Arc::new(Identity::ephemeral()));
+        let pins = PinStore::in_home(&home);
+        pins.trust_own_operator(&identity);
         Ok(CatalogServer {
             shared: Arc::new(Shared {
                 shares: Mutex::new(LiveShareList::new(home.clone(), name)),
@@ -193,7 +201,8 @@ impl CatalogServer {
                 name: name.to_string(),
                 v1: v1::Queue::new(options.max_v1_transfers, options.max_v1_waiting),
                 reads: Arc::new(Semaphore::new(MAX_CONCURRENT_READS)),
-                identity: options.identity.clone().unwrap_or_else(|| Arc::new(Identity::ephemeral())),
+                identity,
+                pins,
                 options,
                 loaded: RwLock::new(Arc::new(loaded)),
                 sessions: Mutex::new(lru::LruCache::new(max)),
@@ -201,6 +210,7 @@ impl CatalogServer {
                 trees: trees::Trees::default(),
                 serving: tokio::sync::watch::channel(false).0,
                 readers: Mutex::new(HashMap::new()),
+                counters: Arc::default(),
             }),
         })
     }
@@ -209,30 +219,24 @@ impl CatalogServer {
     /// not NATS is reachable.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         let s = &self.shared;
-        let queue = format!("natster-catalog-{}", s.name);
-        // An original Natster server subscribes to `get` and `download` only; v1-only mode does
-        // the same, so v2 requests find no responder, exactly as against an original peer.
-        let ops: &[&str] = if s.options.v1_only { &["get", "download"] } else { &["*"] };
-        let mut subjects = Vec::new();
-        for op in ops {
-            subjects.push(format!("natster.catalog.{}.{op}", s.name));
-            subjects.push(format!("*.natster.catalog.{}.{op}", s.name));
-        }
         tokio::pin!(shutdown);
-        let mut subscriptions = Vec::new();
-        for subject in subjects {
-            let sub = s.nats.queue_subscribe(subject.clone(), queue.clone()).await.with_context(|| {
-                format!("cannot subscribe to {subject}; check that your user may subscribe to natster.catalog.>")
-            })?;
-            subscriptions.push(sub);
-        }
+        let revision = s.loaded().catalog.revision();
+        let description = service::Description {
+            catalog: &s.name,
+            revision: &revision,
+            protocol: if s.options.v1_only { 1 } else { protocol::PROTOCOL_VERSION },
+            v1_only: s.options.v1_only,
+        };
+        let service::Registered { service, mut requests } = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            registered = service::register(&s.nats, description, s.counters.clone()) => registered?,
+        };
         // Make sure the server has our subscriptions before we say we are serving (bounded by
         // the stop signal: a flush waits for a connection that may be down).
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             flushed = s.nats.flush() => flushed.context("NATS connection lost while subscribing")?,
         }
-        let revision = s.loaded().catalog.revision();
         tracing::info!(catalog = %s.name, %revision, entries = s.loaded().catalog.entries.len(), "serving");
         let without_tree = s.loaded().catalog.entries.iter().filter(|e| e.tree.is_none()).count();
         if without_tree > 0 {
@@ -244,14 +248,13 @@ impl CatalogServer {
 
         let housekeeping = tokio::spawn(self.shared.clone().housekeeping());
         let verification = tokio::spawn(self.shared.clone().verify_unverified(s.loaded()));
-        let mut requests = futures::stream::select_all(subscriptions);
         let outcome = loop {
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
-                msg = requests.next() => match msg {
-                    Some(msg) => {
+                next = requests.next() => match next {
+                    Some((op, request)) => {
                         let shared = self.shared.clone();
-                        tokio::spawn(async move { shared.handle(msg).await });
+                        tokio::spawn(async move { shared.handle(op, request).await });
                     }
                     // async-nats re-subscribes after every reconnect; the stream ends only
                     // when the client itself is closed, which nothing here can repair.
@@ -262,6 +265,10 @@ impl CatalogServer {
             }
         };
         s.serving.send_replace(false);
+        drop(requests);
+        if tokio::time::timeout(STOP_FLUSH, service.stop()).await.is_err() {
+            tracing::debug!("NATS unreachable while unregistering the service");
+        }
         housekeeping.abort();
         verification.abort();
         let beat = heartbeat::heartbeat(&s.loaded().catalog, s.identity.account().unwrap_or_default());
@@ -499,14 +506,19 @@ impl Shared {
         Ok((entry, file, identity))
     }
 
-    async fn handle(self: Arc<Self>, msg: async_nats::Message) {
+    async fn handle(self: Arc<Self>, op: Operation, request: async_nats::service::Request) {
+        let msg = &request.message;
         let Some(reply) = msg.reply.clone() else {
             tracing::debug!(subject = %msg.subject, "request without reply subject ignored");
             return;
         };
-        let Some((caller, op)) = protocol::parse_request_subject(&msg.subject, &self.name) else {
-            let _ = self.nats.publish(reply, error_reply(400, "unknown operation or malformed subject").into()).await;
-            return;
+        let caller = match protocol::parse_request_subject(&msg.subject, &self.name) {
+            Some((caller, parsed)) if parsed == op => caller,
+            _ => {
+                self.counters.refused(op);
+                let _ = request.respond(Ok(error_reply(400, "malformed subject").into())).await;
+                return;
+            }
         };
         let result = match self.authorize(&caller).await {
             Err(r) => Err(r),
@@ -525,14 +537,18 @@ impl Shared {
             Ok(body) => body,
             Err(Refusal(code, message)) => {
                 tracing::info!(caller = %caller, op = op.as_str(), code, "{message}");
+                self.counters.refused(op);
                 error_reply(code, &message).into()
             }
         };
-        if !body.is_empty() {
-            let len = body.len();
-            if let Err(e) = self.nats.publish(reply, body).await {
-                tracing::warn!(op = op.as_str(), bytes = len, "reply not sent: {e}");
-            }
+        if body.is_empty() {
+            // Answered on the reply subject by the operation itself (chunks).
+            self.counters.streamed(op);
+            return;
+        }
+        let len = body.len();
+        if let Err(e) = request.respond(Ok(body)).await {
+            tracing::warn!(op = op.as_str(), bytes = len, "reply not sent: {e}");
         }
     }
 

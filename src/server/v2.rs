@@ -118,6 +118,9 @@ impl Shared {
         let parts: [&[u8]; 3] = [self.name.as_bytes(), req.hash.as_bytes(), req.client_xkey.as_bytes()];
         let vouched =
             proof.verify(Purpose::Reader, &parts).map_err(|e| refuse(403, format!("reader identity refused: {e}")))?;
+        if let Some(operator) = &vouched.operator {
+            self.pins.check_operator(operator).map_err(|e| refuse(403, format!("reader identity refused: {e}")))?;
+        }
         match (expected, vouched.account.as_deref()) {
             (None, _) => Ok(()),
             (Some(expected), Some(found)) if expected == found => Ok(()),

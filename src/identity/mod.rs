@@ -9,10 +9,11 @@
 //!
 //! Verifying a proof ([`Proof::verify`]) checks the signature and, when a JWT is present, that
 //! the JWT is a well-formed user JWT whose signature verifies against its issuer, that it names
-//! the signing key as its subject, that it has not expired, and which account vouches for it
-//! (the issuer; a JWT issued by a signing key on an account's behalf is refused, as the
-//! account's list of signing keys cannot be checked offline). Whether that account is the
-//! right one is the caller's [`Trust`] decision:
+//! the signing key as its subject, that it has not expired, and which account vouches for it:
+//! the issuer, or for a JWT issued by one of an account's signing keys (`nsc`, Synadia Cloud),
+//! the account named in it, proven by the account JWT (and operator JWT) the proof carries
+//! ([`chain`]); such a chain ends at an operator that the verifier's [`PinStore`] must trust.
+//! Whether that account is the right one is the caller's [`Trust`] decision:
 //! - `Trust::Account(A)`: the catalog's owner is account A (the key it was imported from, or
 //!   our own account): a reply must carry a JWT of A.
 //! - `Trust::Pin`: no accounts (a server without auth): the first key that answers for a
@@ -22,9 +23,10 @@
 //! Invariants: the seed never leaves this module (no accessor, no Debug); signed messages are
 //! domain-separated and length-prefixed, so no signature for one purpose verifies for another.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+mod chain;
+mod pins;
+
+use std::path::Path;
 
 use data_encoding::BASE64URL_NOPAD;
 use nkeys::KeyPair;
@@ -32,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accounts::jwt::{self, UserNats};
 use crate::context::{Context, Home};
+pub use pins::{PinStore, Trust, PINS_FILE};
 
 /// What a signature is for; part of every signed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +88,11 @@ pub enum IdentityError {
     PinMismatch { catalog: String, pinned: String, found: String, file: String },
     #[error("catalog '{0}' answered unsigned, as an original Natster peer would, but it signed its answers before: refusing a downgrade")]
     Downgrade(String),
+    #[error(
+        "signed under operator {found}, which this machine does not trust (it trusts {trusted}); if that operator \
+         is really yours, add its key to the \"@operators\" line of {file}"
+    )]
+    UntrustedOperator { found: String, trusted: String, file: String },
 }
 
 /// A signature by a user nkey over a message, with the JWT that vouches for the key.
@@ -97,6 +105,10 @@ pub struct Proof {
     pub jwt: Option<String>,
     /// base64url of the ed25519 signature.
     pub sig: String,
+    /// When a signing key issued `jwt`: the account's JWT and, if an operator signing key
+    /// issued that, the operator's JWT (see [`chain`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
 }
 
 /// Who a verified proof speaks for.
@@ -105,6 +117,9 @@ pub struct Vouched {
     pub key: String,
     /// The account whose JWT vouches for the key (None without a JWT).
     pub account: Option<String>,
+    /// The operator a signing-key chain ends at (None when the account key itself issued the
+    /// JWT: then the account key is all there is to check).
+    pub operator: Option<String>,
 }
 
 /// Longest JWT accepted in a proof: bounds what a peer makes us parse.
@@ -122,7 +137,9 @@ impl Proof {
             .map_err(|_| IdentityError::BadSignature("signature is not base64url".into()))?;
         key.verify(&message(purpose, parts), &sig)
             .map_err(|_| IdentityError::BadSignature("wrong signature".into()))?;
-        let Some(token) = &self.jwt else { return Ok(Vouched { key: self.key.clone(), account: None }) };
+        let Some(token) = &self.jwt else {
+            return Ok(Vouched { key: self.key.clone(), account: None, operator: None });
+        };
         if token.len() > MAX_JWT {
             return Err(IdentityError::BadJwt(format!("longer than {MAX_JWT} bytes")));
         }
@@ -139,14 +156,16 @@ impl Proof {
         if !crate::protocol::is_account_key(&claims.iss) {
             return Err(IdentityError::BadJwt(format!("its issuer {} is not an account key", claims.iss)));
         }
-        if let Some(on_behalf) = claims.nats.issuer_account.as_deref().filter(|a| *a != claims.iss) {
-            return Err(IdentityError::BadJwt(format!(
-                "it is issued by signing key {} for account {on_behalf}; signing keys cannot be checked offline yet, \
-                 so the catalog server must use a user JWT issued by the account key itself",
-                claims.iss
-            )));
+        match claims.nats.issuer_account.as_deref().filter(|a| *a != claims.iss) {
+            Some(account) => {
+                if !crate::protocol::is_account_key(account) {
+                    return Err(IdentityError::BadJwt(format!("its issuer_account {account:?} is not an account key")));
+                }
+                let operator = chain::verify(&claims.iss, account, &self.chain)?;
+                Ok(Vouched { key: self.key.clone(), account: Some(account.to_string()), operator: Some(operator) })
+            }
+            None => Ok(Vouched { key: self.key.clone(), account: Some(claims.iss), operator: None }),
         }
-        Ok(Vouched { key: self.key.clone(), account: Some(claims.iss) })
     }
 }
 
@@ -155,6 +174,10 @@ pub struct Identity {
     key: KeyPair,
     jwt: Option<String>,
     account: Option<String>,
+    /// Sent beside `jwt` when a signing key issued it.
+    chain: Vec<String>,
+    /// The operator `chain` ends at, when it verifies.
+    operator: Option<String>,
 }
 
 impl std::fmt::Debug for Identity {
@@ -169,18 +192,20 @@ const IDENTITY_FILE: &str = "identity.nk";
 impl Identity {
     /// A fresh identity with no JWT (for tests and in-process servers).
     pub fn ephemeral() -> Identity {
-        Identity { key: KeyPair::new_user(), jwt: None, account: None }
+        Identity { key: KeyPair::new_user(), jwt: None, account: None, chain: Vec::new(), operator: None }
     }
 
     /// The identity of a context: its creds' user nkey and JWT, or else the home's own key.
     pub fn load(home: &Home, context: &Context) -> anyhow::Result<Identity> {
         match &context.creds {
-            Some(creds) => Self::from_creds_file(creds),
+            Some(creds) => Self::from_creds_file(home, creds),
             None => Self::home_key(home),
         }
     }
 
-    pub fn from_creds_file(path: &Path) -> anyhow::Result<Identity> {
+    /// The identity of a creds file; a user JWT issued by a signing key gets its chain from
+    /// `home` or the nsc store ([`chain::find`]), else a warning: readers will refuse it.
+    pub fn from_creds_file(home: &Home, path: &Path) -> anyhow::Result<Identity> {
         use anyhow::Context as _;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read creds file {}", path.display()))?;
@@ -196,8 +221,28 @@ impl Identity {
         if claims.sub != key.public_key() {
             anyhow::bail!("{}: its JWT and its seed are for different users; re-download the creds", path.display());
         }
-        let account = Some(claims.nats.issuer_account.clone().unwrap_or(claims.iss));
-        Ok(Identity { key, jwt: Some(jwt), account })
+        let (mut chain, mut operator) = (Vec::new(), None);
+        let account = match claims.nats.issuer_account.clone().filter(|a| *a != claims.iss) {
+            Some(account) => {
+                chain = chain::find(home.path(), &account);
+                match chain::verify(&claims.iss, &account, &chain) {
+                    Ok(found) => {
+                        tracing::debug!(%account, operator = %found, "user JWT issued by a signing key; chain found");
+                        operator = Some(found);
+                    }
+                    Err(e) => tracing::warn!(
+                        "{}: the user JWT is issued by signing key {} of account {account}, and readers will refuse \
+                         this identity: {e}. Put the account's JWT (`nsc describe account --raw`) in {}",
+                        path.display(),
+                        claims.iss,
+                        home.path().join("chain").join(format!("{account}.jwt")).display()
+                    ),
+                }
+                account
+            }
+            None => claims.iss,
+        };
+        Ok(Identity { key, jwt: Some(jwt), account: Some(account), chain, operator })
     }
 
     /// `$NATSTER_HOME/identity.nk`, created (0600) on first use.
@@ -217,7 +262,7 @@ impl Identity {
             }
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        Ok(Identity { key, jwt: None, account: None })
+        Ok(Identity { key, jwt: None, account: None, chain: Vec::new(), operator: None })
     }
 
     pub fn public_key(&self) -> String {
@@ -229,11 +274,22 @@ impl Identity {
         self.account.as_deref()
     }
 
+    /// The operator this identity's signing-key chain ends at (None for a JWT issued by the
+    /// account key, or without accounts): one a machine using this identity trusts.
+    pub fn operator(&self) -> Option<&str> {
+        self.operator.as_deref()
+    }
+
     /// Signs `parts` for `purpose`.
     pub fn prove(&self, purpose: Purpose, parts: &[&[u8]]) -> Proof {
         // Signing with a key made from a seed cannot fail; an empty signature would only be refused.
         let sig = self.key.sign(&message(purpose, parts)).unwrap_or_default();
-        Proof { key: self.key.public_key(), jwt: self.jwt.clone(), sig: BASE64URL_NOPAD.encode(&sig) }
+        Proof {
+            key: self.key.public_key(),
+            jwt: self.jwt.clone(),
+            sig: BASE64URL_NOPAD.encode(&sig),
+            chain: self.chain.clone(),
+        }
     }
 }
 
@@ -242,132 +298,6 @@ fn creds_seed(creds: &str) -> Option<&str> {
     let start = creds.find("-----BEGIN USER NKEY SEED-----")?;
     let body = creds[start..].lines().nth(1)?.trim();
     (body.starts_with('S') && !body.starts_with("---")).then_some(body)
-}
-
-/// The file in the home that [`PinStore::in_home`] keeps (not a catalog, though `.json`).
-pub const PINS_FILE: &str = "known_servers.json";
-
-/// Server keys pinned at first contact, per catalog (`known_servers.json` in the home).
-pub struct PinStore {
-    file: Option<PathBuf>,
-    pins: Mutex<BTreeMap<String, String>>,
-}
-
-impl PinStore {
-    /// Pins kept in memory only (tests, one-shot library use).
-    pub fn in_memory() -> Arc<PinStore> {
-        Arc::new(PinStore { file: None, pins: Mutex::new(BTreeMap::new()) })
-    }
-
-    /// Pins kept in `$NATSTER_HOME/known_servers.json`.
-    pub fn in_home(home: &Home) -> Arc<PinStore> {
-        let file = home.path().join(PINS_FILE);
-        let pins = match crate::store::load_json::<BTreeMap<String, String>>(&file) {
-            Ok(pins) => pins.unwrap_or_default(),
-            Err(e) => {
-                tracing::warn!("ignoring {}: {e:#}", file.display());
-                BTreeMap::new()
-            }
-        };
-        Arc::new(PinStore { file: Some(file), pins: Mutex::new(pins) })
-    }
-
-    fn get(&self, name: &str) -> Option<String> {
-        self.pins.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
-    }
-
-    /// Records `value` for `name`, and saves the file if there is one.
-    fn set(&self, name: &str, value: &str) {
-        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        if pins.get(name).is_some_and(|v| v == value) {
-            return;
-        }
-        pins.insert(name.to_string(), value.to_string());
-        if let Some(file) = self.file.clone() {
-            tracing::info!(catalog = name, "remembered the catalog server's identity (first contact)");
-            let Ok(bytes) = serde_json::to_vec_pretty(&*pins) else { return };
-            let save = move || {
-                if let Err(e) = crate::store::write_atomic(&file, &bytes, 0o600) {
-                    tracing::warn!("cannot save {}: {e:#}", file.display());
-                }
-            };
-            // Off the async workers when called from one (a reply being checked). Two first
-            // contacts at the same instant could save out of order, leaving one pin in memory
-            // only: it is then made again at the next start, which is harmless.
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(save)),
-                Err(_) => save(),
-            }
-        }
-    }
-
-    fn file_name(&self) -> String {
-        self.file.as_ref().map(|f| f.display().to_string()).unwrap_or_else(|| "memory".into())
-    }
-}
-
-/// What remembered entry a catalog read with `Trust::account` gets (not a key: the account is
-/// checked on every reply; the entry only says it signed before).
-const SIGNED_BY_ACCOUNT: &str = "signed by its account";
-
-/// Whom a reader accepts as a catalog's server.
-#[derive(Clone)]
-pub struct Trust {
-    /// The owner's account, when known: replies must carry its JWT. None: pin the first key.
-    owner: Option<String>,
-    store: Arc<PinStore>,
-    /// The catalog as the store knows it (`<catalog>@<owner>`).
-    name: String,
-}
-
-impl Trust {
-    /// Replies for `catalog` must be signed by a user of account `owner`.
-    pub fn account(owner: &str, catalog: &str, store: Arc<PinStore>) -> Trust {
-        Trust { owner: Some(owner.to_string()), store, name: format!("{catalog}@{owner}") }
-    }
-
-    /// No accounts: the first server key that answers for `catalog` is pinned.
-    pub fn pin(catalog: &str, store: Arc<PinStore>) -> Trust {
-        Trust { owner: None, store, name: catalog.to_string() }
-    }
-
-    /// Checks a reply's proof for `purpose` over `parts`, and remembers the catalog as signed.
-    pub fn check(&self, proof: Option<&Proof>, purpose: Purpose, parts: &[&[u8]]) -> Result<(), IdentityError> {
-        let proof = proof.ok_or(IdentityError::Unsigned)?;
-        let vouched = proof.verify(purpose, parts)?;
-        match &self.owner {
-            Some(owner) => match vouched.account {
-                Some(account) if &account == owner => {
-                    self.store.set(&self.name, SIGNED_BY_ACCOUNT);
-                    Ok(())
-                }
-                Some(found) => Err(IdentityError::WrongAccount { expected: owner.clone(), found }),
-                None => Err(IdentityError::NoJwt(owner.clone())),
-            },
-            None => match self.store.get(&self.name) {
-                Some(pinned) if pinned == vouched.key => Ok(()),
-                Some(pinned) => Err(IdentityError::PinMismatch {
-                    catalog: self.name.clone(),
-                    pinned,
-                    found: vouched.key,
-                    file: self.store.file_name(),
-                }),
-                None => {
-                    self.store.set(&self.name, &vouched.key);
-                    Ok(())
-                }
-            },
-        }
-    }
-
-    /// Whether an unsigned answer (an original, v1-only peer) may be taken: only for a catalog
-    /// that never answered signed, so an impostor cannot downgrade a signed catalog.
-    pub fn allow_unsigned(&self) -> Result<(), IdentityError> {
-        match self.store.get(&self.name) {
-            None => Ok(()),
-            Some(_) => Err(IdentityError::Downgrade(self.name.clone())),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -379,7 +309,7 @@ mod tests {
         let user = KeyPair::new_user();
         let mut claims = Claims::new("u", &user.public_key(), UserNats::unlimited());
         let token = jwt::encode(&mut claims, account).unwrap();
-        Identity { key: user, jwt: Some(token), account: Some(account.public_key()) }
+        Identity { key: user, jwt: Some(token), account: Some(account.public_key()), chain: Vec::new(), operator: None }
     }
 
     #[test]
