@@ -1,5 +1,6 @@
 //! `natster-mount web`: the web UI over a read engine of its own (the catalogs this context
-//! reads, kept fresh as the mount keeps them), until Ctrl-C.
+//! reads, kept fresh as the mount keeps them, following its imports), with presence and the
+//! inbox from the global service, until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +12,8 @@ use anyhow::{bail, Result};
 use super::Globals;
 use crate::fs::mount::{gather_catalogs, spawn_listing_refresh};
 use crate::fs::NatsterFs;
-use crate::web::{self, NoGlobalService, TlsFiles, WebContext, WebOptions};
+use crate::web::network::{Follow, NetworkPresence};
+use crate::web::{self, TlsFiles, WebContext, WebOptions};
 
 pub struct WebArgs {
     pub listen: SocketAddr,
@@ -53,7 +55,12 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
     let fs = Arc::new(NatsterFs::new(Vec::new(), options.fs.clone()));
     let connected = crate::daemon::link::watch_state(&nats);
     let me = context.account_public_key.clone().unwrap_or_else(|| "self".into());
-    let refresh = spawn_listing_refresh(fs.clone(), nats, connected, options.listing_ttl, gathered, me);
+    let planned = gathered.iter().map(|g| g.planned()).collect();
+    let refresh =
+        Arc::new(spawn_listing_refresh(fs.clone(), nats.clone(), connected, options.listing_ttl, gathered, me));
+    let follow =
+        Follow { home: g.home.clone(), context: g.context.clone(), nats, options, refresh: refresh.clone(), planned };
+    let (presence, following) = NetworkPresence::spawn(fs.clone(), follow);
     let ctx = WebContext {
         home: g.home.clone(),
         context: g.context.clone(),
@@ -62,7 +69,7 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
         timeout: g.timeout,
     };
     let count = fs.catalogs().len();
-    let bound = web::bind(fs, ctx, Arc::new(NoGlobalService), &web_options).await?;
+    let bound = web::bind(fs, ctx, presence, &web_options).await?;
     let addr = bound.local_addr()?;
     if !addr.ip().is_loopback() && tls.is_none() {
         eprintln!(
@@ -76,7 +83,8 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
         open_browser(bound.url().to_string());
     }
     let served = bound.run(super::shutdown_signal()).await;
-    refresh.abort();
+    following.abort();
+    refresh.stop();
     outln!("web UI stopped");
     served
 }

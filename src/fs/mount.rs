@@ -221,7 +221,8 @@ pub struct Gathered {
 }
 
 impl Gathered {
-    fn planned(&self) -> Planned {
+    /// What this catalog was planned as (its folder, name and owner).
+    pub fn planned(&self) -> Planned {
         let c = &self.catalog;
         Planned {
             dir_name: c.dir_name.clone(),
@@ -1043,7 +1044,7 @@ pub fn umount(path: &Path) -> Result<()> {
 
 /// Keeps `fs`'s listings fresh where no kernel needs telling (the web UI on its own): adds
 /// `catalogs` to `fs` with their seeds, starts every first listing, then follows the TTL poll,
-/// heartbeats, notices and reconnects, until the task is aborted.
+/// heartbeats, notices and reconnects, until [`ListingRefresh::stop`].
 pub fn spawn_listing_refresh(
     fs: Arc<NatsterFs>,
     nats: async_nats::Client,
@@ -1051,7 +1052,7 @@ pub fn spawn_listing_refresh(
     ttl: Duration,
     catalogs: Vec<Gathered>,
     me: String,
-) -> tokio::task::JoinHandle<()> {
+) -> ListingRefresh {
     // Nobody receives invalidations: sends to the closed channel are ignored.
     let (invalidations, _) = mpsc::unbounded_channel();
     let refresher = Arc::new(Refresher {
@@ -1064,7 +1065,25 @@ pub fn spawn_listing_refresh(
     });
     let planned: Vec<Planned> = catalogs.iter().map(|g| g.planned()).collect();
     drop(refresher.sync(&planned, |_| catalogs));
-    tokio::spawn(keep_fresh(refresher, nats, connected))
+    let task = tokio::spawn(keep_fresh(refresher.clone(), nats, connected));
+    ListingRefresh { refresher, task }
+}
+
+/// The running [`spawn_listing_refresh`].
+pub struct ListingRefresh {
+    refresher: Arc<Refresher>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ListingRefresh {
+    /// Makes the engine hold exactly the `planned` catalogs, as [`LiveMount::sync`] does.
+    pub fn sync(&self, planned: &[Planned], make: impl FnOnce(Vec<Planned>) -> Vec<Gathered>) {
+        drop(self.refresher.sync(planned, make));
+    }
+
+    pub fn stop(&self) {
+        self.task.abort();
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //!   catalogs only, through the same code as `catalog share|unshare`.
 //! - `GET /api/events`: Server-Sent Events; a `hello` first, then one event per change.
 //! - `GET /api/inbox`, `GET /api/stats`: pending shares (global service) and engine counters.
+//! - `POST /api/inbox/import {catalog, owner}`: imports a share, as `catalog import` does.
 //! - `POST /api/login-link` (in `auth`): a fresh one-time link for another device.
 //!
 //! Catalog ids are the engine's folder names (`<catalog>` or `<catalog>@<owner8>`), unique.
@@ -240,8 +241,54 @@ pub(crate) async fn unshare(
 }
 
 pub(crate) async fn inbox(State(state): State<super::State>) -> Response {
-    let pending = state.presence.inbox();
-    Json(serde_json::json!({ "available": pending.is_some(), "pending": pending.unwrap_or_default() })).into_response()
+    let Some(pending) = state.presence.inbox() else {
+        return Json(serde_json::json!({ "available": false, "pending": [] })).into_response();
+    };
+    let g = globals(&state);
+    let names = tokio::task::spawn_blocking(move || account_names(&g)).await.unwrap_or_default();
+    let pending: Vec<serde_json::Value> = pending
+        .into_iter()
+        .map(|p| {
+            let owner = Account { name: names.get(&p.owner).cloned(), key: p.owner };
+            serde_json::json!({ "catalog": p.catalog, "owner": owner })
+        })
+        .collect();
+    Json(serde_json::json!({ "available": true, "pending": pending })).into_response()
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ImportForm {
+    catalog: String,
+    owner: String,
+}
+
+/// `POST /api/inbox/import {catalog, owner}`: `catalog import CATALOG OWNER`, as the CLI runs it.
+pub(crate) async fn import(State(state): State<super::State>, Json(form): Json<ImportForm>) -> Response {
+    let (catalog, owner) = (form.catalog.trim().to_string(), form.owner.trim().to_string());
+    if let Err(e) = crate::protocol::validate_catalog_name(&catalog) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    if !crate::protocol::is_account_key(&owner) {
+        return error(StatusCode::BAD_REQUEST, "owner must be an account public key (56 characters, starting with A)");
+    }
+    let g = globals(&state);
+    let (name, who) = (catalog.clone(), owner.clone());
+    // The context and account JWT are written with blocking I/O: on a blocking thread.
+    let runtime = tokio::runtime::Handle::current();
+    let done = tokio::task::spawn_blocking(move || {
+        runtime.block_on(crate::sharing::catalog_import(&g, &name, &who, false, false))
+    })
+    .await;
+    match done {
+        Ok(Ok(())) => {
+            state.presence.imported();
+            state.events.send(Event { kind: "catalogs", catalog: None });
+            Json(serde_json::json!({ "message": format!("imported catalog '{catalog}'; it appears in a moment") }))
+                .into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the import failed unexpectedly; see the server's log"),
+    }
 }
 
 pub(crate) async fn stats(State(state): State<super::State>) -> Response {

@@ -11,7 +11,8 @@
 //! - `files`: `GET /files/<catalog>/<path>`: ranges, ETag, streamed in bounded pieces.
 //! - `paths`: decoding and checking the path of a `/files` URL.
 //! - `events`: what changed (revisions, share lists, reachability), for the SSE feed.
-//! - `presence`: the plug for the global service (online dots, the inbox of pending shares).
+//! - `presence`: the plug for the global service (online dots, the inbox of pending shares);
+//!   `network` fills it from the global service and follows the context's imports.
 //! - `pages`: the embedded HTML, CSS and JavaScript (no build step, no run-time dependency).
 //!
 //! Invariants and tricky cases:
@@ -31,6 +32,7 @@ mod api;
 mod auth;
 mod events;
 mod files;
+pub mod network;
 mod pages;
 mod paths;
 pub mod presence;
@@ -211,6 +213,7 @@ fn router(state: State) -> Router {
         .route("/api/catalogs/{id}/unshare", post(api::unshare))
         .route("/api/login-link", post(auth::new_link))
         .route("/api/inbox", get(api::inbox))
+        .route("/api/inbox/import", post(api::import))
         .route("/api/stats", get(api::stats))
         .route("/api/events", get(api::events))
         .route("/files/{*rest}", get(files::serve))

@@ -1,7 +1,8 @@
 //! What the web UI learns from the Natster global service, behind one trait so the service
 //! plugs in when it exists: whether a catalog's server is online (its heartbeats) and the
-//! inbox of shares made to this account but not imported yet. Until then
-//! [`NoGlobalService`] answers "unknown", and the pages show what the read engine knows.
+//! inbox of shares made to this account but not imported yet. `network` implements it over
+//! the global service; without one, [`NoGlobalService`] answers "unknown", and the pages show
+//! what the read engine knows.
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -25,6 +26,8 @@ pub trait Presence: Send + Sync {
     fn inbox(&self) -> Option<Vec<PendingShare>>;
     /// Changes whenever any answer above may have changed (pushed to open pages).
     fn changes(&self) -> Option<watch::Receiver<u64>>;
+    /// Told after the page imported a catalog: the inbox is asked again.
+    fn imported(&self) {}
 }
 
 /// No global service: nothing is known about presence or pending shares.

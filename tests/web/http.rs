@@ -298,6 +298,16 @@ async fn bad_paths_and_bad_input_get_4xx_and_nothing_outside_the_catalog() {
         raw_http(&addr, "GET /files/media/big.bin", &[("Cookie", cookie.as_str()), ("Range", "bytes=\u{1}")], b"")
             .await;
     assert!((400..500).contains(&got));
+    // Imports from the inbox: a bad catalog name or owner key is refused before anything runs.
+    let owner = nkeys::KeyPair::new_account().public_key();
+    for (catalog, owner, why) in [("../media", owner.as_str(), "catalog name"), ("media", "ANOTAKEY", "owner")] {
+        let r = post_json(web, &cookie, "/api/inbox/import", serde_json::json!({ "catalog": catalog, "owner": owner }))
+            .await;
+        assert_eq!(r.status(), 400, "bad {why}");
+        assert!(!json(r).await["error"].as_str().unwrap_or("").is_empty(), "says why ({why})");
+    }
+    let inbox = json(get(web, &cookie, "/api/inbox", &[]).await).await;
+    assert_eq!(inbox["available"], false, "no global service on a plain server: {inbox}");
 
     // Still serving after all of it: nothing panicked.
     let catalogs = json(get(web, &cookie, "/api/catalogs", &[]).await).await;

@@ -4,7 +4,7 @@
 'use strict';
 
 const view = document.getElementById('view');
-const state = { catalogs: null, me: null, catalog: null, files: null, route: null, filter: '' };
+const state = { catalogs: null, inbox: null, me: null, catalog: null, files: null, route: null, filter: '' };
 
 function h(tag, attrs, ...children) {
   const el = document.createElement(tag);
@@ -82,7 +82,35 @@ function renderList() {
   view.replaceChildren(
     h('h1', {}, 'Catalogs'),
     cs.length ? h('ul', { class: 'list', id: 'catalogs' }, items)
-      : h('p', { class: 'muted' }, 'No catalogs yet: create one with natster-mount catalog new, or import one shared with you.'));
+      : h('p', { class: 'muted' }, 'No catalogs yet: create one with natster-mount catalog new, or import one shared with you.'),
+    inboxSection());
+}
+
+// Shares offered to this account and not imported yet (from the global service).
+function inboxSection() {
+  const inbox = state.inbox;
+  if (!inbox || !inbox.available) {
+    return h('p', { class: 'muted small', id: 'inbox-unavailable' },
+      'Inbox unavailable: no global service answers. Sharing and reading work without it.');
+  }
+  if (!inbox.pending.length) return null;
+  const importShare = async (p, button) => {
+    button.disabled = true;
+    try {
+      const r = await api('/api/inbox/import', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ catalog: p.catalog, owner: p.owner.key }) });
+      toast(r.message);
+      await refresh();
+    } catch (e) { toast(e.message, true); button.disabled = false; }
+  };
+  const rows = inbox.pending.map((p) => {
+    const button = h('button', { type: 'button', class: 'import' }, 'Import');
+    button.addEventListener('click', () => importShare(p, button));
+    return h('li', { class: 'pending', 'data-catalog': p.catalog, 'data-owner': p.owner.key },
+      h('div', { class: 'row' },
+        h('div', { class: 'grow' }, h('div', { class: 'name' }, p.catalog), h('div', { class: 'meta' }, `from ${who(p.owner)}`)),
+        button));
+  });
+  return h('section', { id: 'inbox' }, h('h2', {}, 'Shared with you, not imported yet'), h('ul', { class: 'list' }, rows));
 }
 
 function crumbs(id, folder) {
@@ -228,9 +256,10 @@ async function refresh(fromEvent) {
   const same = state.route && JSON.stringify(state.route) === JSON.stringify(route);
   try {
     if (route.kind === 'list') {
-      const r = await api('/api/catalogs');
+      const [r, inbox] = await Promise.all([api('/api/catalogs'), api('/api/inbox').catch(() => null)]);
       state.catalogs = r.catalogs;
       state.me = r.me;
+      state.inbox = inbox;
       renderList();
     } else {
       await loadCatalog(route.id);
