@@ -68,7 +68,7 @@ async fn run() -> Result<()> {
                 let Some(msg) = data.next().await else { break };
                 bytes += msg.payload.len() as u64;
                 got += 1;
-                if got % every == 0 || got == messages {
+                if got.is_multiple_of(every) || got == messages {
                     seen.store(got, Ordering::Release);
                     let _ = subscriber.publish(ack_subject.clone(), Bytes::from(got.to_be_bytes().to_vec())).await;
                 }

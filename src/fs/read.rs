@@ -161,15 +161,13 @@ impl NatsterFs {
         let window = file.readahead.lock().unwrap_or_else(|p| p.into_inner()).on_read(offset, end - offset);
         let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
         // The inner steps end by the deadline themselves; this bound only catches a bug.
-        let result = match tokio::time::timeout_at(
-            deadline + GRACE,
-            self.read_range(&file, offset, end, window == 0, deadline),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(FsError::Timeout(self.options.read_timeout)),
-        };
+        let result =
+            match tokio::time::timeout_at(deadline + GRACE, self.read_range(&file, offset, end, window == 0, deadline))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(FsError::Timeout(self.options.read_timeout)),
+            };
         match &result {
             Ok(_) if window > 0 => self.prefetch(file.clone(), end, window),
             Ok(_) => {}

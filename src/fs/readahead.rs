@@ -44,7 +44,8 @@ impl ReadAhead {
         let continues =
             |c: &Cursor| offset <= c.frontier.saturating_add(slack) && end.saturating_add(slack) >= c.frontier;
         // The nearest cursor this read continues, if any.
-        let found = self.cursors.iter().enumerate().filter(|(_, c)| continues(c)).min_by_key(|(_, c)| c.frontier.abs_diff(end));
+        let found =
+            self.cursors.iter().enumerate().filter(|(_, c)| continues(c)).min_by_key(|(_, c)| c.frontier.abs_diff(end));
         let window = match found.map(|(i, _)| i) {
             Some(i) => {
                 let c = &mut self.cursors[i];
