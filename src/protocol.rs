@@ -447,6 +447,21 @@ mod tests {
     }
 
     #[test]
+    fn units_are_whole_leaves_within_the_offer() {
+        let leaf = crate::chunk_tree::LEAF_SIZE as u32;
+        assert!(valid_unit(leaf, 1 << 20));
+        assert!(valid_unit(64 * leaf, 64 * leaf));
+        for bad in [0, 4096, leaf + 1, 65 * leaf] {
+            assert!(!valid_unit(bad, 64 * leaf), "{bad}");
+        }
+        // Absent in an old peer's request and reply: chunks of the session's size.
+        let old: ReadRequest = serde_json::from_str(r#"{"session":"s","first_chunk":1,"count":2}"#).unwrap();
+        assert_eq!(old.unit, None);
+        let sent = serde_json::to_string(&ReadRequest { session: "s".into(), first_chunk: 1, count: 2, unit: None });
+        assert!(!sent.unwrap().contains("unit"), "an old server never sees the field");
+    }
+
+    #[test]
     fn envelope_shapes_match_the_original() {
         let ok = String::from_utf8(Envelope::ok(5)).unwrap();
         assert_eq!(ok, r#"{"code":200,"data":5}"#);
