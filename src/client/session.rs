@@ -263,17 +263,20 @@ impl RemoteFile {
         self.shared.max_unit.is_some_and(|max| protocol::valid_unit(unit, max))
     }
 
-    /// Bytes `offset .. offset+len`, clipped at end of file.
+    /// Bytes `offset .. offset+len`, clipped at end of file. A range of at most a quarter of
+    /// a chunk is fetched as its 16 KiB leaves when the server offers units.
     pub async fn read_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let end = offset.saturating_add(len as u64).min(self.byte_size());
         if offset >= end {
             return Ok(Vec::new());
         }
-        let cs = self.chunk_size();
+        // A range much smaller than a chunk moves only its leaves, where the server offers it.
+        let leaf = chunk_tree::LEAF_SIZE as u64;
+        let cs = if end - offset <= self.chunk_size() / 4 && self.offers_unit(leaf) { leaf } else { self.chunk_size() };
         let first = offset / cs;
         let last = (end - 1) / cs;
         let mut out = Vec::with_capacity((end - offset) as usize);
-        self.fetch(first, last - first + 1, |index, chunk| {
+        self.fetch_in(cs, first, last - first + 1, |index, chunk| {
             let chunk_start = index * cs;
             let from = offset.saturating_sub(chunk_start) as usize;
             let to = ((end - chunk_start) as usize).min(chunk.len());
