@@ -434,7 +434,7 @@ log "2. latency of $BENCH_LAT_N random 64 KiB ranged reads through the library (
 step "$BENCH_STEP_TIMEOUT" "$LATENCY" media /big.bin "$BENCH_LAT_N" 65536 >"$W/lat.txt" 2>&1 ||
   die "ranged_latency failed: $(tail -n 3 "$W/lat.txt")"
 grep -v '^RESULT' "$W/lat.txt" || true
-echo "(each read is a cold fetch: the library client has no cache; it requests, receives, verifies and decrypts the covering chunk(s))"
+echo "(each read is a cold fetch: the library client has no cache; it requests, receives, verifies and decrypts the covering 16 KiB leaves, or chunks for a range over a quarter chunk)"
 row "2. 64K ranged read p50 ms (library)" "$(field p50_ms "$W/lat.txt")" "-" "-" "- / lower"
 row "2. 64K ranged read p99 ms (library)" "$(field p99_ms "$W/lat.txt")" "-" "-" "- / lower"
 fi

@@ -79,6 +79,7 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
         assert_eq!(got, bytes[offset as usize..offset as usize + 4096], "bytes at {offset}");
         let now = settled(&counts.1).await;
         let moved = now - before;
+        eprintln!("a random 4 KiB read at {offset}: {moved} bytes over NATS");
         // One 16 KiB leaf, its proof (a few hundred bytes), nonce and tag; a whole chunk
         // would be 256 KiB.
         assert!(moved > 4096, "the read at {offset} moved {moved} bytes: it must reach the catalog server");
