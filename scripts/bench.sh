@@ -2,14 +2,17 @@
 # natster-mount benchmark: speed side by side with peers, in one run, reported as ratios.
 #
 #   1. Whole-file download through v2 (`catalog download`) vs `cat` of the local file from the
-#      page cache; then a table of chunk sizes x windows (plus 64 KiB read latency per chunk
-#      size) to choose defaults.
+#      page cache, and vs the raw NATS ceiling (examples/raw_nats_ceiling.rs: the same bytes in
+#      messages of the same size through the same nats-server, no crypto); then a table of
+#      chunk sizes x windows (plus 64 KiB read latency per chunk size) to choose defaults.
 #   2. Latency of 64 KiB ranged reads at random offsets through the library
 #      (examples/ranged_latency.rs); every such read is a cold fetch (no cache in the client).
 #   3. The FUSE mount vs sshfs over a throwaway loopback sshd:
 #      (a) cold sequential read, (b) warm sequential read (vs local page cache too),
 #      (c) random 4 KiB pread latency (examples/random_reads.rs), (d) `ls -lR` of a catalog of
-#      BENCH_ENTRIES tiny files in BENCH_ENTRIES/100 folders.
+#      BENCH_ENTRIES tiny files in BENCH_ENTRIES/100 folders, (e) 8 concurrent cold sequential
+#      readers of 8 different files (BENCH_SIZE/8 each) vs one cold reader of the big file.
+#   4. If scripts/bench_listing.sh exists, its rows (it defines bench_listing_rows).
 #
 # Everything lives in a temporary folder; a trap on EXIT unmounts what was mounted and stops
 # every process started here (nats-server, catalog servers, the mount, sshfs, sshd), on success,
@@ -27,7 +30,13 @@
 #   BENCH_RANDOM_N=500       4 KiB random preads per filesystem (part 3c)
 #   BENCH_STEP_TIMEOUT=600   seconds any single step may take
 #   BENCH_SEED=<random>      seed of the random offsets (same offsets for natster and sshfs)
-#   BENCH_TMP=$TMPDIR|/tmp   where the work folder is made (needs ~BENCH_SIZE free)
+#   BENCH_TMP=$TMPDIR|/tmp   where the work folder is made (needs ~2 x BENCH_SIZE free)
+#   BENCH_PARTS="1 2 3a 3c 3d 3e 4"  parts to run (3a includes 3b; 1 includes the table unless
+#                                     BENCH_TABLE=0)
+#   BENCH_BIN=<built>        natster-mount binary to measure (e.g. an older build, for before/after)
+#
+# nats-server: the one natster-mount itself runs (examples/nats_server_path.rs: a current
+# server from its cache before Debian's 2.9, which is ~1.7x slower), unless NATS_SERVER is set.
 #
 # Needs root (or a user allowed to use FUSE and to run sshd) for the sshfs comparison; dropping
 # the page cache (`/proc/sys/vm/drop_caches`) needs root and is skipped, with a note, otherwise.
@@ -46,7 +55,10 @@ BENCH_RANDOM_N=${BENCH_RANDOM_N:-500}
 BENCH_STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-600}
 BENCH_SEED=${BENCH_SEED:-$((RANDOM * 32768 + RANDOM))}
 BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}}
+BENCH_PARTS=" ${BENCH_PARTS:-1 2 3a 3c 3d 3e 4} "
+BENCH_TABLE=${BENCH_TABLE:-1}
 export BENCH_SEED
+part() { [[ $BENCH_PARTS == *" $1 "* ]]; }
 unset NATSTER_CONTEXT
 
 # The server's largest chunk (src/server/mod.rs MAX_CHUNK_SIZE: whole 16 KiB tree leaves, room
@@ -238,7 +250,7 @@ SIZE=$(to_bytes "$BENCH_SIZE")
 log "setup (NATSTER_BENCH=1 scripts/setup.sh)"
 NATSTER_BENCH=1 timeout 900 scripts/setup.sh
 [ "$(id -u)" -eq 0 ] || die "run as root: the sshfs comparison starts an sshd (needs /run/sshd) and cold reads drop the page cache"
-for tool in nats-server fusermount3 sshfs ssh ssh-keygen perl column ss; do
+for tool in fusermount3 sshfs ssh ssh-keygen perl column ss; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
@@ -248,10 +260,14 @@ SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 log "building release (binary and examples)"
 step 1800 cargo build --release --quiet --bins --examples || die "cargo build failed"
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
-BIN=$TARGET/release/natster-mount
+BIN=${BENCH_BIN:-$TARGET/release/natster-mount}
 LATENCY=$TARGET/release/examples/ranged_latency
 RANDOM_READS=$TARGET/release/examples/random_reads
-for b in "$BIN" "$LATENCY" "$RANDOM_READS"; do [ -x "$b" ] || die "$b was not built"; done
+CEILING=$TARGET/release/examples/raw_nats_ceiling
+for b in "$BIN" "$LATENCY" "$RANDOM_READS" "$CEILING"; do [ -x "$b" ] || die "$b was not built"; done
+NATS_SERVER=${NATS_SERVER:-$("$TARGET/release/examples/nats_server_path")}
+[ -x "$NATS_SERVER" ] || die "nats-server not found ($NATS_SERVER); run scripts/setup.sh"
+echo "nats-server: $NATS_SERVER ($("$NATS_SERVER" --version))"
 
 W=$(mktemp -d "$BENCH_TMP/natster-bench.XXXXXX")
 if [ -d /dev/shm ] && [ -w /dev/shm ]; then SHM=$(mktemp -d /dev/shm/natster-bench.XXXXXX); else SHM=$W/out; fi
@@ -270,7 +286,7 @@ fi
 
 # ---- nats-server on a random free loopback port (the server picks it: -p -1) --------------
 log "starting nats-server"
-nats-server -a 127.0.0.1 -p -1 >"$W/logs/nats-server.log" 2>&1 &
+"$NATS_SERVER" -a 127.0.0.1 -p -1 >"$W/logs/nats-server.log" 2>&1 &
 NATS_PID=$!
 PIDS+=("$NATS_PID")
 nats_port() { sed -n 's/.*Listening for client connections on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$W/logs/nats-server.log" | head -n 1; }
@@ -282,6 +298,14 @@ step 30 "$BIN" init --server "nats://127.0.0.1:$NATS_PORT" >/dev/null || die "in
 # ---- the big file, indexed and served ------------------------------------------------------
 log "creating $(human "$SIZE") of random data"
 step "$BENCH_STEP_TIMEOUT" head -c "$SIZE" /dev/urandom >"$BIG" || die "cannot create $BIG"
+# Eight other files for the concurrent readers (3e), each an eighth of the big one.
+PART_SIZE=$((SIZE / 8))
+if part 3e; then
+  mkdir -p "$W/data/media/eight"
+  for ((k = 0; k < 8; k++)); do
+    step "$BENCH_STEP_TIMEOUT" head -c "$PART_SIZE" /dev/urandom >"$W/data/media/eight/part$k.bin" || die "cannot create part $k"
+  done
+fi
 timed "$BIN" catalog new media "$W/data/media" >"$W/logs/index-media.log" 2>&1 || die "catalog new media failed"
 echo "indexed media ($(human "$SIZE")) in ${T}s"
 
@@ -317,7 +341,8 @@ download() { # download WINDOW [BATCH]: sets T; checks the size and removes the 
   rm -f "$out"
 }
 
-log "1. download throughput (v2) vs cat of the local file (page cache warm)"
+if part 1; then
+log "1. download throughput (v2) vs cat of the local file (page cache warm) and the raw NATS ceiling"
 # The defaults are whatever the binary says (ClientOptions::default(), DEFAULT_CHUNK_SIZE).
 DEFAULT_WINDOW=$("$BIN" catalog download --help | sed -n 's/.*--window.*\[default: \([0-9]*\)\].*/\1/p' | head -n 1)
 DEFAULT_BATCH=$("$BIN" catalog download --help | sed -n 's/.*--batch.*\[default: \([0-9]*\)\].*/\1/p' | head -n 1)
@@ -339,6 +364,26 @@ echo "download (chunk $(human "$DEFAULT_CHUNK"), window $DEFAULT_WINDOW, batch $
 echo "(wall time of the whole command: process start, connect, listing, transfer, sha256 check, write to tmpfs)"
 row "1. download MB/s (defaults, median of $BENCH_REPEAT)" "$DL_MBPS" "$CAT_MBPS" "$(ratio "$DL_MBPS" "$CAT_MBPS")" "cat, page cache / higher"
 
+# The raw NATS ceiling: the same bytes, in messages of a sealed chunk's size (data, proof of
+# up to 2*log2(leaves) hashes, nonce, tag), through the same nats-server, same window.
+LEAVES=$(((SIZE + 16383) / 16384))
+PROOF_HASHES=$(awk -v n="$LEAVES" 'BEGIN { l = 0; while (2 ^ l < n) l++; print 2 * l }')
+MSG_BYTES=$((DEFAULT_CHUNK + 2 + 32 * PROOF_HASHES + 24 + 16))
+NATS_URL="nats://127.0.0.1:$NATS_PORT"
+ceil_rates=()
+for ((r = 0; r < BENCH_REPEAT; r++)); do
+  step "$BENCH_STEP_TIMEOUT" "$CEILING" "$NATS_URL" "$SIZE" "$MSG_BYTES" "$DEFAULT_WINDOW" >"$W/ceiling.txt" 2>&1 ||
+    die "raw_nats_ceiling failed: $(tail -n 3 "$W/ceiling.txt")"
+  ceil_rates+=("$(field mbps "$W/ceiling.txt")")
+done
+CEIL_MBPS=$(median "${ceil_rates[@]}")
+echo "raw NATS ceiling (messages of $MSG_BYTES bytes, window $DEFAULT_WINDOW, no crypto): ${CEIL_MBPS} MB/s (runs: ${ceil_rates[*]});" \
+  "download/ceiling $(ratio "$DL_MBPS" "$CEIL_MBPS")"
+row "1. download MB/s vs raw NATS ceiling (goal >= 0.6x)" "$DL_MBPS" "$CEIL_MBPS" "$(ratio "$DL_MBPS" "$CEIL_MBPS")" "raw NATS, same msgs / higher"
+
+fi
+
+if part 1 && [ "$BENCH_TABLE" = 1 ]; then
 log "1b. chunk size x window table"
 read -r -a WINDOWS <<<"$BENCH_WINDOWS"
 read -r -a CHUNKS <<<"$BENCH_CHUNKS"
@@ -380,16 +425,19 @@ printf '%s\n' "${TABLE[@]}" | column -t -s '|' -o '   '
 stop_serve "$SERVE_PID"
 start_serve media
 SERVE_PID=$LAST_SERVE
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 2. Ranged-read latency through the library.
+if part 2; then
 log "2. latency of $BENCH_LAT_N random 64 KiB ranged reads through the library (default chunk size)"
 step "$BENCH_STEP_TIMEOUT" "$LATENCY" media /big.bin "$BENCH_LAT_N" 65536 >"$W/lat.txt" 2>&1 ||
   die "ranged_latency failed: $(tail -n 3 "$W/lat.txt")"
 grep -v '^RESULT' "$W/lat.txt" || true
-echo "(each read is a cold fetch: the library client has no cache; it requests, receives, verifies and decrypts the covering chunk(s))"
+echo "(each read is a cold fetch: the library client has no cache; it requests, receives, verifies and decrypts the covering 16 KiB leaves, or chunks for a range over a quarter chunk)"
 row "2. 64K ranged read p50 ms (library)" "$(field p50_ms "$W/lat.txt")" "-" "-" "- / lower"
 row "2. 64K ranged read p99 ms (library)" "$(field p99_ms "$W/lat.txt")" "-" "-" "- / lower"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # 3. The mount vs sshfs.
@@ -501,11 +549,13 @@ unmount_sshfs() {
 # ---- (a) cold and (b) warm sequential read -------------------------------------------------
 # Per filesystem: fresh mount, page cache dropped (both ends: the server reads from disk too),
 # read once (cold), read again through the same mount (warm).
-log "3a/3b. sequential read: cold (fresh mount, page cache dropped), then warm (read again)"
 seq_read() { # seq_read FILE WHAT: sets RATE
   timed dd if="$1" of=/dev/null bs=1M status=none || die "dd of $2 failed"
   RATE=$(mbps "$SIZE" "$T")
 }
+N_COLD=""
+if part 3a; then
+log "3a/3b. sequential read: cold (fresh mount, page cache dropped), then warm (read again)"
 mount_natster
 echo "natster mount up in ${MOUNT_SECS}s"
 drop_caches
@@ -531,12 +581,14 @@ L_WARM=$(mbps "$SIZE" "$T")
 echo "cold sequential MB/s: natster ${N_COLD}, sshfs ${S_COLD}, local disk ${L_COLD}; natster/sshfs $(ratio "$N_COLD" "$S_COLD") $DROP_NOTE"
 echo "warm sequential MB/s: natster ${N_WARM}, sshfs ${S_WARM}, local page cache ${L_WARM};" \
   "natster/local $(ratio "$N_WARM" "$L_WARM"), natster/sshfs $(ratio "$N_WARM" "$S_WARM")"
-row "3a. cold sequential read MB/s" "$N_COLD" "$S_COLD" "$(ratio "$N_COLD" "$S_COLD")" "sshfs / higher"
+row "3a. cold sequential read MB/s (goal >= 1.5x)" "$N_COLD" "$S_COLD" "$(ratio "$N_COLD" "$S_COLD")" "sshfs / higher"
 row "3a. (reference) local disk, cold" "$N_COLD" "$L_COLD" "$(ratio "$N_COLD" "$L_COLD")" "local disk / higher"
 row "3b. warm sequential read MB/s" "$N_WARM" "$L_WARM" "$(ratio "$N_WARM" "$L_WARM")" "local page cache / higher"
 row "3b. warm sequential read MB/s" "$N_WARM" "$S_WARM" "$(ratio "$N_WARM" "$S_WARM")" "sshfs / higher"
+fi
 
 # ---- (c) random 4 KiB reads ----------------------------------------------------------------
+if part 3c; then
 log "3c. $BENCH_RANDOM_N random 4 KiB preads (both remounted, page cache dropped before each run, same offsets)"
 mount_natster
 mount_sshfs
@@ -559,11 +611,50 @@ L_P99=$(field p99_ms "$W/rand-l.txt")
 echo "random 4K p50/p99 ms: natster ${N_P50}/${N_P99}, sshfs ${S_P50}/${S_P99}, local disk ${L_P50}/${L_P99};" \
   "p99 natster/sshfs $(ratio "$N_P99" "$S_P99") $DROP_NOTE"
 echo "(sshfs: remounted with default options, i.e. its attribute/dir caches on; no data cache survives a remount)"
-row "3c. random 4K pread p50 ms" "$N_P50" "$S_P50" "$(ratio "$N_P50" "$S_P50")" "sshfs / lower"
-row "3c. random 4K pread p99 ms" "$N_P99" "$S_P99" "$(ratio "$N_P99" "$S_P99")" "sshfs / lower"
+row "3c. random 4K pread p50 ms (goal <= 1x)" "$N_P50" "$S_P50" "$(ratio "$N_P50" "$S_P50")" "sshfs / lower"
+row "3c. random 4K pread p99 ms (goal <= 1x)" "$N_P99" "$S_P99" "$(ratio "$N_P99" "$S_P99")" "sshfs / lower"
 row "3c. (reference) local disk p99 ms" "$N_P99" "$L_P99" "$(ratio "$N_P99" "$L_P99")" "local disk / lower"
+fi
+
+# ---- (e) 8 concurrent sequential readers of different files ------------------------------
+if part 3e; then
+  log "3e. 8 concurrent cold sequential readers of 8 different files ($(human "$PART_SIZE") each)"
+  unmount_sshfs
+  mount_natster
+  if [ -z "$N_COLD" ]; then
+    drop_caches
+    seq_read "$MNT_N/media/big.bin" "the natster mount (cold, one reader)"
+    N_COLD=$RATE
+    unmount_natster
+    mount_natster
+  fi
+  drop_caches
+  eight() { # eight DIR: the 8 parts read at once; each dd must succeed
+    local k pids=() rc=0
+    for ((k = 0; k < 8; k++)); do
+      dd if="$1/part$k.bin" of=/dev/null bs=1M status=none &
+      pids+=("$!")
+    done
+    for k in "${pids[@]}"; do wait "$k" || rc=1; done
+    return $rc
+  }
+  export -f eight
+  timed bash -c 'eight "$1"' _ "$MNT_N/media/eight" || die "8 concurrent readers on the natster mount failed"
+  N_EIGHT=$(mbps $((PART_SIZE * 8)) "$T")
+  unmount_natster
+  mount_sshfs
+  drop_caches
+  timed bash -c 'eight "$1"' _ "$MNT_S/media/eight" || die "8 concurrent readers on sshfs failed"
+  S_EIGHT=$(mbps $((PART_SIZE * 8)) "$T")
+  unmount_sshfs
+  echo "8 concurrent cold readers, aggregate MB/s: natster ${N_EIGHT} (one reader: ${N_COLD}), sshfs ${S_EIGHT};" \
+    "natster 8 / natster 1 $(ratio "$N_EIGHT" "$N_COLD")"
+  row "3e. 8 concurrent readers MB/s (goal >= 1x)" "$N_EIGHT" "$N_COLD" "$(ratio "$N_EIGHT" "$N_COLD")" "natster, 1 reader / higher"
+  row "3e. 8 concurrent readers MB/s" "$N_EIGHT" "$S_EIGHT" "$(ratio "$N_EIGHT" "$S_EIGHT")" "sshfs, 8 readers / higher"
+fi
 
 # ---- (d) ls -lR of a large listing ---------------------------------------------------------
+if part 3d; then
 log "3d. ls -lR of $BENCH_ENTRIES files in $BENCH_DIRS folders"
 unmount_natster
 unmount_sshfs
@@ -608,8 +699,15 @@ row "3d. ls -lR s, fresh mount" "$N_LS" "$S_LS" "$(ratio "$N_LS" "$S_LS")" "sshf
 row "3d. ls -lR s, again" "$N_LS2" "$S_LS2" "$(ratio "$N_LS2" "$S_LS2")" "sshfs / lower"
 row "3d. (reference) local ls -lR s" "$N_LS2" "$L_LS" "$(ratio "$N_LS2" "$L_LS")" "local, warm / lower"
 row "3d. mount time s ($BENCH_ENTRIES entries)" "$TREE_MOUNT_SECS" "-" "-" "- / lower"
+fi
 
 unmount_natster
 unmount_sshfs
+
+# ---- 4. the listing rows, if their script is there (scripts/bench_listing.sh) ---------------
+if part 4 && [ -f scripts/bench_listing.sh ]; then
+  # shellcheck source=/dev/null
+  . scripts/bench_listing.sh && bench_listing_rows
+fi
 print_summary
 [ -z "$DROP_NOTE" ] || echo "$DROP_NOTE"

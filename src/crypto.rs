@@ -4,6 +4,8 @@
 //! is HKDF-SHA256 over their shared secret, bound to the session id, catalog, file hash and both
 //! public keys. Each chunk is `nonce(24) || XChaCha20-Poly1305(plaintext)` with associated data
 //! binding session and chunk index, so a chunk cannot be replayed into another session or slot.
+//! A record of a `read` that named its own unit binds that unit too (`session ‖ index ‖
+//! unit`): record 3 of 16 KiB units can never pass for chunk 3 of the session's chunk size.
 //!
 //! v1: the original's nkeys xkey box (`xkv1` + nonce + XSalsa20-Poly1305), per chunk.
 
@@ -118,10 +120,13 @@ pub struct SessionKey {
 }
 
 impl SessionKey {
-    fn aad(&self, index: u64) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(self.session.len() + 8);
+    fn aad(&self, index: u64, unit: Option<u32>) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(self.session.len() + 12);
         aad.extend_from_slice(&self.session);
         aad.extend_from_slice(&index.to_be_bytes());
+        if let Some(unit) = unit {
+            aad.extend_from_slice(&unit.to_be_bytes());
+        }
         aad
     }
 
@@ -129,7 +134,7 @@ impl SessionKey {
     pub fn seal(&self, index: u64, plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let aad = self.aad(index);
+        let aad = self.aad(index, None);
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         // Encryption with a valid key cannot fail for inputs below the 256 GiB AEAD limit.
@@ -142,10 +147,16 @@ impl SessionKey {
     /// Seals chunk `index` in place: `buf` holds `NONCE_LEN` spare bytes followed by the
     /// plaintext, and becomes `nonce || ciphertext || tag` without another copy.
     pub fn seal_in_place(&self, index: u64, buf: &mut Vec<u8>) {
+        self.seal_record_in_place(index, None, buf)
+    }
+
+    /// [`SessionKey::seal_in_place`] for record `index` of `unit`-byte records (None: the
+    /// session's chunk size).
+    pub fn seal_record_in_place(&self, index: u64, unit: Option<u32>, buf: &mut Vec<u8>) {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         buf[..NONCE_LEN].copy_from_slice(&nonce);
-        let aad = self.aad(index);
+        let aad = self.aad(index, unit);
         // Cannot fail below the AEAD's 256 GiB message limit.
         if let Ok(tag) = self.cipher.encrypt_in_place_detached(XNonce::from_slice(&nonce), &aad, &mut buf[NONCE_LEN..])
         {
@@ -155,6 +166,16 @@ impl SessionKey {
 
     /// Opens chunk `index` in place, returning the plaintext without copying it.
     pub fn open_in_place(&self, index: u64, sealed: bytes::Bytes) -> Result<bytes::Bytes, CryptoError> {
+        self.open_record_in_place(index, None, sealed)
+    }
+
+    /// [`SessionKey::open_in_place`] for record `index` of `unit`-byte records.
+    pub fn open_record_in_place(
+        &self,
+        index: u64,
+        unit: Option<u32>,
+        sealed: bytes::Bytes,
+    ) -> Result<bytes::Bytes, CryptoError> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication(index));
         }
@@ -166,7 +187,7 @@ impl SessionKey {
             Ok(own) => bytes::BytesMut::from(&own[..]),
             Err(shared) => bytes::BytesMut::from(&shared[..]),
         };
-        let aad = self.aad(index);
+        let aad = self.aad(index, unit);
         let body_end = buf.len() - TAG_LEN;
         let (head, tag) = buf.split_at_mut(body_end);
         let (nonce, body) = head.split_at_mut(NONCE_LEN);
@@ -184,7 +205,7 @@ impl SessionKey {
             return Err(CryptoError::Authentication(index));
         }
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        let aad = self.aad(index);
+        let aad = self.aad(index, None);
         self.cipher
             .decrypt(XNonce::from_slice(nonce), Payload { msg: body, aad: &aad })
             .map_err(|_| CryptoError::Authentication(index))
@@ -250,6 +271,19 @@ mod tests {
         let sealed = server.seal(9, b"in place");
         assert_eq!(&client.open_in_place(9, bytes::Bytes::from(sealed.clone())).unwrap()[..], b"in place");
         assert!(client.open_in_place(8, bytes::Bytes::from(sealed)).is_err());
+    }
+
+    #[test]
+    fn a_record_binds_its_unit() {
+        let (client, server) = pair();
+        let mut buf = vec![0u8; NONCE_LEN];
+        buf.extend_from_slice(b"one leaf");
+        server.seal_record_in_place(3, Some(16384), &mut buf);
+        let sealed = bytes::Bytes::from(buf);
+        assert!(client.open_record_in_place(3, Some(16384), sealed.clone()).is_ok());
+        assert!(client.open_record_in_place(3, Some(32768), sealed.clone()).is_err(), "another unit");
+        assert!(client.open_in_place(3, sealed.clone()).is_err(), "the session's chunk 3");
+        assert!(client.open_record_in_place(4, Some(16384), sealed).is_err(), "another index");
     }
 
     #[test]

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 /// 3: `get` and `open` replies are signed by the catalog server ([`Envelope::proof`]) and
 /// `open` requests by the reader. 4: listing entries carry their chunk tree root (`tree`) and
 /// every v2 chunk its proof under it ([`crate::chunk_tree`]). 2 and 3 are no longer spoken.
+/// Within 4, additively: an `open` reply may offer [`OpenResponse::max_unit`], and a reader
+/// then may name the `unit` of its `read` ([`ReadRequest::unit`]): a 4 KiB random read moves
+/// one 16 KiB leaf instead of a whole chunk. Readers that do not know it never see it.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// v1 chunk size, fixed by the original Natster.
@@ -17,6 +20,9 @@ pub const V1_CHUNK_SIZE: usize = 4096;
 pub const HEADER_CHUNK_INDEX: &str = "x-natster-chunk-idx";
 pub const HEADER_SENDER_XKEY: &str = "x-natster-sender-xkey";
 pub const HEADER_TOTAL_CHUNKS: &str = "x-natster-total-chunks";
+/// The unit (bytes) of a v2 record sent for a `read` that named one; absent for records in
+/// the session's chunk size. The AEAD binds it, so a changed header fails authentication.
+pub const HEADER_UNIT: &str = "x-natster-unit";
 
 /// Smallest v2 chunk either side accepts: one chunk tree leaf. Chunks are whole leaves.
 pub const MIN_CHUNK_SIZE: u32 = crate::chunk_tree::LEAF_SIZE as u32;
@@ -346,6 +352,10 @@ pub struct OpenResponse {
     pub server_xkey: String,
     pub byte_size: u64,
     pub chunk_size: u32,
+    /// Largest `unit` a `read` may name (any multiple of the 16 KiB leaf up to it); absent:
+    /// this server sends chunks of `chunk_size` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unit: Option<u32>,
 }
 
 /// v2 `read`: publish chunks `first_chunk .. first_chunk+count` on the session's media subject.
@@ -354,6 +364,15 @@ pub struct ReadRequest {
     pub session: String,
     pub first_chunk: u64,
     pub count: u32,
+    /// The records' size in bytes, when not the session's `chunk_size`: a multiple of the
+    /// chunk tree's leaf up to the `open` reply's `max_unit`. Chunk indices count in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<u32>,
+}
+
+/// True if `unit` may be named in a `read` of a session offering `max_unit`.
+pub fn valid_unit(unit: u32, max_unit: u32) -> bool {
+    unit >= MIN_CHUNK_SIZE && unit <= max_unit && (unit as usize).is_multiple_of(crate::chunk_tree::LEAF_SIZE)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -425,6 +444,21 @@ mod tests {
         assert_eq!(chunk_count(11, 10), 2);
         assert_eq!(chunk_len(11, 10, 1), 1);
         assert_eq!(chunk_len(11, 10, 2), 0);
+    }
+
+    #[test]
+    fn units_are_whole_leaves_within_the_offer() {
+        let leaf = crate::chunk_tree::LEAF_SIZE as u32;
+        assert!(valid_unit(leaf, 1 << 20));
+        assert!(valid_unit(64 * leaf, 64 * leaf));
+        for bad in [0, 4096, leaf + 1, 65 * leaf] {
+            assert!(!valid_unit(bad, 64 * leaf), "{bad}");
+        }
+        // Absent in an old peer's request and reply: chunks of the session's size.
+        let old: ReadRequest = serde_json::from_str(r#"{"session":"s","first_chunk":1,"count":2}"#).unwrap();
+        assert_eq!(old.unit, None);
+        let sent = serde_json::to_string(&ReadRequest { session: "s".into(), first_chunk: 1, count: 2, unit: None });
+        assert!(!sent.unwrap().contains("unit"), "an old server never sees the field");
     }
 
     #[test]

@@ -502,6 +502,13 @@ async fn malformed_requests_get_400_and_serving_goes_on() {
         let reply = raw_request(&fx.nats, &fx.subject("read"), body).await;
         assert_eq!(code(&reply), want, "read {first}+{count}: {reply}");
     }
+    // Units that are not whole chunk tree leaves within the offer are refused.
+    assert!(reply["data"]["max_unit"].as_u64().is_some(), "the open reply offers units: {reply}");
+    for unit in [0u64, 4096, 16385, 2 << 20, u64::from(u32::MAX) + 1] {
+        let body = json!({"session": session, "first_chunk": 0, "count": 1, "unit": unit}).to_string();
+        let reply = raw_request(&fx.nats, &fx.subject("read"), body).await;
+        assert_eq!(code(&reply), 400, "read in units of {unit}: {reply}");
+    }
 
     fx.served.assert_running();
     let listing = fx.client.get().await.expect("get after malformed requests");

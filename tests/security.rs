@@ -375,6 +375,7 @@ impl Liar {
                             server_xkey: ours.public_xkey().to_string(),
                             byte_size: forged.len() as u64,
                             chunk_size: CHUNK as u32,
+                            max_unit: None,
                         })
                         .unwrap();
                         sign(Purpose::Session, &[req.hash.as_bytes(), req.client_xkey.as_bytes()], &data)

@@ -126,6 +126,8 @@ type Result<T> = std::result::Result<T, ClientError>;
 
 /// A chunk as it arrived, before decryption.
 struct Delivery {
+    /// The record's unit, as its header names it (None: the session's chunk size).
+    unit: Option<u32>,
     index: u64,
     payload: Bytes,
 }
@@ -426,8 +428,16 @@ impl ClientInner {
             }
         };
         let Ok(index) = header_u64(&msg, protocol::HEADER_CHUNK_INDEX) else { return };
+        // Not trusted: the unit is bound into the record's AEAD.
+        let unit = match msg.headers.as_ref().and_then(|h| h.get(protocol::HEADER_UNIT)) {
+            None => None,
+            Some(v) => match v.as_str().parse::<u32>() {
+                Ok(unit) => Some(unit),
+                Err(_) => return,
+            },
+        };
         if let Some(file) = session.upgrade() {
-            file.deliver(token, Delivery { index, payload: msg.payload });
+            file.deliver(token, Delivery { unit, index, payload: msg.payload });
         }
     }
 }

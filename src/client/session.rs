@@ -11,6 +11,11 @@
 //! Tricky cases: several reads of one file may wait for the same chunk (each registered
 //! waiter gets a copy); a reopened session gets a new id, so chunks of the old one still in
 //! flight are ignored; dropping a read at any await unregisters its waiters.
+//!
+//! Units: a server whose signed `open` reply offers `max_unit` sends records of any size the
+//! read names (a multiple of the 16 KiB leaf), counted in that size; [`RemoteFile::fetch_in`]
+//! asks for them. Records are told apart by (unit, index), never by index alone, and each is
+//! opened with the unit it was asked in (the AEAD binds it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -81,6 +86,7 @@ impl CatalogClient {
             hash: hash.to_string(),
             byte_size,
             chunk_size: u64::from(reply.chunk_size),
+            max_unit: reply.max_unit,
             root,
             state: Mutex::new(state),
             pending: Mutex::new(HashMap::new()),
@@ -159,24 +165,35 @@ pub(super) struct FileShared {
     hash: String,
     byte_size: u64,
     chunk_size: u64,
+    /// Largest unit a read may name, from the signed `open` reply (None: chunks only).
+    max_unit: Option<u32>,
     /// The file's chunk tree root, from the signed listing.
     root: chunk_tree::Hash,
     state: Mutex<SessionState>,
-    /// Chunk index → the reads waiting for it.
-    pending: Mutex<HashMap<u64, Vec<ChunkSender>>>,
+    /// (unit, record index) → the reads waiting for it.
+    pending: Mutex<HashMap<RecordId, Vec<ChunkSender>>>,
 }
 
+/// A record's identity within a session: its unit (None: the session's chunk size) and index.
+type RecordId = (Option<u32>, u64);
+
 impl FileShared {
-    /// The data of decrypted chunk `index` once it is proven to be the indexed bytes.
-    fn verify(&self, index: u64, plain: Bytes) -> Result<Bytes> {
+    /// Bytes per record of `unit`.
+    fn unit_bytes(&self, unit: Option<u32>) -> u64 {
+        unit.map_or(self.chunk_size, u64::from)
+    }
+
+    /// The data of decrypted record `index` of `unit` once it is proven to be the indexed bytes.
+    fn verify(&self, unit: Option<u32>, index: u64, plain: Bytes) -> Result<Bytes> {
         let refuse = |why| ClientError::ChunkTree { hash: self.hash.clone(), index, why };
         let (proof, at) = chunk_tree::unframe(&plain).map_err(refuse)?;
         let data = plain.slice(at..);
-        let want = protocol::chunk_len(self.byte_size, self.chunk_size, index);
+        let size = self.unit_bytes(unit);
+        let want = protocol::chunk_len(self.byte_size, size, index);
         if data.len() as u64 != want {
             return Err(refuse(chunk_tree::TreeError::Range(format!("{} bytes, expected {want}", data.len()))));
         }
-        let (first_leaf, _) = chunk_tree::chunk_leaves(self.byte_size, self.chunk_size, index);
+        let (first_leaf, _) = chunk_tree::chunk_leaves(self.byte_size, size, index);
         chunk_tree::verify_range(&self.root, self.byte_size, first_leaf, &data, &proof).map_err(refuse)?;
         Ok(data)
     }
@@ -189,9 +206,11 @@ impl FileShared {
             }
             state.key.clone()
         };
-        let waiters = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&delivery.index);
+        let id = (delivery.unit, delivery.index);
+        let waiters = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         for tx in waiters.into_iter().flatten() {
-            let _ = tx.send((key.clone(), Delivery { index: delivery.index, payload: delivery.payload.clone() }));
+            let copy = Delivery { unit: delivery.unit, index: delivery.index, payload: delivery.payload.clone() };
+            let _ = tx.send((key.clone(), copy));
         }
     }
 }
@@ -238,17 +257,26 @@ impl RemoteFile {
         protocol::chunk_count(self.shared.byte_size, self.shared.chunk_size)
     }
 
-    /// Bytes `offset .. offset+len`, clipped at end of file.
+    /// True if reads may name `unit` bytes per record (the server offered it when opening).
+    pub fn offers_unit(&self, unit: u64) -> bool {
+        let Ok(unit) = u32::try_from(unit) else { return false };
+        self.shared.max_unit.is_some_and(|max| protocol::valid_unit(unit, max))
+    }
+
+    /// Bytes `offset .. offset+len`, clipped at end of file. A range of at most a quarter of
+    /// a chunk is fetched as its 16 KiB leaves when the server offers units.
     pub async fn read_range(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
         let end = offset.saturating_add(len as u64).min(self.byte_size());
         if offset >= end {
             return Ok(Vec::new());
         }
-        let cs = self.chunk_size();
+        // A range much smaller than a chunk moves only its leaves, where the server offers it.
+        let leaf = chunk_tree::LEAF_SIZE as u64;
+        let cs = if end - offset <= self.chunk_size() / 4 && self.offers_unit(leaf) { leaf } else { self.chunk_size() };
         let first = offset / cs;
         let last = (end - 1) / cs;
         let mut out = Vec::with_capacity((end - offset) as usize);
-        self.fetch(first, last - first + 1, |index, chunk| {
+        self.fetch_in(cs, first, last - first + 1, |index, chunk| {
             let chunk_start = index * cs;
             let from = offset.saturating_sub(chunk_start) as usize;
             let to = ((end - chunk_start) as usize).min(chunk.len());
@@ -287,17 +315,46 @@ impl RemoteFile {
 
     /// Core of every read: asks for chunks `first .. first+count` with at most `window` in
     /// flight, and hands each to `sink` in order as soon as all before it have arrived.
-    pub async fn fetch(&self, first: u64, count: u64, mut sink: impl FnMut(u64, Bytes) -> Result<()>) -> Result<()> {
-        let end = first.saturating_add(count).min(self.chunk_count());
+    pub async fn fetch(&self, first: u64, count: u64, sink: impl FnMut(u64, Bytes) -> Result<()>) -> Result<()> {
+        self.fetch_records(None, first, count, sink).await
+    }
+
+    /// [`RemoteFile::fetch`] in records of `unit` bytes (indices count in it): a multiple of
+    /// the chunk tree's leaf the server offered ([`RemoteFile::offers_unit`]).
+    pub async fn fetch_in(
+        &self,
+        unit: u64,
+        first: u64,
+        count: u64,
+        sink: impl FnMut(u64, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        if unit == self.chunk_size() {
+            return self.fetch(first, count, sink).await;
+        }
+        if !self.offers_unit(unit) {
+            return Err(ClientError::Protocol(format!("the catalog server does not send records of {unit} bytes")));
+        }
+        self.fetch_records(Some(unit as u32), first, count, sink).await
+    }
+
+    async fn fetch_records(
+        &self,
+        unit: Option<u32>,
+        first: u64,
+        count: u64,
+        mut sink: impl FnMut(u64, Bytes) -> Result<()>,
+    ) -> Result<()> {
+        let shared = &self.shared;
+        let records = protocol::chunk_count(shared.byte_size, shared.unit_bytes(unit));
+        let end = first.saturating_add(count).min(records);
         if first >= end {
             return Ok(());
         }
-        let shared = &self.shared;
         let options = &shared.client.options;
         let window = u64::from(options.window.max(1));
         let batch = u64::from(options.batch.clamp(1, protocol::MAX_CHUNKS_PER_READ));
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let registration = Registration { file: shared, first, end, tx };
+        let registration = Registration { file: shared, unit, first, end, tx };
         let tx = &registration.tx;
 
         let mut next_request = first;
@@ -314,19 +371,19 @@ impl RemoteFile {
             // Keep the window full: chunks asked for but not yet handed to the sink.
             while next_request < end && next_request - next_deliver < window {
                 let n = batch.min(end - next_request).min(window - (next_request - next_deliver));
-                self.register(next_request, n, tx);
+                self.register(unit, next_request, n, tx);
                 in_flight.extend(next_request..next_request + n);
-                acks.push(self.request_read(next_request, n));
+                acks.push(self.request_read(unit, next_request, n));
                 next_request += n;
             }
             tokio::select! {
                 Some((key, delivery)) = rx.recv() => {
                     let index = delivery.index;
-                    if !in_flight.remove(&index) {
+                    if delivery.unit != unit || !in_flight.remove(&index) {
                         continue;
                     }
-                    let plain = key.open_in_place(index, delivery.payload)?;
-                    arrived.insert(index, shared.verify(index, plain)?);
+                    let plain = key.open_record_in_place(index, unit, delivery.payload)?;
+                    arrived.insert(index, shared.verify(unit, index, plain)?);
                     while let Some(chunk) = arrived.remove(&next_deliver) {
                         sink(next_deliver, chunk)?;
                         next_deliver += 1;
@@ -343,8 +400,8 @@ impl RemoteFile {
                         self.reopen().await?;
                         acks.clear();
                         for (from, n) in runs(&in_flight, batch) {
-                            self.register(from, n, tx);
-                            acks.push(self.request_read(from, n));
+                            self.register(unit, from, n, tx);
+                            acks.push(self.request_read(unit, from, n));
                         }
                     }
                     // An acknowledgement that does not come in time is a stall like any other:
@@ -362,8 +419,8 @@ impl RemoteFile {
                     deadline = tokio::time::Instant::now() + options.chunk_timeout * (stalls + 1);
                     tracing::debug!(hash = %shared.hash, missing = in_flight.len(), "chunks late; asking again");
                     for (from, n) in runs(&in_flight, batch) {
-                        self.register(from, n, tx);
-                        acks.push(self.request_read(from, n));
+                        self.register(unit, from, n, tx);
+                        acks.push(self.request_read(unit, from, n));
                     }
                 }
             }
@@ -371,21 +428,26 @@ impl RemoteFile {
         Ok(())
     }
 
-    fn register(&self, from: u64, n: u64, tx: &ChunkSender) {
+    fn register(&self, unit: Option<u32>, from: u64, n: u64, tx: &ChunkSender) {
         let mut pending = self.shared.pending.lock().unwrap_or_else(|p| p.into_inner());
         for i in from..from + n {
-            let waiters = pending.entry(i).or_default();
+            let waiters = pending.entry((unit, i)).or_default();
             if !waiters.iter().any(|w| w.same_channel(tx)) {
                 waiters.push(tx.clone());
             }
         }
     }
 
-    fn request_read(&self, first_chunk: u64, count: u64) -> impl std::future::Future<Output = Result<()>> + use<> {
+    fn request_read(
+        &self,
+        unit: Option<u32>,
+        first_chunk: u64,
+        count: u64,
+    ) -> impl std::future::Future<Output = Result<()>> + use<> {
         let shared = self.shared.clone();
         async move {
             let session = shared.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
-            let req = ReadRequest { session, first_chunk, count: count as u32 };
+            let req = ReadRequest { session, first_chunk, count: count as u32, unit };
             let _: ReadResponse = shared.client.request(Operation::Read, &req).await?;
             Ok(())
         }
@@ -394,7 +456,10 @@ impl RemoteFile {
     async fn reopen(&self) -> Result<()> {
         let shared = &self.shared;
         let (state, reply) = shared.client.open_session(&shared.hash).await?;
-        if reply.byte_size != shared.byte_size || u64::from(reply.chunk_size) != shared.chunk_size {
+        if reply.byte_size != shared.byte_size
+            || u64::from(reply.chunk_size) != shared.chunk_size
+            || reply.max_unit != shared.max_unit
+        {
             return Err(ClientError::Protocol("file changed size or chunking while it was read".into()));
         }
         let old = {
@@ -412,6 +477,7 @@ impl RemoteFile {
 /// Forgets a read's waiters when it ends, however it ends.
 struct Registration<'a> {
     file: &'a FileShared,
+    unit: Option<u32>,
     first: u64,
     end: u64,
     tx: ChunkSender,
@@ -421,10 +487,11 @@ impl Drop for Registration<'_> {
     fn drop(&mut self) {
         let mut pending = self.file.pending.lock().unwrap_or_else(|p| p.into_inner());
         for i in self.first..self.end {
-            if let Some(waiters) = pending.get_mut(&i) {
+            let id = (self.unit, i);
+            if let Some(waiters) = pending.get_mut(&id) {
                 waiters.retain(|w| !w.same_channel(&self.tx));
                 if waiters.is_empty() {
-                    pending.remove(&i);
+                    pending.remove(&id);
                 }
             }
         }

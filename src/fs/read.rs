@@ -15,6 +15,10 @@
 //!   always completed or abandoned, on every path, so no waiter hangs; waiters are bounded by
 //!   their own deadline too.
 //! - A source that can only fetch whole files (v1) has every chunk of the file claimed at once.
+//! - A small read that is not part of a sequential run, and whose chunk is neither cached nor
+//!   being fetched, is fetched in the source's small unit (one 16 KiB leaf, cached under its
+//!   own key) instead of a whole chunk: a random 4 KiB read moves 16 KiB, not 256.
+//! - A read inside one cached record is answered with a slice of it, without a copy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -158,7 +162,9 @@ impl NatsterFs {
         let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
         // The inner steps end by the deadline themselves; this bound only catches a bug.
         let result =
-            match tokio::time::timeout_at(deadline + GRACE, self.read_range(&file, offset, end, deadline)).await {
+            match tokio::time::timeout_at(deadline + GRACE, self.read_range(&file, offset, end, window == 0, deadline))
+                .await
+            {
                 Ok(r) => r,
                 Err(_) => Err(FsError::Timeout(self.options.read_timeout)),
             };
@@ -170,11 +176,30 @@ impl NatsterFs {
         result
     }
 
-    async fn read_range(&self, file: &OpenFile, offset: u64, end: u64, deadline: Instant) -> Result<Bytes, FsError> {
-        let cs = self.chunk_size(file, deadline).await?;
+    /// Bytes `offset .. end` of `file`; `random`: the read is not part of a sequential run.
+    async fn read_range(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        end: u64,
+        random: bool,
+        deadline: Instant,
+    ) -> Result<Bytes, FsError> {
+        let chunk_size = self.chunk_size(file, deadline).await?;
+        let cs = match self.catalog_of(file)?.source.small_unit(&file.entry) {
+            Some(unit) if random && end - offset <= chunk_size / 4 && !self.covered(file, chunk_size, offset, end) => {
+                unit
+            }
+            _ => chunk_size,
+        };
         let first = offset / cs;
         let last = (end - 1) / cs;
         let chunks = self.chunks(file, cs, first, last - first + 1, deadline).await?;
+        if let [chunk] = chunks.as_slice() {
+            let from = (offset - first * cs) as usize;
+            let to = ((end - first * cs) as usize).min(chunk.len());
+            return Ok(chunk.slice(from.min(to)..to));
+        }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for (i, chunk) in chunks.iter().enumerate() {
             let chunk_start = (first + i as u64) * cs;
@@ -185,6 +210,11 @@ impl NatsterFs {
             }
         }
         Ok(out.freeze())
+    }
+
+    /// True if every chunk of `offset .. end` is cached or being fetched.
+    fn covered(&self, file: &OpenFile, cs: u64, offset: u64, end: u64) -> bool {
+        (offset / cs..=(end - 1) / cs).all(|i| self.cache.has_or_pending(&self.key(file, cs, i)))
     }
 
     /// The file's chunk size, asking the source (retried within the deadline) if needed.

@@ -1,12 +1,31 @@
-//! Sequential-access detection for one open file. Reads that continue where the last ones
-//! ended (within a slack that absorbs the kernel's own read-ahead arriving slightly out of
-//! order) double the window, up to a maximum; anything else is a seek and resets it to none.
+//! Sequential-access detection for one open file, with several read cursors: players read one
+//! file at several places at once (an audio and a video track, an index at the end), so each
+//! cursor keeps its own run and window instead of every switch counting as a seek.
+//!
+//! A read that continues where a cursor's reads ended (within a slack that absorbs the
+//! kernel's own read-ahead arriving slightly out of order) doubles that cursor's window, up to
+//! a maximum. A read that continues no cursor starts a new one with no window (replacing the
+//! least recently used when all [`CURSORS`] are taken); one at offset 0 starts with the
+//! minimum window, as a program reading a file from its start usually reads it all.
+
+/// Cursors kept per open file.
+pub const CURSORS: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Cursor {
+    /// Highest end offset read so far in this sequential run.
+    frontier: u64,
+    window: u64,
+    /// Value of the file's read counter when this cursor was last used.
+    used: u64,
+}
 
 /// Read-ahead state of one open file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadAhead {
-    /// Highest end offset read so far in the current sequential run.
-    frontier: u64,
+    cursors: Vec<Cursor>,
+    reads: u64,
+    /// Window of the cursor the last read moved.
     pub window: u64,
     max: u64,
     min: u64,
@@ -14,26 +33,45 @@ pub struct ReadAhead {
 
 impl ReadAhead {
     pub fn new(min: u64, max: u64) -> Self {
-        ReadAhead { frontier: 0, window: 0, max, min }
+        ReadAhead { cursors: Vec::with_capacity(CURSORS), reads: 0, window: 0, max, min }
     }
 
     /// Records a read and returns the window of bytes to prefetch past it (0: none).
     pub fn on_read(&mut self, offset: u64, len: u64) -> u64 {
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         let slack = (4 * len).max(1 << 20);
-        let sequential = offset <= self.frontier.saturating_add(slack) && end + slack >= self.frontier;
-        if sequential && (self.frontier > 0 || offset == 0) {
-            self.window = if self.window == 0 { self.min } else { (self.window * 2).min(self.max) };
-        } else {
-            self.window = 0;
-        }
-        self.frontier = if sequential { self.frontier.max(end) } else { end };
-        self.window
+        self.reads += 1;
+        let continues =
+            |c: &Cursor| offset <= c.frontier.saturating_add(slack) && end.saturating_add(slack) >= c.frontier;
+        // The nearest cursor this read continues, if any.
+        let found =
+            self.cursors.iter().enumerate().filter(|(_, c)| continues(c)).min_by_key(|(_, c)| c.frontier.abs_diff(end));
+        let window = match found.map(|(i, _)| i) {
+            Some(i) => {
+                let c = &mut self.cursors[i];
+                c.window = if c.window == 0 { self.min } else { (c.window * 2).min(self.max) };
+                c.frontier = c.frontier.max(end);
+                c.used = self.reads;
+                c.window
+            }
+            None => {
+                let fresh = Cursor { frontier: end, window: if offset == 0 { self.min } else { 0 }, used: self.reads };
+                let window = fresh.window;
+                if self.cursors.len() < CURSORS {
+                    self.cursors.push(fresh);
+                } else if let Some(lru) = self.cursors.iter_mut().min_by_key(|c| c.used) {
+                    *lru = fresh;
+                }
+                window
+            }
+        };
+        self.window = window;
+        window
     }
 
-    /// Where the current sequential run has read up to.
+    /// Where the most recently used cursor has read up to.
     pub fn frontier(&self) -> u64 {
-        self.frontier
+        self.cursors.iter().max_by_key(|c| c.used).map_or(0, |c| c.frontier)
     }
 }
 
@@ -50,10 +88,40 @@ mod tests {
         assert_eq!(ra.on_read(384 << 10, 128 << 10), 512 << 10);
         assert_eq!(ra.on_read(256 << 10, 128 << 10), 1 << 20);
         for _ in 0..10 {
-            ra.on_read(ra.frontier, 128 << 10);
+            ra.on_read(ra.frontier(), 128 << 10);
         }
         assert_eq!(ra.window, 8 << 20, "window is bounded");
-        assert_eq!(ra.on_read(500 << 20, 4096), 0, "a seek resets the window");
+        assert_eq!(ra.on_read(500 << 20, 4096), 0, "a seek starts a cursor without a window");
         assert_eq!(ra.on_read((500 << 20) + 4096, 4096), 128 << 10);
+    }
+
+    #[test]
+    fn interleaved_streams_keep_their_windows() {
+        let mut ra = ReadAhead::new(128 << 10, 8 << 20);
+        let (video, audio, index) = (0u64, 300u64 << 20, 900u64 << 20);
+        let step = 128u64 << 10;
+        let mut last = (0, 0, 0);
+        for i in 0..8u64 {
+            let v = ra.on_read(video + i * step, step);
+            let a = ra.on_read(audio + i * step, step);
+            let x = ra.on_read(index + i * step, step);
+            last = (v, a, x);
+        }
+        assert_eq!(last, (8 << 20, 8 << 20, 8 << 20), "three interleaved runs all reach the maximum");
+        // A fifth place pushes out the least recently used cursor only.
+        ra.on_read(100 << 20, 4096);
+        ra.on_read(600 << 20, 4096);
+        assert_eq!(ra.on_read(index + 8 * step, step), 8 << 20, "the index run survives");
+        assert_eq!(ra.on_read(video + 8 * step, step), 0, "the oldest run was replaced");
+    }
+
+    #[test]
+    fn random_reads_never_open_a_window() {
+        let mut ra = ReadAhead::new(128 << 10, 8 << 20);
+        // Distinct 16 MiB slots in a scrambled order (an odd multiplier permutes them).
+        for i in 0..200u64 {
+            let offset = (i * 2_654_435_761 % 4096) * (16 << 20) + 4096;
+            assert_eq!(ra.on_read(offset, 4096), 0, "read at {offset}");
+        }
     }
 }

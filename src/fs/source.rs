@@ -50,8 +50,16 @@ pub trait ChunkSource: Send + Sync {
     /// so concurrent readers share one download.
     fn whole_file(&self, entry: &CatalogEntry) -> bool;
 
+    /// A record size smaller than the chunk size that [`ChunkSource::fetch`] also accepts for
+    /// `entry` (one chunk tree leaf), if its open session offers it; answers without the
+    /// network. Small random reads are fetched in it.
+    fn small_unit(&self, _entry: &CatalogEntry) -> Option<u64> {
+        None
+    }
+
     /// Fetches chunks `first .. first+count` of `entry` (one attempt), handing each to `sink`
     /// once verified. May hand over chunks outside the range (a whole-file source does).
+    /// `chunk_size` is the file's chunk size or its [`ChunkSource::small_unit`].
     fn fetch<'a>(
         &'a self,
         entry: &'a CatalogEntry,
@@ -143,13 +151,13 @@ impl RemoteSource {
         sink: ChunkSink<'_>,
     ) -> Result<(), FsError> {
         let remote = self.session(entry).await?;
-        if remote.chunk_size() != cs {
+        if remote.chunk_size() != cs && !remote.offers_unit(cs) {
             // The server restarted with another chunk size: this read's cache keys are stale,
             // the next read uses the new size.
             return Err(FsError::Remote("the catalog server changed its chunk size; read again".into()));
         }
         let result = remote
-            .fetch(first, count, |index, chunk| {
+            .fetch_in(cs, first, count, |index, chunk| {
                 sink(index, chunk);
                 Ok(())
             })
@@ -224,6 +232,13 @@ impl ChunkSource for RemoteSource {
 
     fn whole_file(&self, _entry: &CatalogEntry) -> bool {
         !self.client.speaks_v2()
+    }
+
+    fn small_unit(&self, entry: &CatalogEntry) -> Option<u64> {
+        let leaf = crate::chunk_tree::LEAF_SIZE as u64;
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let file = sessions.peek(&entry.hash)?.get()?;
+        (file.chunk_size() > leaf && file.offers_unit(leaf)).then_some(leaf)
     }
 
     fn fetch<'a>(

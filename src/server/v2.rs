@@ -2,6 +2,11 @@
 //! xkey, bound to session, catalog and hash), `read` publishes a run of sealed chunks on the
 //! session's media subject, `close` ends it.
 //!
+//! A `read` may name its records' `unit` (a multiple of the 16 KiB leaf up to
+//! [`super::MAX_CHUNK_SIZE`], offered in the `open` reply): small random reads then move a
+//! leaf, not a chunk, and large sequential ones may use larger messages. Such records carry
+//! their unit in a header and in the AEAD's associated data.
+//!
 //! Invariants:
 //! - A session belongs to the caller that opened it; any other caller naming it gets the same
 //!   answer as for a missing one.
@@ -77,6 +82,7 @@ impl Shared {
             server_xkey: ephemeral.public_xkey().to_string(),
             byte_size: entry.byte_size,
             chunk_size: self.options.chunk_size,
+            max_unit: Some(super::MAX_CHUNK_SIZE),
         };
         let state = Session {
             caller: caller.clone(),
@@ -158,7 +164,19 @@ impl Shared {
     ) -> Result<Vec<u8>, Refusal> {
         let req: ReadRequest = parse(payload)?;
         let session = self.session(caller, &req.session)?;
-        let chunk_size = u64::from(self.options.chunk_size);
+        if let Some(unit) = req.unit {
+            if !protocol::valid_unit(unit, super::MAX_CHUNK_SIZE) {
+                return Err(refuse(
+                    400,
+                    format!(
+                        "unit {unit} is not a multiple of {} up to {}",
+                        chunk_tree::LEAF_SIZE,
+                        super::MAX_CHUNK_SIZE
+                    ),
+                ));
+            }
+        }
+        let chunk_size = u64::from(req.unit.unwrap_or(self.options.chunk_size));
         let total = protocol::chunk_count(session.byte_size, chunk_size);
         if req.count == 0 || req.count > protocol::MAX_CHUNKS_PER_READ {
             return Err(refuse(400, format!("count must be 1..={}", protocol::MAX_CHUNKS_PER_READ)));
@@ -184,11 +202,12 @@ impl Shared {
 
         let subject = protocol::media_subject(caller, &self.name, &req.session);
         let first = req.first_chunk;
+        let unit = req.unit;
         // Read and seal on the blocking pool, two chunks ahead of the publisher.
         let mut sealed = futures::stream::iter(first..first + u64::from(count))
             .map(|index| {
                 let session = session.clone();
-                tokio::task::spawn_blocking(move || seal_chunk(&session, index, chunk_size))
+                tokio::task::spawn_blocking(move || seal_chunk(&session, index, chunk_size, unit))
             })
             .buffered(2);
         while let Some(done) = sealed.next().await {
@@ -196,6 +215,9 @@ impl Shared {
                 Ok(Ok((index, body))) => {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
+                    if let Some(unit) = unit {
+                        headers.insert(protocol::HEADER_UNIT, unit.to_string().as_str());
+                    }
                     if self.nats.publish_with_headers(subject.clone(), headers, body).await.is_err() {
                         break;
                     }
@@ -255,8 +277,9 @@ enum ChunkError {
 }
 
 /// Reads chunk `index`, checks its leaves against the tree, and seals it with its proof:
-/// nonce ‖ AEAD([proof][data]).
-fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> Result<(u64, Bytes), ChunkError> {
+/// nonce ‖ AEAD([proof][data]). `unit`: the size the reader named (bound into the AEAD), or
+/// None for the session's chunk size.
+fn seal_chunk(session: &Session, index: u64, chunk_size: u64, unit: Option<u32>) -> Result<(u64, Bytes), ChunkError> {
     let len = protocol::chunk_len(session.byte_size, chunk_size, index) as usize;
     let (first_leaf, leaves) = chunk_tree::chunk_leaves(session.byte_size, chunk_size, index);
     let proof = session.tree.prove(first_leaf, leaves).map_err(|e| ChunkError::Proof(index, e))?;
@@ -273,6 +296,6 @@ fn seal_chunk(session: &Session, index: u64, chunk_size: u64) -> Result<(u64, By
         let _ = std::fs::remove_file(&session.tree_file);
         return Err(ChunkError::Changed(index));
     }
-    session.key.seal_in_place(index, &mut buf);
+    session.key.seal_record_in_place(index, unit, &mut buf);
     Ok((index, Bytes::from(buf)))
 }

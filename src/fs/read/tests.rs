@@ -36,6 +36,10 @@ struct FakeSource {
     fail_first: AtomicU32,
     /// (first, count) of every fetch attempt.
     fetches: Mutex<Vec<(u64, u64)>>,
+    /// The record size of every fetch attempt.
+    units: Mutex<Vec<u64>>,
+    /// What [`ChunkSource::small_unit`] answers.
+    small: Mutex<Option<u64>>,
 }
 
 impl FakeSource {
@@ -46,6 +50,8 @@ impl FakeSource {
             mode: Mutex::new(Mode::Serve),
             fail_first: AtomicU32::new(0),
             fetches: Mutex::new(Vec::new()),
+            units: Mutex::new(Vec::new()),
+            small: Mutex::new(None),
         })
     }
 
@@ -80,6 +86,10 @@ impl ChunkSource for FakeSource {
         false
     }
 
+    fn small_unit(&self, _entry: &CatalogEntry) -> Option<u64> {
+        *self.small.lock().unwrap()
+    }
+
     fn fetch<'a>(
         &'a self,
         entry: &'a CatalogEntry,
@@ -90,6 +100,7 @@ impl ChunkSource for FakeSource {
     ) -> BoxFuture<'a, Result<(), FsError>> {
         async move {
             self.fetches.lock().unwrap().push((first, count));
+            self.units.lock().unwrap().push(chunk_size);
             let mode = *self.mode.lock().unwrap();
             if self.fail_first.load(Ordering::SeqCst) > 0 {
                 self.fail_first.fetch_sub(1, Ordering::SeqCst);
@@ -340,4 +351,28 @@ async fn listing_builds_folders_and_diffs_on_refresh() {
     let names: Vec<String> = fs.readdir(c.ino).unwrap().into_iter().map(|(_, _, n)| n).collect();
     assert_eq!(names, [".", "..", "three.mp4", "two.mp4"]);
     assert_eq!(fs.catalog(0).unwrap().revision(), "r2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn random_small_reads_fetch_one_leaf_and_sequential_ones_whole_chunks() {
+    let (fs, source, big) = fake_fs();
+    let leaf = crate::chunk_tree::LEAF_SIZE as u64;
+    *source.small.lock().unwrap() = Some(leaf);
+    let fh = open_big(&fs);
+    // A random 4 KiB read: one leaf, not a chunk.
+    let far = (12 << 20) + 5000;
+    let got = fs.read(fh, far, 4096).await.unwrap();
+    assert_eq!(&got[..], &big[far as usize..far as usize + 4096]);
+    assert_eq!(source.fetches().last(), Some(&(far / leaf, 1)));
+    assert_eq!(source.units.lock().unwrap().last(), Some(&leaf));
+    // Crossing a leaf boundary at random: two leaves, still far less than a chunk.
+    let edge = (5 << 20) + leaf - 100;
+    let got = fs.read(fh, edge, 4096).await.unwrap();
+    assert_eq!(&got[..], &big[edge as usize..edge as usize + 4096]);
+    assert_eq!(source.fetches().last(), Some(&(edge / leaf, 2)));
+    // A read from the start is sequential: whole chunks.
+    let before = source.fetches().len();
+    fs.read(fh, 0, 4096).await.unwrap();
+    assert_eq!(source.units.lock().unwrap()[before], CS);
+    settle().await;
 }

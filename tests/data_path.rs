@@ -1,0 +1,92 @@
+//! The data path's traffic through a real mount (real nats-server, catalog server and FUSE):
+//! what one read costs on the wire, counted by a plain NATS subscriber on the media subjects,
+//! which sees every chunk the catalog server publishes to the mount. Not timed.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
+use common::*;
+use futures::StreamExt;
+
+/// Counts the media messages and their payload bytes (a plain subscription beside the mount's).
+async fn count_media(nats: &NatsServer) -> (Arc<(AtomicU64, AtomicU64)>, tokio::task::JoinHandle<()>) {
+    let client = connect(&nats.url()).await;
+    let mut sub = client.subscribe("natster.media.media.*").await.expect("subscribe");
+    client.flush().await.expect("flush");
+    let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let c = counts.clone();
+    let task = tokio::spawn(async move {
+        let _client = client;
+        while let Some(msg) = sub.next().await {
+            c.0.fetch_add(1, Ordering::SeqCst);
+            c.1.fetch_add(msg.payload.len() as u64, Ordering::SeqCst);
+        }
+    });
+    (counts, task)
+}
+
+/// The byte count once it has stopped moving for 500 ms (chunks already published reach the
+/// counter in milliseconds); bounded to 20 s.
+async fn settled(count: &AtomicU64) -> u64 {
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut last = count.load(Ordering::SeqCst);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(POLL).await;
+        let now = count.load(Ordering::SeqCst);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(500) {
+            return now;
+        }
+        assert!(Instant::now() < until, "media still arriving after 20 s ({now} bytes)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
+    require_fuse!();
+    let bytes = pseudo_random_bytes(16, 8 << 20);
+    let nats = NatsServer::start();
+    let (home, _tree) = home_with_catalog(&nats, &[("big.bin", bytes.clone())]).await;
+    // The default chunk size (256 KiB): a whole chunk per small read would be 64 times 4 KiB.
+    let _served = Served::start(&home, &nats, "media").await;
+    let (counts, task) = count_media(&nats).await;
+    let m = Mounted::start(&home, &[]);
+    let path = m.path().join("media/big.bin");
+
+    // Far apart, none at the start (a read at 0 starts a sequential run and reads ahead).
+    let offsets = [3 * 1024 * 1024 + 8192u64, 6 * 1024 * 1024 + 100 * 4096, 1024 * 1024 + 40 * 4096, 7 << 20];
+    let mut before = settled(&counts.1).await;
+    for offset in offsets {
+        let p = path.clone();
+        let got = bounded("a 4 KiB pread", MOUNT_IO_DEADLINE, move || {
+            let f = std::fs::File::open(&p).expect("open");
+            // The kernel's own read-ahead off: what reaches the mount is the program's read.
+            // SAFETY: fadvise on an open descriptor.
+            let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            assert_eq!(rc, 0, "posix_fadvise RANDOM");
+            let mut buf = vec![0u8; 4096];
+            f.read_exact_at(&mut buf, offset).expect("pread");
+            buf
+        });
+        assert_eq!(got, bytes[offset as usize..offset as usize + 4096], "bytes at {offset}");
+        let now = settled(&counts.1).await;
+        let moved = now - before;
+        eprintln!("a random 4 KiB read at {offset}: {moved} bytes over NATS");
+        // One 16 KiB leaf, its proof (a few hundred bytes), nonce and tag; a whole chunk
+        // would be 256 KiB.
+        assert!(moved > 4096, "the read at {offset} moved {moved} bytes: it must reach the catalog server");
+        assert!(moved <= 8 * 4096, "a random 4 KiB read at {offset} moved {moved} bytes over NATS");
+        before = now;
+    }
+    assert!(counts.0.load(Ordering::SeqCst) <= 2 * offsets.len() as u64, "records fetched");
+    task.abort();
+    m.stop();
+}
