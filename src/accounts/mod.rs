@@ -63,6 +63,7 @@ const ACCOUNT_JWT: &str = "account.jwt";
 const USER_CREDS: &str = "user.creds";
 const OPERATOR_NAME: &str = "natster";
 
+mod cluster;
 mod imports;
 pub mod jwt;
 mod local_server;
@@ -70,6 +71,9 @@ mod network;
 
 mod operator;
 
+pub use cluster::{
+    node_url, ClusterOptions, LocalCluster, LocalDeployment, NodePorts, CLUSTER_NAME, RESOLVER_SYNC_INTERVAL,
+};
 pub use imports::{
     catalog_imports, imported_catalog, imported_owner, nsc_import_commands, nsc_owner_import_commands, owner_imports,
 };
@@ -82,8 +86,8 @@ pub use network::{
 };
 use operator::check_account_key;
 pub use operator::{
-    connect, lookup_account_jwt, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator,
-    PendingAccount,
+    connect, lookup_account_jwt, push_account_jwt, push_account_jwt_to, validate_account_name, AccountRecord, Applied,
+    Operator, PendingAccount,
 };
 
 /// The two exports every Natster account carries.

@@ -192,7 +192,10 @@ impl Network {
         if options.global {
             let creds = operator.global_creds().context("the operator has no global account; run `operator init`")?;
             let nats = accounts::connect(url, &creds, Duration::from_secs(5)).await?;
-            let global_options = GlobalOptions { presence_ttl: options.presence_ttl, ..GlobalOptions::default() };
+            // On a cluster of 3 or more, the log and buckets live on 3 nodes: one may be down.
+            let replicas = if operator.resolvers() >= 3 { 3 } else { 1 };
+            let global_options =
+                GlobalOptions { presence_ttl: options.presence_ttl, replicas, ..GlobalOptions::default() };
             let done = stopped(rx.clone());
             network.tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::global::run(nats, global_options, done).await {
