@@ -41,6 +41,13 @@ fn local_deployment(op: &Home, wanted_port: Option<u16>, wanted_size: Option<usi
             );
         }
         if let Some(n) = wanted_size.filter(|n| *n != s.size()) {
+            // One server that never ran (no JetStream store yet) may still become a cluster.
+            let ran = LocalDeployment::store_dir(&dir, 0).join("jetstream").exists();
+            if s.size() == 1 && !ran {
+                let grown = LocalDeployment::cluster(s.port, n)?;
+                grown.save(&dir)?;
+                return Ok(grown);
+            }
             bail!(
                 "the operator's deployment was chosen with {} nats-server(s), not {n} (a JetStream store cannot \
                  move between sizes here); leave out --cluster, or use another NATSTER_OPERATOR_HOME",

@@ -30,8 +30,9 @@ pub const STREAM_SUBJECTS: &str = "natster.events.*.*.*.*";
 const MAX_BYTES: i64 = 1 << 30;
 /// Largest event payload accepted from a user.
 pub const MAX_EVENT_DATA: usize = 8 * 1024;
-/// Bound on one append, retries included.
-const APPEND_DEADLINE: Duration = Duration::from_secs(4);
+/// Bound on one append, retries included: longer than a JetStream cluster takes to elect a
+/// new leader for the log after its leader's node dies (4 to 9 s in nats-server's Raft).
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(12);
 
 /// The five event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -350,6 +350,19 @@ async fn generation(
     Err(Error::Unavailable("cannot agree on a projection generation".into()))
 }
 
+/// Whether JetStream says the bucket's stream does not exist: not merely that it did not
+/// answer (a cluster electing the bucket's leader), which a retry outlives.
+async fn bucket_deleted(js: &jetstream::Context, bucket: &str) -> bool {
+    use jetstream::context::GetStreamErrorKind as K;
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(_) => false,
+        Err(e) => match e.kind() {
+            K::JetStream(api) => api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND,
+            _ => false,
+        },
+    }
+}
+
 fn consumer_name(projection: Projection, generation: &str) -> String {
     format!("{}_{generation}", projection.bucket())
 }
@@ -414,7 +427,7 @@ async fn run_once(js: &jetstream::Context, projection: Projection, replicas: usi
             }
             Err(e) => {
                 // A bucket deleted under us: start over (a fresh bucket replays the whole log).
-                if js.get_key_value(projection.bucket()).await.is_err() {
+                if bucket_deleted(js, projection.bucket()).await {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                     return Err(Error::Unavailable(format!("bucket {} is gone; rebuilding it", projection.bucket())));
                 }

@@ -32,8 +32,8 @@ use crate::protocol::{is_account_key, validate_catalog_name};
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Requests handled at once; more wait.
 const MAX_IN_FLIGHT: usize = 256;
-/// Bound on handling one request.
-const HANDLER_DEADLINE: Duration = Duration::from_secs(6);
+/// Bound on handling one request (an event's append may ride out a leader election).
+const HANDLER_DEADLINE: Duration = Duration::from_secs(13);
 /// Bound on the event log becoming available at start.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
