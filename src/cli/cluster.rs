@@ -132,6 +132,7 @@ pub async fn leaf_up(g: &Globals, args: LeafArgs) -> Result<()> {
     options.binary = Some(super::network::checked_nats_server(false).await?);
     let server = LocalServer::start_with(options, |port, _, name| leaf_config(port, name, &hub, &creds)).await?;
     let joined = wait_joined(&server, Duration::from_secs(10)).await;
+    outln!("point your context at it: natster-mount init --server {} --creds {}", server.url(), creds.display());
     outln!(
         "leaf node on {} for account {account}, joining {}; log {}; Ctrl-C to stop",
         server.url(),
@@ -144,7 +145,6 @@ pub async fn leaf_up(g: &Globals, args: LeafArgs) -> Result<()> {
             server.log_path().display()
         );
     }
-    outln!("point your context at it: natster-mount init --server {} --creds {}", server.url(), creds.display());
     let mut server = server;
     let died = async {
         loop {
