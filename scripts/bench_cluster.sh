@@ -87,8 +87,8 @@ bench_cluster_rows() (
     "${as_op[@]}" "$bin" operator up --no-hub --no-global >"$w/$name/up.log" 2>&1 &
     pids+=($!)
     wait_for 60 "operator up ($name)" grep -q "Ctrl-C to stop" "$w/$name/up.log"
-    timeout 60 "${as_alice[@]}" "$bin" operator add-account alice >/dev/null
-    timeout 60 "${as_bob[@]}" "$bin" operator add-account bob >/dev/null
+    timeout 60 "${as_alice[@]}" "$bin" operator add-account alice >/dev/null 2>&1
+    timeout 60 "${as_bob[@]}" "$bin" operator add-account bob >/dev/null 2>&1
     local urls first last
     urls=$(sed -n 's/.* on \(nats:[^ ]*\) with .*/\1/p' "$w/$name/up.log" | head -n 1)
     first=${urls%%,*}
@@ -100,7 +100,7 @@ bench_cluster_rows() (
     local bob_key alice_key
     bob_key=$(sed -n 's/.*"account_public_key": "\([A-Z0-9]*\)".*/\1/p' "$w/$name/bob/default.context")
     alice_key=$(sed -n 's/.*"account_public_key": "\([A-Z0-9]*\)".*/\1/p' "$w/$name/alice/default.context")
-    timeout 60 "${as_alice[@]}" "$bin" catalog share media "$bob_key" >/dev/null
+    timeout 60 "${as_alice[@]}" "$bin" catalog share media "$bob_key" >/dev/null 2>&1
     "${as_alice[@]}" "$bin" catalog serve media --no-watch >"$w/$name/serve.log" 2>&1 &
     pids+=($!)
     wait_for 60 "alice's catalog server ($name)" grep -q "serving catalog" "$w/$name/serve.log"

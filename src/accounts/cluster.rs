@@ -338,3 +338,30 @@ impl LocalCluster {
         futures::future::join_all(stops).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_routes_to_every_other_node_and_keeps_node_1_on_the_operator_port() {
+        let d = LocalDeployment::cluster(14222, 3).expect("ports");
+        assert_eq!(d.size(), 3);
+        assert_eq!(d.nodes[0].client, 14222);
+        assert_eq!(d.urls().split(',').count(), 3);
+        assert!(d.urls().starts_with("nats://127.0.0.1:14222,"));
+        let conf = d.node_config(1);
+        assert!(conf.contains(&format!("listen: \"127.0.0.1:{}\"", d.nodes[1].route)), "{conf}");
+        for (j, n) in d.nodes.iter().enumerate() {
+            let route = format!("nats-route://127.0.0.1:{}", n.route);
+            assert_eq!(conf.contains(&route), j != 1, "node 2 routes to the others only: {conf}");
+        }
+        assert!(conf.contains(&format!("127.0.0.1:{}", d.nodes[1].leaf)), "{conf}");
+        let one = LocalDeployment::cluster(4222, 1).expect("one");
+        assert_eq!((one.size(), one.urls(), one.node_config(0)), (1, "nats://127.0.0.1:4222".into(), String::new()));
+        // Files written before clusters hold only the port.
+        let old: LocalDeployment = serde_json::from_str(r#"{"port":4222}"#).expect("old file");
+        assert_eq!(old, one);
+        assert_eq!(serde_json::to_string(&one).expect("json"), r#"{"port":4222}"#);
+    }
+}

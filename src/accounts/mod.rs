@@ -19,7 +19,8 @@
 //!
 //! Parts: `jwt` (claims, signing, verifying), `operator` (the operator and its accounts on
 //! disk, pushing JWTs server first), `imports` (the Natster imports, per owner and per
-//! catalog, and their `nsc` lines), `local_server` (the nats-server child); here: the Natster
+//! catalog, and their `nsc` lines), `local_server` (the nats-server child), `cluster` (the
+//! local deployment: one server or a cluster of N, its ports, and the nodes as children); here: the Natster
 //! exports, creds files and the private-file helpers they share.
 
 use std::collections::BTreeMap;
