@@ -313,6 +313,13 @@ impl LocalCluster {
             return Ok(());
         }
         let options = self.node_options(i, true);
+        if !options.store_dir.join("nats-server.conf").is_file() {
+            bail!(
+                "node {} has no config in {} to restart from; restart `operator up`",
+                i + 1,
+                options.store_dir.display()
+            );
+        }
         let server = LocalServer::start_with(options, |_, _, _| String::new())
             .await
             .with_context(|| format!("nats-server node {} did not restart", i + 1))?;
@@ -320,6 +327,11 @@ impl LocalCluster {
             *slot = Some(server);
         }
         Ok(())
+    }
+
+    /// The first node that is not running (killed, or not restarted yet).
+    pub fn missing(&self) -> Option<usize> {
+        self.nodes.iter().position(Option::is_none)
     }
 
     /// The first node found to have exited, and how.

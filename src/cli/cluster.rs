@@ -34,16 +34,24 @@ pub async fn supervise(
             _ = &mut shutdown => return None,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
-        let Some((node, status)) = servers.try_exited() else { continue };
-        if servers.size() == 1 {
-            return Some((node, status));
-        }
-        servers.kill_node(node);
-        eprintln!(
-            "warning: nats-server node {} exited ({status}); the others carry on, restarting it in {delay:?} (log {})",
-            node + 1,
-            servers.log_path(node).display()
-        );
+        let node = match servers.try_exited() {
+            Some((node, status)) if servers.size() == 1 => return Some((node, status)),
+            Some((node, status)) => {
+                servers.kill_node(node);
+                eprintln!(
+                    "warning: nats-server node {} exited ({status}); the others carry on, restarting it in {delay:?} \
+                     (log {})",
+                    node + 1,
+                    servers.log_path(node).display()
+                );
+                node
+            }
+            // A node whose restart failed: tried again after the backoff.
+            None => match servers.missing() {
+                Some(node) => node,
+                None => continue,
+            },
+        };
         tokio::select! {
             _ = &mut shutdown => return None,
             _ = tokio::time::sleep(delay) => {}
