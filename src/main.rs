@@ -34,10 +34,10 @@ struct Args {
 enum Command {
     /// Write a context: which NATS server to use and with which credentials.
     Init {
-        /// NATS server URL, e.g. nats://127.0.0.1:4222; several (a cluster) as a comma list.
-        /// Default: the --nats-context's, else $NATS_URL.
+        /// NATS server URL, e.g. nats://127.0.0.1:4222; several (a cluster) as a comma list or
+        /// by repeating it. Default: the --nats-context's, else $NATS_URL.
         #[arg(long)]
-        server: Option<String>,
+        server: Vec<String>,
         /// Credentials file (JWT and seed) for that server. Default: the --nats-context's,
         /// else $NATS_CREDS.
         #[arg(long)]
@@ -393,6 +393,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
         Command::Init { server, creds, nats_context } => {
+            let server = (!server.is_empty()).then(|| server.join(","));
             cli::init(&globals, server.as_deref(), creds.as_deref(), nats_context.as_deref())
         }
         Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground, allow_other, uid, gid } => {

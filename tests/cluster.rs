@@ -542,6 +542,11 @@ async fn init_takes_the_server_list_and_creds_from_nats_conventions() {
     refused.assert_failure("a token context");
     assert_eq!(refused.stderr_lines().len(), 1, "{}", refused.stderr);
     assert!(refused.stderr.contains("a token") && !refused.stderr.contains("s3cret"), "{}", refused.stderr);
+    // Several --server flags are one list.
+    let flags = run(&["init", "--server", "nats://127.0.0.1:1", "--server", "nats://127.0.0.1:2,nats://127.0.0.1:3"]);
+    flags.assert_success("init --server --server");
+    let context = natster_mount::context::Context::load(&ctx_home.home(), "default").expect("context");
+    assert_eq!(context.server, urls);
     let missing = run(&["init"]);
     missing.assert_failure("no server anywhere");
     assert!(missing.stderr.contains("NATS_URL"), "{}", missing.stderr);
