@@ -34,12 +34,18 @@ struct Args {
 enum Command {
     /// Write a context: which NATS server to use and with which credentials.
     Init {
-        /// NATS server URL, e.g. nats://127.0.0.1:4222.
+        /// NATS server URL, e.g. nats://127.0.0.1:4222; several (a cluster) as a comma list or
+        /// by repeating it. Default: the --nats-context's, else $NATS_URL.
         #[arg(long)]
-        server: String,
-        /// Credentials file (JWT and seed) for that server.
+        server: Vec<String>,
+        /// Credentials file (JWT and seed) for that server. Default: the --nats-context's,
+        /// else $NATS_CREDS.
         #[arg(long)]
         creds: Option<PathBuf>,
+        /// Take the server list and creds from this `nats` CLI context
+        /// (~/.config/nats/context/NAME.json).
+        #[arg(long)]
+        nats_context: Option<String>,
     },
     /// Create, serve and read catalogs.
     #[command(subcommand)]
@@ -170,6 +176,9 @@ enum GlobalCommand {
         /// The account allowed to claim one-time codes (none: every claim is refused).
         #[arg(long)]
         site_account: Option<String>,
+        /// Servers keeping the event log and buckets when they are created (3 on a cluster).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+        replicas: u16,
     },
 }
 
@@ -180,12 +189,27 @@ enum OperatorCommand {
         /// Loopback port for the local nats-server (default 4222 if free); chosen once.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
+        /// Run a cluster of N nats-servers instead of one (chosen once; 3 keeps the global
+        /// service's data on three nodes).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=9))]
+        cluster: Option<u16>,
     },
     /// Run nats-server in operator mode (full resolver, JetStream) until Ctrl-C.
     Up {
         /// Loopback port, only if `operator init` did not choose one yet (contexts point there).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         port: Option<u16>,
+        /// Run a cluster of N nats-servers on loopback (routes, a full resolver on each,
+        /// JetStream clustered), only if `operator init` did not choose the size yet.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=9))]
+        cluster: Option<u16>,
+        /// Instead: run a leaf node joining the hub at URL (nats-leaf://HOST:PORT, a comma
+        /// list for a cluster), as the user of --creds; no operator here.
+        #[arg(long, conflicts_with_all = ["cluster", "no_global", "no_hub", "hub_dir"])]
+        leaf_of: Option<String>,
+        /// With --leaf-of: creds of your user on the hub (default: the context's).
+        #[arg(long, requires = "leaf_of")]
+        creds: Option<PathBuf>,
         /// Log every protocol message (for audits: no seed ever appears).
         #[arg(long, hide = true)]
         trace: bool,
@@ -368,7 +392,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let globals = Globals { home: Home::from_env()?, context: args.context, timeout: args.timeout };
     let runtime = tokio::runtime::Runtime::new()?;
     match args.command {
-        Command::Init { server, creds } => cli::init(&globals, &server, creds.as_deref()),
+        Command::Init { server, creds, nats_context } => {
+            let server = (!server.is_empty()).then(|| server.join(","));
+            cli::init(&globals, server.as_deref(), creds.as_deref(), nats_context.as_deref())
+        }
         Command::Mount { mountpoint, cache_size, read_timeout, listing_ttl, foreground, allow_other, uid, gid } => {
             let args =
                 cli::MountArgs { mountpoint, cache_size, read_timeout, listing_ttl, foreground, allow_other, uid, gid };
@@ -405,18 +432,33 @@ fn run(args: Args) -> anyhow::Result<()> {
             runtime.shutdown_timeout(Duration::from_millis(500));
             served
         }
-        Command::Global(GlobalCommand::Serve { server, creds, presence_ttl, site_account }) => {
+        Command::Global(GlobalCommand::Serve { server, creds, presence_ttl, site_account, replicas }) => {
             let options = natster_mount::global::GlobalOptions {
                 presence_ttl,
                 site_account,
+                replicas: usize::from(replicas),
                 ..natster_mount::global::GlobalOptions::default()
             };
             let args = cli::network::GlobalServeArgs { options, server, creds };
             runtime.block_on(cli::network::global_serve(&globals, args))
         }
         Command::Operator(o) => match o {
-            OperatorCommand::Init { port } => sharing::operator_init(&globals, port),
-            OperatorCommand::Up { port, trace, no_global, no_hub, hub_dir, presence_ttl, heartbeat_interval } => {
+            OperatorCommand::Init { port, cluster } => sharing::operator_init(&globals, port, cluster.map(usize::from)),
+            OperatorCommand::Up { port, leaf_of: Some(hub), creds, trace, .. } => {
+                let args = cli::cluster::LeafArgs { hub, creds, port, trace };
+                runtime.block_on(cli::cluster::leaf_up(&globals, args))
+            }
+            OperatorCommand::Up {
+                port,
+                cluster,
+                trace,
+                no_global,
+                no_hub,
+                hub_dir,
+                presence_ttl,
+                heartbeat_interval,
+                ..
+            } => {
                 let network = cli::network::UpOptions {
                     global: !no_global,
                     hub: !no_hub,
@@ -424,7 +466,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     presence_ttl,
                     heartbeat_interval,
                 };
-                runtime.block_on(sharing::operator_up(&globals, port, trace, network))
+                runtime.block_on(sharing::operator_up(&globals, port, cluster.map(usize::from), trace, network))
             }
             OperatorCommand::AddAccount { name } => runtime.block_on(sharing::operator_add_account(&globals, &name)),
         },

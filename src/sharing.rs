@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::accounts::{self, Applied, LocalServer, LocalServerOptions, Operator};
+use crate::accounts::{self, Applied, LocalCluster, LocalDeployment, Operator};
 use crate::cli::{outln, Globals};
 use crate::client::ClientError;
 use crate::context::{Context, Home, ImportRoute, ImportedCatalog};
@@ -26,125 +25,134 @@ pub fn operator_home(g: &Globals) -> Home {
     }
 }
 
-/// The local server's port, chosen once (4222 if free, else any free port) and kept, so
-/// contexts written before `operator up` point at the right place.
-#[derive(Serialize, Deserialize)]
-struct LocalServerSettings {
-    port: u16,
-}
-
-fn settings_path(op: &Home) -> PathBuf {
-    Operator::dir_in(op).join("local-server.json")
-}
-
-/// The stored port; `wanted` only when none is stored yet (then it is stored). A different
-/// `wanted` is refused: every context of this operator points at the stored one.
-fn local_port(op: &Home, wanted: Option<u16>) -> Result<u16> {
-    let path = settings_path(op);
-    let stored: Option<LocalServerSettings> = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    let port = match (wanted, &stored) {
-        (Some(p), Some(s)) if p != s.port => bail!(
-            "the operator is already initialised on port {} (its contexts point there); leave out --port, or use \
-             another NATSTER_OPERATOR_HOME for a second operator",
-            s.port
-        ),
-        (_, Some(s)) => return Ok(s.port),
-        (Some(p), None) => p,
-        (None, None) => {
+/// The local deployment (node 1's port, chosen once: 4222 if free, else any free port; and
+/// with a cluster every node's ports), stored and kept, so contexts written before
+/// `operator up` point at the right place. `wanted_port` and `wanted_size` only when none is
+/// stored yet (then it is stored); a different one is refused.
+fn local_deployment(op: &Home, wanted_port: Option<u16>, wanted_size: Option<usize>) -> Result<LocalDeployment> {
+    let dir = Operator::dir_in(op);
+    let stored = LocalDeployment::load(&dir);
+    if let Some(s) = &stored {
+        if let Some(p) = wanted_port.filter(|p| *p != s.port) {
+            bail!(
+                "the operator is already initialised on port {} (its contexts point there), not {p}; leave out \
+                 --port, or use another NATSTER_OPERATOR_HOME for a second operator",
+                s.port
+            );
+        }
+        if let Some(n) = wanted_size.filter(|n| *n != s.size()) {
+            // One server that never ran (no JetStream store yet) may still become a cluster.
+            let ran = LocalDeployment::store_dir(&dir, 0).join("jetstream").exists();
+            if s.size() == 1 && !ran {
+                let grown = LocalDeployment::cluster(s.port, n)?;
+                grown.save(&dir)?;
+                return Ok(grown);
+            }
+            bail!(
+                "the operator's deployment was chosen with {} nats-server(s), not {n} (a JetStream store cannot \
+                 move between sizes here); leave out --cluster, or use another NATSTER_OPERATOR_HOME",
+                s.size()
+            );
+        }
+        return Ok(s.clone());
+    }
+    let port = match wanted_port {
+        Some(p) => p,
+        None => {
             let free =
                 |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).and_then(|l| l.local_addr()).map(|a| a.port());
             free(4222).or_else(|_| free(0)).context("cannot find a free loopback port")?
         }
     };
-    std::fs::write(&path, serde_json::to_vec(&LocalServerSettings { port })?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(port)
+    let deployment = LocalDeployment::cluster(port, wanted_size.unwrap_or(1))?;
+    if dir.is_dir() {
+        deployment.save(&dir)?;
+    }
+    Ok(deployment)
 }
 
-/// Checks `wanted` against the stored port before anything is created.
-fn check_port(op: &Home, wanted: Option<u16>) -> Result<()> {
-    let stored: Option<LocalServerSettings> =
-        std::fs::read(settings_path(op)).ok().and_then(|b| serde_json::from_slice(&b).ok());
-    if let (Some(_), Some(_)) = (wanted, &stored) {
-        local_port(op, wanted)?;
+/// Checks `wanted_port` and `wanted_size` against the stored deployment before anything is
+/// created.
+fn check_deployment(op: &Home, wanted_port: Option<u16>, wanted_size: Option<usize>) -> Result<()> {
+    if LocalDeployment::load(&Operator::dir_in(op)).is_some() {
+        local_deployment(op, wanted_port, wanted_size)?;
     }
     Ok(())
 }
 
-fn local_url(port: u16) -> String {
-    format!("nats://127.0.0.1:{port}")
-}
-
-/// The URL of the local operator's server (its port chosen at `operator init`).
+/// The URL(s) of the local operator's server(s), comma separated (its deployment chosen at
+/// `operator init`).
 pub fn local_server_url(op: &Home) -> Result<String> {
-    Ok(local_url(local_port(op, None)?))
+    Ok(local_deployment(op, None, None)?.urls())
 }
 
-pub fn operator_init(g: &Globals, port: Option<u16>) -> Result<()> {
+pub fn operator_init(g: &Globals, port: Option<u16>, cluster: Option<usize>) -> Result<()> {
     let op_home = operator_home(g);
-    check_port(&op_home, port)?;
+    check_deployment(&op_home, port, cluster)?;
     op_home.ensure()?;
     let operator = Operator::init(&op_home)?;
-    let port = local_port(&op_home, port)?;
+    let deployment = local_deployment(&op_home, port, cluster)?;
     outln!("operator {} in {}", operator.public_key(), operator.dir().display());
     outln!("system account {}", operator.system_account_key());
     for line in crate::cli::network::network_lines(&operator) {
         outln!("{line}");
     }
-    outln!("local server will listen on {}", local_url(port));
+    match deployment.size() {
+        1 => outln!("local server will listen on {}", deployment.urls()),
+        n => outln!("local cluster of {n} nats-servers will listen on {}", deployment.urls()),
+    }
     Ok(())
 }
 
 pub async fn operator_up(
     g: &Globals,
     port: Option<u16>,
+    cluster: Option<usize>,
     trace: bool,
     network: crate::cli::network::UpOptions,
 ) -> Result<()> {
     let op_home = operator_home(g);
-    check_port(&op_home, port)?;
+    check_deployment(&op_home, port, cluster)?;
     op_home.ensure()?;
     let operator = Operator::init(&op_home)?;
-    let port = local_port(&op_home, port)?;
-    let mut options = LocalServerOptions::new(operator.dir().join("server"));
-    options.port = port;
-    options.trace = trace;
-    options.binary = Some(crate::cli::network::checked_nats_server(network.global).await?);
-    let mut server = LocalServer::start(&operator, options).await?;
-    let started = crate::cli::network::Network::start(&operator, &server.url(), &network).await;
+    let deployment = local_deployment(&op_home, port, cluster)?;
+    let size = deployment.size();
+    let binary = crate::cli::network::checked_nats_server(network.global).await?;
+    let options = accounts::ClusterOptions { binary: Some(binary), trace };
+    let mut servers = LocalCluster::start(&operator, deployment, options).await?;
+    let url = servers.urls();
+    let started = crate::cli::network::Network::start(&operator, &url, &network).await;
     let network = match started {
         Ok(n) => n,
         Err(e) => {
-            server.shutdown(Duration::from_millis(1500)).await;
+            servers.shutdown(Duration::from_millis(1500)).await;
             return Err(e);
         }
     };
+    let what = match size {
+        1 => "nats-server (operator mode, full resolver, JetStream)".to_string(),
+        n => format!(
+            "cluster '{}' of {n} nats-servers (operator mode, full resolver on each, JetStream clustered; leaf \
+             nodes join at {})",
+            accounts::CLUSTER_NAME,
+            servers.deployment().leaf_urls()
+        ),
+    };
     outln!(
-        "nats-server (operator mode, full resolver, JetStream) on {} with {} account(s); log {}; Ctrl-C to stop",
-        server.url(),
+        "{what} on {url} with {} account(s); log {}; Ctrl-C to stop",
         operator.accounts().len(),
-        server.log_path().display()
+        servers.log_path(0).display()
     );
-    // Also watch the child: an `up` whose server died must say so, not look healthy.
-    let died = async {
-        loop {
-            if let Some(status) = server.try_exited() {
-                return status;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
-    let died = tokio::select! {
-        _ = crate::cli::shutdown_signal() => None,
-        status = died => Some(status),
-    };
+    let died = crate::cli::cluster::supervise(&mut servers, crate::cli::shutdown_signal()).await;
     network.stop().await;
-    if let Some(status) = died {
-        bail!("nats-server exited unexpectedly ({status}); see its log {}", server.log_path().display());
+    if let Some((node, status)) = died {
+        let log = servers.log_path(node).display().to_string();
+        servers.shutdown(Duration::from_millis(500)).await;
+        bail!("nats-server exited unexpectedly ({status}); see its log {log}");
     }
     // Stops within the 2 s promise: 1.5 s for a clean exit, then it is killed.
-    server.shutdown(Duration::from_millis(1500)).await;
-    outln!("nats-server stopped");
+    servers.shutdown(Duration::from_millis(1500)).await;
+    outln!("nats-server{} stopped", if size > 1 { "s" } else { "" });
     Ok(())
 }
 
@@ -157,7 +165,7 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
     let op_home = operator_home(g);
     op_home.ensure()?;
     let mut operator = Operator::init(&op_home)?;
-    let port = local_port(&op_home, None)?;
+    let url = local_deployment(&op_home, None, None)?.urls();
     if Context::load(&g.home, &g.context).is_ok_and(|c| c.account_public_key.is_some()) {
         bail!(
             "context '{}' in {} already belongs to an account; use another --context or NATSTER_HOME",
@@ -167,7 +175,6 @@ pub async fn operator_add_account(g: &Globals, name: &str) -> Result<()> {
     }
     let record = operator.add_account(name)?;
     let hub = crate::cli::network::add_hub(&mut operator, name, &record.public_key)?;
-    let url = local_url(port);
     let sys = system_connection(&operator, &url).await;
     match &sys {
         Some(sys) => {

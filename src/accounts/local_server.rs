@@ -25,6 +25,14 @@ pub struct LocalServerOptions {
     pub log_file: Option<PathBuf>,
     /// Bound on the server becoming reachable.
     pub ready_timeout: Duration,
+    /// A stable `server_name` (a cluster node's: JetStream's Raft knows a peer by it); default
+    /// a fresh unique name per start.
+    pub server_name: Option<String>,
+    /// Configuration appended to the operator's (a `cluster` block, `leafnodes`).
+    pub extra_config: String,
+    /// Start from the config file already in the store folder, as a node restarting after a
+    /// crash does: accounts added meanwhile reach it through its resolver's sync, not preload.
+    pub keep_config: bool,
 }
 
 impl LocalServerOptions {
@@ -36,6 +44,9 @@ impl LocalServerOptions {
             trace: false,
             log_file: None,
             ready_timeout: SERVER_READY_TIMEOUT,
+            server_name: None,
+            extra_config: String::new(),
+            keep_config: false,
         }
     }
 }
@@ -138,9 +149,18 @@ pub struct LocalServer {
 
 impl LocalServer {
     /// Writes the config into the store folder (regenerated from the operator's current
-    /// JWTs), starts nats-server and waits, bounded, until it accepts connections and its INFO
-    /// carries the unique server name it was given.
+    /// JWTs unless [`LocalServerOptions::keep_config`]), starts nats-server and waits, bounded,
+    /// until it accepts connections and its INFO carries the server name it was given.
     pub async fn start(operator: &Operator, options: LocalServerOptions) -> Result<LocalServer> {
+        Self::start_with(options, |port, store, name| operator.server_config_named(port, store, name)).await
+    }
+
+    /// Like [`LocalServer::start`] with a config of the caller's (`config(port, store, name)`,
+    /// to which [`LocalServerOptions::extra_config`] is appended): a leaf node without operator.
+    pub async fn start_with(
+        options: LocalServerOptions,
+        config: impl FnOnce(u16, &Path, &str) -> String,
+    ) -> Result<LocalServer> {
         let store = &options.store_dir;
         if store.to_str().is_none() {
             bail!("the store folder {} is not valid UTF-8; nats-server cannot be configured with it", store.display());
@@ -156,9 +176,15 @@ impl LocalServer {
         };
         // A name of its own, checked in the server's INFO: readiness is never mistaken for
         // another server that happens to hold the port.
-        let name = format!("natster-{port}-{:016x}", rand::random::<u64>());
-        let config = store.join("nats-server.conf");
-        write_private(&config, operator.server_config_named(port, store, &name).as_bytes())?;
+        let name =
+            options.server_name.clone().unwrap_or_else(|| format!("natster-{port}-{:016x}", rand::random::<u64>()));
+        let config_path = store.join("nats-server.conf");
+        if !(options.keep_config && config_path.is_file()) {
+            let mut text = config(port, store, &name);
+            text.push_str(&options.extra_config);
+            write_private(&config_path, text.as_bytes())?;
+        }
+        let config = config_path;
         let log = options.log_file.clone().unwrap_or_else(|| store.join("nats-server.log"));
         let log_file = fs::OpenOptions::new()
             .create(true)

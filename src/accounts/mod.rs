@@ -19,7 +19,8 @@
 //!
 //! Parts: `jwt` (claims, signing, verifying), `operator` (the operator and its accounts on
 //! disk, pushing JWTs server first), `imports` (the Natster imports, per owner and per
-//! catalog, and their `nsc` lines), `local_server` (the nats-server child); here: the Natster
+//! catalog, and their `nsc` lines), `local_server` (the nats-server child), `cluster` (the
+//! local deployment: one server or a cluster of N, its ports, and the nodes as children); here: the Natster
 //! exports, creds files and the private-file helpers they share.
 
 use std::collections::BTreeMap;
@@ -63,6 +64,7 @@ const ACCOUNT_JWT: &str = "account.jwt";
 const USER_CREDS: &str = "user.creds";
 const OPERATOR_NAME: &str = "natster";
 
+mod cluster;
 mod imports;
 pub mod jwt;
 mod local_server;
@@ -70,6 +72,9 @@ mod network;
 
 mod operator;
 
+pub use cluster::{
+    node_url, ClusterOptions, LocalCluster, LocalDeployment, NodePorts, CLUSTER_NAME, RESOLVER_SYNC_INTERVAL,
+};
 pub use imports::{
     catalog_imports, imported_catalog, imported_owner, nsc_import_commands, nsc_owner_import_commands, owner_imports,
 };
@@ -82,8 +87,8 @@ pub use network::{
 };
 use operator::check_account_key;
 pub use operator::{
-    connect, lookup_account_jwt, push_account_jwt, validate_account_name, AccountRecord, Applied, Operator,
-    PendingAccount,
+    connect, lookup_account_jwt, push_account_jwt, push_account_jwt_to, validate_account_name, AccountRecord, Applied,
+    Operator, PendingAccount,
 };
 
 /// The two exports every Natster account carries.

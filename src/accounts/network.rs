@@ -229,7 +229,7 @@ impl Operator {
     /// Pushes the global and hub accounts' JWTs to a running server.
     pub async fn push_network(&self, sys: &async_nats::Client) -> Result<()> {
         for (_, jwt) in self.network_jwts() {
-            push_account_jwt(sys, jwt).await?;
+            super::operator::push_account_jwt_to(sys, jwt, self.resolvers()).await?;
         }
         Ok(())
     }

@@ -311,10 +311,19 @@ impl Operator {
         Ok(claims)
     }
 
+    /// How many full resolvers the local deployment runs (its cluster size; 1 without one):
+    /// what a push waits to hear from.
+    pub fn resolvers(&self) -> usize {
+        super::cluster::LocalDeployment::load(&self.dir).map(|d| d.size()).unwrap_or(1)
+    }
+
     /// Pushes the stored JWT of account `name` to a running server (see [`push_account_jwt`]).
     pub async fn push_account(&self, sys: &async_nats::Client, name: &str) -> Result<()> {
         let token = self.account_jwt(name)?;
-        push_account_jwt(sys, &token).await.with_context(|| format!("cannot update account '{name}' on the server"))
+        push_account_jwt_to(sys, &token, self.resolvers())
+            .await
+            .map(|_| ())
+            .with_context(|| format!("cannot update account '{name}' on the server"))
     }
 
     /// Creates account `name` with the two Natster exports, its user and creds file (0600).
@@ -485,7 +494,7 @@ impl Operator {
         let sys = connect(url, &self.system_creds(), Duration::from_secs(2)).await.ok();
         let applied = match sys {
             Some(sys) => {
-                if let Err(e) = push_account_jwt(&sys, &pending.jwt).await {
+                if let Err(e) = push_account_jwt_to(&sys, &pending.jwt, self.resolvers()).await {
                     // A push whose answer was lost (a timeout) may still have been taken: the
                     // server's resolver says which JWT it holds.
                     let held = lookup_account_jwt(&sys, &pending.claims.sub).await.ok();
@@ -528,7 +537,12 @@ impl Operator {
         conf.push_str(&format!("system_account: {}\n", self.system_account_key()));
         conf.push_str("resolver: {\n  type: full\n");
         conf.push_str(&format!("  dir: {}\n", conf_quote(&store_dir.join("jwt").to_string_lossy())));
-        conf.push_str("  allow_delete: false\n  interval: \"2m\"\n}\n");
+        // The sync interval only matters in a cluster: a node back from an outage fetches the
+        // JWTs pushed meanwhile from another node's resolver within it.
+        conf.push_str(&format!(
+            "  allow_delete: false\n  interval: \"{}\"\n}}\n",
+            super::cluster::RESOLVER_SYNC_INTERVAL
+        ));
         conf.push_str("resolver_preload: {\n");
         conf.push_str(&format!("  {}: {}\n", self.system_account_key(), conf_quote(&self.system.jwt)));
         for (key, jwt) in self.network_jwts() {
@@ -594,7 +608,9 @@ pub async fn connect(url: &str, creds: &Path, timeout: Duration) -> Result<async
         .name("natster-mount")
         .connection_timeout(timeout)
         .request_timeout(Some(timeout));
-    match tokio::time::timeout(timeout, async_nats::connect_with_options(url, options)).await {
+    // A comma-separated list is several servers (a cluster): async-nats reads a string as one.
+    let servers: Vec<&str> = url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    match tokio::time::timeout(timeout, async_nats::connect_with_options(servers.as_slice(), options)).await {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(anyhow!("cannot connect to {url} with {}: {e}", creds.display())),
         Err(_) => Err(anyhow!("cannot connect to {url} with {}: timed out after {timeout:?}", creds.display())),
@@ -654,30 +670,71 @@ struct ClaimsUpdateError {
 /// connections are refused until a trusted JWT is pushed. Prefer [`Operator::push_account`],
 /// or check with [`Operator::verify_account_jwt`] first.
 pub async fn push_account_jwt(sys: &async_nats::Client, jwt: &str) -> Result<()> {
+    push_account_jwt_to(sys, jwt, 1).await.map(|_| ())
+}
+
+/// After the first full resolver's answer, how long the others of a cluster get to answer.
+pub const OTHER_RESOLVERS_WAIT: Duration = Duration::from_secs(2);
+
+/// [`push_account_jwt`] to a cluster of `resolvers` full resolvers: every resolver answers
+/// the push, and this waits for all of them (at most [`OTHER_RESOLVERS_WAIT`] after the
+/// first), not only the first. Any refusal fails the push. Returns how many took it: fewer
+/// than `resolvers` means some node is down, and it gets the JWT from the others' resolver
+/// sync when it returns (said in a warning).
+pub async fn push_account_jwt_to(sys: &async_nats::Client, jwt: &str, resolvers: usize) -> Result<usize> {
+    use futures::StreamExt as _;
     let claims: Claims<AccountNats> = jwt::decode(jwt).context("refusing to push an invalid account JWT")?;
     if claims.nats.claim_type != jwt::ACCOUNT || !is_account_key(&claims.sub) {
         bail!("refusing to push a JWT that is not an account JWT (type {:?})", claims.nats.claim_type);
     }
-    // The connection's own request timeout may be shorter: a large JWT takes the server a while.
-    let request = async_nats::Request::new().payload(jwt.trim().to_string().into()).timeout(Some(PUSH_TIMEOUT));
-    let reply = match tokio::time::timeout(PUSH_TIMEOUT, sys.send_request(CLAIMS_UPDATE_SUBJECT, request)).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => bail!(
-            "no nats-server answered {CLAIMS_UPDATE_SUBJECT}; the connection must be the system user's and \
-             the server must run in operator mode with a full resolver"
-        ),
-        Ok(Err(e)) => bail!("pushing the account JWT failed: {e}"),
-        Err(_) => bail!("pushing the account JWT timed out after {PUSH_TIMEOUT:?}"),
-    };
-    let parsed: ClaimsUpdateReply = serde_json::from_slice(&reply.payload).with_context(|| {
-        format!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(&reply.payload))
+    let resolvers = resolvers.max(1);
+    let inbox = sys.new_inbox();
+    let mut replies = sys.subscribe(inbox.clone()).await.context("pushing the account JWT failed")?;
+    sys.publish_with_reply(CLAIMS_UPDATE_SUBJECT, inbox, jwt.trim().to_string().into())
+        .await
+        .context("pushing the account JWT failed")?;
+    let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
+    let mut took = 0usize;
+    while took < resolvers {
+        let bound = match took {
+            0 => deadline,
+            _ => deadline.min(tokio::time::Instant::now() + OTHER_RESOLVERS_WAIT),
+        };
+        let reply = match tokio::time::timeout_at(bound, replies.next()).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => break,
+            Err(_) if took == 0 => bail!("pushing the account JWT timed out after {PUSH_TIMEOUT:?}"),
+            Err(_) => break,
+        };
+        if reply.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            bail!(
+                "no nats-server answered {CLAIMS_UPDATE_SUBJECT}; the connection must be the system user's and \
+                 the server must run in operator mode with a full resolver"
+            );
+        }
+        check_claims_update_reply(&reply.payload)?;
+        took += 1;
+    }
+    if took < resolvers {
+        tracing::warn!(
+            "{took} of {resolvers} nats-servers took the JWT of account {}; the others get it from their resolver's \
+             sync when they are back",
+            claims.sub
+        );
+    }
+    Ok(took)
+}
+
+fn check_claims_update_reply(payload: &[u8]) -> Result<()> {
+    let parsed: ClaimsUpdateReply = serde_json::from_slice(payload).with_context(|| {
+        format!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(payload))
     })?;
     match (parsed.data, parsed.error) {
         (_, Some(error)) => bail!("nats-server refused the account JWT ({}): {}", error.code, error.description),
         (Some(data), None) if data.code == 200 => Ok(()),
         (Some(data), None) => bail!("nats-server did not take the account JWT ({}): {}", data.code, data.message),
         (None, None) => {
-            bail!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(&reply.payload))
+            bail!("unexpected reply to {CLAIMS_UPDATE_SUBJECT}: {}", String::from_utf8_lossy(payload))
         }
     }
 }

@@ -63,9 +63,11 @@ macro_rules! outln {
 }
 pub(crate) use outln;
 
+pub mod cluster;
 mod download;
 pub mod helper;
 pub mod inbox;
+pub mod nats_context;
 pub mod network;
 mod outbox;
 mod parse;
@@ -96,8 +98,11 @@ impl Globals {
 }
 
 /// `init`: writes the context. A context run through `init` again keeps what it had (creds,
-/// account, imports) unless new creds name another account.
-pub fn init(g: &Globals, server: &str, creds: Option<&Path>) -> Result<()> {
+/// account, imports) unless new creds name another account. The server list and creds come
+/// from the flags, else a `nats` CLI context, else `NATS_URL`/`NATS_CREDS` ([`nats_context`]).
+pub fn init(g: &Globals, server: Option<&str>, creds: Option<&Path>, nats_context: Option<&str>) -> Result<()> {
+    let (server, creds) = nats_context::resolve(server, creds, nats_context)?;
+    let (server, creds) = (server.as_str(), creds.as_deref());
     validate_server_urls(server)?;
     let mut context = Context::load(&g.home, &g.context).unwrap_or_default();
     context.server = server.trim().to_string();

@@ -9,7 +9,10 @@
 //!   done and saved, and when the service does not answer the command still succeeds and
 //!   prints one line (once per process) saying presence and the inbox are unavailable.
 //! - Calls to the global service are bounded by [`GLOBAL_TIMEOUT`] (or `--timeout` if less),
-//!   so a network without one costs a command at most that.
+//!   so a network without one costs a command at most that. Sending an event waits longer
+//!   ([`EVENT_TIMEOUT`]) but only while a running service retries its append through a
+//!   JetStream leader election: giving up sooner would keep the event for a resend while the
+//!   service's own retry may still log it, logging it twice.
 //! - `operator up` says "Ctrl-C to stop" only once its global service answers through an
 //!   account's import (or it gave up waiting and said so), so accounts added right after it
 //!   find the service running.
@@ -32,6 +35,9 @@ use crate::shares::ShareList;
 
 /// Longest a command waits for the global service.
 pub const GLOBAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a command waits for the global service to log an event: past its append's own
+/// bound ([`crate::global::events::APPEND_DEADLINE`]).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(14);
 /// Longest `operator up` waits for its global service to answer.
 const GLOBAL_READY_WAIT: Duration = Duration::from_secs(15);
 /// The hub's sample when no folder is given and there is no `examples/media` here.
@@ -81,7 +87,7 @@ pub async fn emit_as(
     }
     let outbox = Outbox::of(home, name);
     let client = match context.connect(global_timeout(g)).await {
-        Ok(nats) => GlobalClient::new(nats, global_timeout(g)),
+        Ok(nats) => GlobalClient::new(nats, EVENT_TIMEOUT),
         Err(e) => {
             if !quiet {
                 warn_unavailable(&CallError::Unavailable(format!("{e:#}")));
@@ -192,7 +198,10 @@ impl Network {
         if options.global {
             let creds = operator.global_creds().context("the operator has no global account; run `operator init`")?;
             let nats = accounts::connect(url, &creds, Duration::from_secs(5)).await?;
-            let global_options = GlobalOptions { presence_ttl: options.presence_ttl, ..GlobalOptions::default() };
+            // On a cluster of 3 or more, the log and buckets live on 3 nodes: one may be down.
+            let replicas = if operator.resolvers() >= 3 { 3 } else { 1 };
+            let global_options =
+                GlobalOptions { presence_ttl: options.presence_ttl, replicas, ..GlobalOptions::default() };
             let done = stopped(rx.clone());
             network.tasks.push(tokio::spawn(async move {
                 if let Err(e) = crate::global::run(nats, global_options, done).await {

@@ -45,7 +45,10 @@ impl GlobalClient {
     }
 
     async fn call<T: DeserializeOwned>(&self, subject: &str, body: Bytes) -> Result<T, CallError> {
-        let request = self.nats.request(subject.to_string(), body);
+        // The request's own bound: the connection's may be shorter (an event's append may
+        // ride out a JetStream leader election).
+        let request = async_nats::Request::new().payload(body).timeout(Some(self.timeout));
+        let request = self.nats.send_request(subject.to_string(), request);
         let reply = match tokio::time::timeout(self.timeout, request).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {

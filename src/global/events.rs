@@ -30,8 +30,9 @@ pub const STREAM_SUBJECTS: &str = "natster.events.*.*.*.*";
 const MAX_BYTES: i64 = 1 << 30;
 /// Largest event payload accepted from a user.
 pub const MAX_EVENT_DATA: usize = 8 * 1024;
-/// Bound on one append, retries included.
-const APPEND_DEADLINE: Duration = Duration::from_secs(4);
+/// Bound on one append, retries included: longer than a JetStream cluster takes to elect a
+/// new leader for the log after its leader's node dies (4 to 9 s in nats-server's Raft).
+pub const APPEND_DEADLINE: Duration = Duration::from_secs(12);
 
 /// The five event types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,17 +174,29 @@ fn short(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// The stream, created if missing (file storage, R1, 1 GiB, no age limit: the original's).
-pub async fn ensure_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, Error> {
+/// The stream, created if missing (file storage, 1 GiB, no age limit: the original's), on
+/// `replicas` servers of a cluster (the original's R1 on one server).
+pub async fn ensure_stream(js: &jetstream::Context, replicas: usize) -> Result<jetstream::stream::Stream, Error> {
     let config = jetstream::stream::Config {
         name: STREAM.to_string(),
         subjects: vec![STREAM_SUBJECTS.to_string()],
         max_bytes: MAX_BYTES,
         storage: jetstream::stream::StorageType::File,
-        num_replicas: 1,
+        num_replicas: replicas.max(1),
         ..Default::default()
     };
     js.get_or_create_stream(config).await.map_err(|e| Error::Store(format!("cannot open stream {STREAM}: {e}")))
+}
+
+/// Whether a publish error is JetStream saying it cannot answer now (a 503: no leader, the
+/// cluster not ready), which a retry outlives.
+fn is_unavailable(error: &jetstream::context::PublishError) -> bool {
+    use std::error::Error as _;
+    let api = error.source().and_then(|s| s.downcast_ref::<jetstream::Error>());
+    match api {
+        Some(api) => api.code() == 503,
+        None => error.to_string().contains("503") || error.to_string().contains("temporarily unavailable"),
+    }
 }
 
 /// Appends events with acknowledged publishes.
@@ -222,7 +235,10 @@ impl EventLog {
                 }
             };
             use jetstream::context::PublishErrorKind as K;
-            let transient = matches!(error.kind(), K::StreamNotFound | K::TimedOut | K::BrokenPipe | K::MaxAckPending);
+            // A cluster electing a stream leader answers "no responders" (StreamNotFound here)
+            // or a JetStream 503; both pass within seconds, as the Go client's retries assume.
+            let transient = matches!(error.kind(), K::StreamNotFound | K::TimedOut | K::BrokenPipe | K::MaxAckPending)
+                || (error.kind() == K::Other && is_unavailable(&error));
             if !transient || tokio::time::Instant::now() + delay >= deadline {
                 return Err(Error::Unavailable(format!("cannot log the event: {error}")));
             }

@@ -25,9 +25,9 @@ pub struct Codes {
 }
 
 impl Codes {
-    pub async fn open(js: &jetstream::Context) -> Result<Codes, Error> {
+    pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Codes, Error> {
         let ttl = Duration::from_secs(u64::from(VALID_MINUTES) * 60);
-        Ok(Codes { kv: super::projections::bucket(js, CODES_BUCKET, ttl).await? })
+        Ok(Codes { kv: super::projections::bucket(js, CODES_BUCKET, ttl, replicas).await? })
     }
 
     /// Stores `context` (secrets dropped) under a fresh code and returns the code.

@@ -65,8 +65,8 @@ pub struct Presence {
 }
 
 impl Presence {
-    pub async fn open(js: &jetstream::Context, ttl: Duration) -> Result<Presence, Error> {
-        Ok(Presence { kv: super::projections::bucket(js, PRESENCE_BUCKET, KEEP).await?, ttl })
+    pub async fn open(js: &jetstream::Context, ttl: Duration, replicas: usize) -> Result<Presence, Error> {
+        Ok(Presence { kv: super::projections::bucket(js, PRESENCE_BUCKET, KEEP, replicas).await?, ttl })
     }
 
     /// Records a heartbeat (`online`) or an offline notice from `owner`.

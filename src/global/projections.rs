@@ -167,8 +167,14 @@ pub async fn read<T: DeserializeOwned>(kv: &kv::Store, key: &str) -> Result<Opti
     }
 }
 
-/// Opens (or creates) a bucket: file storage, history 1, the original's 1 GiB bounds.
-pub async fn bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> Result<kv::Store, Error> {
+/// Opens (or creates) a bucket: file storage, history 1, the original's 1 GiB bounds, on
+/// `replicas` servers of a cluster (1 on one server).
+pub async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, Error> {
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
@@ -179,6 +185,7 @@ pub async fn bucket(js: &jetstream::Context, name: &str, max_age: Duration) -> R
         max_bytes: 1 << 30,
         max_value_size: 1 << 20,
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas.max(1),
         ..Default::default()
     };
     match js.create_key_value(config).await {
@@ -343,16 +350,29 @@ async fn generation(
     Err(Error::Unavailable("cannot agree on a projection generation".into()))
 }
 
+/// Whether JetStream says the bucket's stream does not exist: not merely that it did not
+/// answer (a cluster electing the bucket's leader), which a retry outlives.
+async fn bucket_deleted(js: &jetstream::Context, bucket: &str) -> bool {
+    use jetstream::context::GetStreamErrorKind as K;
+    match js.get_stream(format!("KV_{bucket}")).await {
+        Ok(_) => false,
+        Err(e) => match e.kind() {
+            K::JetStream(api) => api.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND,
+            _ => false,
+        },
+    }
+}
+
 fn consumer_name(projection: Projection, generation: &str) -> String {
     format!("{}_{generation}", projection.bucket())
 }
 
 /// Builds `projection` from the log until the task is dropped: binds to (or creates) the
 /// generation's durable consumer, shared by every instance, and applies each event in order.
-pub async fn run(js: jetstream::Context, projection: Projection) {
+pub async fn run(js: jetstream::Context, projection: Projection, replicas: usize) {
     let mut delay = Duration::from_millis(100);
     loop {
-        match run_once(&js, projection).await {
+        match run_once(&js, projection, replicas).await {
             Ok(()) => delay = Duration::from_millis(100),
             Err(e) => {
                 tracing::warn!(bucket = projection.bucket(), "projection paused: {e}; retrying in {delay:?}");
@@ -363,9 +383,9 @@ pub async fn run(js: jetstream::Context, projection: Projection) {
     }
 }
 
-async fn run_once(js: &jetstream::Context, projection: Projection) -> Result<(), Error> {
+async fn run_once(js: &jetstream::Context, projection: Projection, replicas: usize) -> Result<(), Error> {
     let stream = js.get_stream(STREAM).await.map_err(|e| Error::Unavailable(format!("no event log: {e}")))?;
-    let kv = bucket(js, projection.bucket(), Duration::ZERO).await?;
+    let kv = bucket(js, projection.bucket(), Duration::ZERO, replicas).await?;
     let generation = generation(&kv, &stream, projection).await?;
     let name = consumer_name(projection, &generation);
     let config = consumer::pull::Config {
@@ -407,7 +427,7 @@ async fn run_once(js: &jetstream::Context, projection: Projection) -> Result<(),
             }
             Err(e) => {
                 // A bucket deleted under us: start over (a fresh bucket replays the whole log).
-                if js.get_key_value(projection.bucket()).await.is_err() {
+                if bucket_deleted(js, projection.bucket()).await {
                     let _ = message.ack_with(jetstream::AckKind::Nak(None)).await;
                     return Err(Error::Unavailable(format!("bucket {} is gone; rebuilding it", projection.bucket())));
                 }

@@ -32,8 +32,8 @@ use crate::protocol::{is_account_key, validate_catalog_name};
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Requests handled at once; more wait.
 const MAX_IN_FLIGHT: usize = 256;
-/// Bound on handling one request.
-const HANDLER_DEADLINE: Duration = Duration::from_secs(6);
+/// Bound on handling one request (an event's append may ride out a leader election).
+const HANDLER_DEADLINE: Duration = Duration::from_secs(13);
 /// Bound on the event log becoming available at start.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -47,6 +47,10 @@ pub struct GlobalOptions {
     pub site_account: Option<String>,
     /// Where a one-time code is claimed: `<base>/#/<code>`.
     pub claim_url_base: String,
+    /// Servers that keep a copy of the event log and of every bucket (3 on a cluster of 3 or
+    /// more: one node down loses nothing and JetStream still answers). Used when they are
+    /// created.
+    pub replicas: usize,
 }
 
 impl Default for GlobalOptions {
@@ -55,6 +59,7 @@ impl Default for GlobalOptions {
             presence_ttl: super::DEFAULT_PRESENCE_TTL,
             site_account: None,
             claim_url_base: "https://natster.io".into(),
+            replicas: 1,
         }
     }
 }
@@ -122,10 +127,11 @@ pub async fn run(
         opened = open_stores(&js, &options) => opened?,
     };
     let (log, accounts, catalogs, presence, codes) = opened;
+    let replicas = options.replicas;
     let state = Arc::new(State { nats: nats.clone(), log, accounts, catalogs, presence, codes, options });
     let _tasks = Tasks(vec![
-        tokio::spawn(projections::run(js.clone(), Projection::Accounts)),
-        tokio::spawn(projections::run(js.clone(), Projection::Catalogs)),
+        tokio::spawn(projections::run(js.clone(), Projection::Accounts, replicas)),
+        tokio::spawn(projections::run(js.clone(), Projection::Catalogs, replicas)),
         tokio::spawn(sweep(state.clone())),
     ]);
 
@@ -180,11 +186,12 @@ async fn open_stores(js: &jetstream::Context, options: &GlobalOptions) -> Result
     let mut delay = Duration::from_millis(50);
     loop {
         let attempt = async {
-            events::ensure_stream(js).await?;
-            let accounts = projections::bucket(js, projections::ACCOUNTS_BUCKET, Duration::ZERO).await?;
-            let catalogs = projections::bucket(js, projections::CATALOGS_BUCKET, Duration::ZERO).await?;
-            let presence = Presence::open(js, options.presence_ttl).await?;
-            let codes = Codes::open(js).await?;
+            let replicas = options.replicas;
+            events::ensure_stream(js, replicas).await?;
+            let accounts = projections::bucket(js, projections::ACCOUNTS_BUCKET, Duration::ZERO, replicas).await?;
+            let catalogs = projections::bucket(js, projections::CATALOGS_BUCKET, Duration::ZERO, replicas).await?;
+            let presence = Presence::open(js, options.presence_ttl, replicas).await?;
+            let codes = Codes::open(js, replicas).await?;
             Ok::<_, Error>((EventLog::new(js.clone()), accounts, catalogs, presence, codes))
         };
         match attempt.await {
