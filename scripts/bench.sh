@@ -13,6 +13,7 @@
 #      BENCH_ENTRIES tiny files in BENCH_ENTRIES/100 folders, (e) 8 concurrent cold sequential
 #      readers of 8 different files (BENCH_SIZE/8 each) vs one cold reader of the big file.
 #   4. If scripts/bench_listing.sh exists, its rows (it defines bench_listing_rows).
+#   5. Cold sequential read across a 3-node cluster vs one server (scripts/bench_cluster.sh).
 #
 # Everything lives in a temporary folder; a trap on EXIT unmounts what was mounted and stops
 # every process started here (nats-server, catalog servers, the mount, sshfs, sshd), on success,
@@ -31,7 +32,7 @@
 #   BENCH_STEP_TIMEOUT=600   seconds any single step may take
 #   BENCH_SEED=<random>      seed of the random offsets (same offsets for natster and sshfs)
 #   BENCH_TMP=$TMPDIR|/tmp   where the work folder is made (needs ~2 x BENCH_SIZE free)
-#   BENCH_PARTS="1 2 3a 3c 3d 3e 4"  parts to run (3a includes 3b; 1 includes the table unless
+#   BENCH_PARTS="1 2 3a 3c 3d 3e 4 5"  parts to run (3a includes 3b; 1 includes the table unless
 #                                     BENCH_TABLE=0)
 #   BENCH_BIN=<built>        natster-mount binary to measure (e.g. an older build, for before/after)
 #
@@ -55,7 +56,7 @@ BENCH_RANDOM_N=${BENCH_RANDOM_N:-500}
 BENCH_STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-600}
 BENCH_SEED=${BENCH_SEED:-$((RANDOM * 32768 + RANDOM))}
 BENCH_TMP=${BENCH_TMP:-${TMPDIR:-/tmp}}
-BENCH_PARTS=" ${BENCH_PARTS:-1 2 3a 3c 3d 3e 4} "
+BENCH_PARTS=" ${BENCH_PARTS:-1 2 3a 3c 3d 3e 4 5} "
 BENCH_TABLE=${BENCH_TABLE:-1}
 export BENCH_SEED
 part() { [[ $BENCH_PARTS == *" $1 "* ]]; }
@@ -708,6 +709,15 @@ unmount_sshfs
 if part 4 && [ -f scripts/bench_listing.sh ]; then
   # shellcheck source=/dev/null
   . scripts/bench_listing.sh && bench_listing_rows
+fi
+
+# ---- 5. a 3-node cluster vs one server (scripts/bench_cluster.sh) --------------------------
+if part 5 && [ -f scripts/bench_cluster.sh ]; then
+  # shellcheck source=/dev/null
+  . scripts/bench_cluster.sh
+  while IFS= read -r line; do
+    [ -n "$line" ] && SUMMARY+=("$line")
+  done < <(BENCH_BIN=${BENCH_BIN:-$BIN} bench_cluster_rows || echo "5. cluster rows failed (see above)|n/a|n/a|n/a|-")
 fi
 print_summary
 [ -z "$DROP_NOTE" ] || echo "$DROP_NOTE"
