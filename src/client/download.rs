@@ -1,7 +1,8 @@
 //! `catalog download`: one file to disk, verified before it takes the target's name, so a
 //! failed or forged download leaves nothing behind: through v2 each chunk against the signed
-//! listing's chunk tree as it arrives (the listing this client fetched last), then the whole
-//! file against the catalog's sha256; through v1 (original peers) against the sha256.
+//! listing's chunk tree as it arrives (the listing this client fetched last; the tree's root
+//! binds the file's length too, so no whole-file hash is needed on top); through v1 (original
+//! peers) the whole file against the listing's sha256.
 
 use std::path::Path;
 
