@@ -161,6 +161,23 @@ impl Catalog {
     }
 }
 
+/// Catalog `name` of `home` as a compact listing (what a mount shows of an own catalog),
+/// streamed from its file: never the whole index beside it. Same errors as [`Catalog::load`].
+pub fn load_listing(home: &Home, name: &str) -> Result<crate::listing::Listing> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let path = Catalog::file_path(home, name);
+    let Some(listing) = crate::listing::load(&path)? else {
+        bail!(
+            "no catalog named '{name}' in {}; create it with `natster-mount catalog new {name} DIR`",
+            home.path().display()
+        )
+    };
+    if listing.name != name {
+        bail!("{} holds catalog '{}', not '{name}'; rename or re-create it", path.display(), listing.name);
+    }
+    Ok(listing)
+}
+
 /// JSON files of the home that are not catalogs (server pins, `up`'s serve marks).
 pub const NOT_CATALOGS: &[&str] = &["known_servers", "at-login"];
 
@@ -482,6 +499,11 @@ mod tests {
         let root = hex::encode(chunk_tree::Tree::of(b"one").root());
         assert_eq!(cat.entries[0].tree.as_deref(), Some(root.as_str()));
         assert_eq!(load_tree(&home, &cat.entries[0]).unwrap().root(), chunk_tree::Tree::of(b"one").root());
+
+        // A mount streams the index into a compact listing with the same revision.
+        let compact = load_listing(&home, "c").unwrap();
+        assert_eq!(compact.revision, cat.revision());
+        assert_eq!(compact.to_summary().entries, cat.summary().entries);
 
         let (cat2, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
         assert_eq!((r.hashed, r.reused), (0, 2));

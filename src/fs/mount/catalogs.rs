@@ -11,14 +11,13 @@ use crate::client::CatalogClient;
 use crate::context::{Context, Home};
 use crate::fs::{MountedCatalog, RemoteSource};
 use crate::identity::{Identity, PinStore};
-use crate::index::Catalog;
-use crate::protocol::CatalogSummary;
+use crate::listing::Listing;
 
 /// A catalog to mount, with the listing it starts from.
 pub struct Gathered {
     pub catalog: MountedCatalog,
     /// Own catalogs: their index. Imports: the listing an earlier mount saved, if any.
-    pub seed: Option<CatalogSummary>,
+    pub seed: Option<Listing>,
     /// Where this catalog's listing is saved for the next mount (imports only).
     pub saved_at: Option<PathBuf>,
 }
@@ -108,7 +107,7 @@ pub fn gather(
     let mut gathered = Vec::new();
     for p in planned {
         if p.own {
-            let catalog = match Catalog::load(home, &p.name) {
+            let seed = match crate::index::load_listing(home, &p.name) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!("skipping catalog {}: {e:#}", p.name);
@@ -121,10 +120,10 @@ pub fn gather(
                 p.owner,
                 source(&p.name, context.account_public_key.as_deref())?,
             );
-            gathered.push(Gathered { catalog: mounted, seed: Some(catalog.summary()), saved_at: None });
+            gathered.push(Gathered { catalog: mounted, seed: Some(seed), saved_at: None });
         } else {
             let saved_at = saved_listing_path(home, &p.owner, &p.name);
-            let seed = match crate::store::load_json::<CatalogSummary>(&saved_at) {
+            let seed = match crate::listing::load(&saved_at) {
                 Ok(seed) => seed,
                 Err(e) => {
                     tracing::warn!(catalog = %p.dir_name, "ignoring the saved listing: {e:#}");

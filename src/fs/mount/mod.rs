@@ -54,6 +54,8 @@ pub const FIRST_LISTING_WAIT: Duration = Duration::from_millis(1000);
 pub const LISTING_DEADLINE: Duration = Duration::from_secs(60);
 /// Listings fetched at once.
 pub const MAX_CONCURRENT_REFRESHES: usize = 8;
+/// Threads answering the kernel.
+pub const FUSE_THREADS: usize = 4;
 /// First retry of a listing that failed for a transient reason.
 pub const FIRST_RETRY: Duration = Duration::from_millis(250);
 
@@ -155,7 +157,10 @@ impl LiveMount {
             // fuser adds `allow_other` for this ACL.
             config.acl = fuser::SessionACL::All;
         }
-        config.n_threads = Some(2);
+        // Several FUSE threads, each reading its own clone of /dev/fuse: a lookup or readdir
+        // never waits behind another request (reads already run on the runtime).
+        config.n_threads = Some(FUSE_THREADS);
+        config.clone_fd = true;
         let direct = matches!(&target, Target::Path(path) if is_autofs(path));
         let (mut session, mountpoint) = match target {
             Target::Path(path) if direct => {

@@ -13,7 +13,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use super::{Gathered, MountedStatus, Planned, FIRST_RETRY, LISTING_DEADLINE};
 use crate::fs::{presence, FsError, Invalidations, MountedCatalog, NatsterFs};
 use crate::global::client::GlobalClient;
-use crate::protocol::{self, CatalogSummary};
+use crate::listing::Listing;
+use crate::protocol;
 
 /// What the refresher keeps per catalog slot.
 pub(super) struct CatalogState {
@@ -51,7 +52,9 @@ impl Drop for RefreshGuard<'_> {
 
 /// How one fetch ended.
 enum Outcome {
-    Listed(CatalogSummary),
+    Listed(Box<Listing>),
+    /// The first page said the revision shown is still current.
+    Unchanged,
     Refused(String),
     Transient(String),
     Failed(String),
@@ -108,8 +111,8 @@ impl Refresher {
                 continue;
             };
             self.send(inv);
-            if let Some(seed) = &g.seed {
-                let inv = self.fs.apply_listing(i, seed);
+            if let Some(seed) = g.seed {
+                let inv = self.fs.apply(i, seed);
                 self.send(inv);
             }
             let state = CatalogState {
@@ -167,8 +170,10 @@ impl Refresher {
                     s.again = false;
                 }
                 let Ok(permit) = self.permits.acquire().await else { return };
-                let outcome = match tokio::time::timeout(LISTING_DEADLINE, catalog.source.listing()).await {
-                    Ok(Ok(listing)) => Outcome::Listed(listing),
+                let shown = catalog.revision();
+                let outcome = match tokio::time::timeout(LISTING_DEADLINE, catalog.source.listing(&shown)).await {
+                    Ok(Ok(Some(listing))) => Outcome::Listed(Box::new(listing)),
+                    Ok(Ok(None)) => Outcome::Unchanged,
                     Ok(Err(FsError::Forbidden(why))) => Outcome::Refused(why),
                     Ok(Err(e)) if e.is_transient() => Outcome::Transient(e.to_string()),
                     Ok(Err(e)) => Outcome::Failed(e.to_string()),
@@ -191,6 +196,15 @@ impl Refresher {
         };
         let own = saved_at.is_none();
         let listing = match outcome {
+            Outcome::Unchanged => {
+                if let Some(s) = self.state().get_mut(&i) {
+                    (s.online, s.problem, s.retry_delay) = (Some(true), None, FIRST_RETRY);
+                }
+                if was_online == Some(false) {
+                    tracing::info!(catalog = %catalog.dir_name, "answers again");
+                }
+                return;
+            }
             Outcome::Listed(listing) => {
                 if let Some(s) = self.state().get_mut(&i) {
                     (s.online, s.problem, s.retry_delay) = (Some(true), None, FIRST_RETRY);
@@ -207,16 +221,8 @@ impl Refresher {
                 if let Some(s) = self.state().get_mut(&i) {
                     (s.online, s.problem) = (Some(true), Some(format!("refused: {why}")));
                 }
-                let empty = CatalogSummary {
-                    name: catalog.name.clone(),
-                    description: String::new(),
-                    image: None,
-                    entries: Vec::new(),
-                    revision: String::new(),
-                    protocol: protocol::PROTOCOL_VERSION,
-                    total_entries: None,
-                };
-                let inv = self.fs.apply_listing(i, &empty);
+                let empty = Listing::empty(&catalog.name, protocol::PROTOCOL_VERSION);
+                let inv = self.fs.apply(i, empty);
                 self.send(inv);
                 if let Some(path) = saved_at {
                     let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
@@ -260,15 +266,14 @@ impl Refresher {
         if !listing.revision.is_empty() && listing.revision == catalog.revision() {
             return;
         }
-        tracing::info!(catalog = %catalog.dir_name, revision = %listing.revision, entries = listing.entries.len(), "listing updated");
-        let inv = self.fs.apply_listing(i, &listing);
+        tracing::info!(catalog = %catalog.dir_name, revision = %listing.revision, entries = listing.len(), "listing updated");
+        // Building the tree of a large listing takes a while: off the async workers.
+        let fs = self.fs.clone();
+        let Ok(inv) = tokio::task::spawn_blocking(move || fs.apply(i, *listing)).await else { return };
         self.send(inv);
         if let Some(path) = saved_at {
-            let saved = tokio::task::spawn_blocking(move || {
-                let bytes = serde_json::to_vec(&listing)?;
-                crate::store::write_atomic(&path, &bytes, 0o600)
-            })
-            .await;
+            let Some(tree) = self.fs.catalog_tree(i) else { return };
+            let saved = tokio::task::spawn_blocking(move || save_listing(&path, tree.listing())).await;
             if let Ok(Err(e)) = saved {
                 tracing::warn!(catalog = %catalog.dir_name, "cannot save the listing for the next mount: {e:#}");
             }
@@ -417,4 +422,22 @@ async fn next_message(sub: &mut Option<async_nats::Subscriber>) -> Option<async_
         Some(s) => s.next().await,
         None => std::future::pending().await,
     }
+}
+
+/// Writes `listing` to `path` (0600) as JSON in the `get` shape, streamed: never a second copy
+/// of a large listing in memory. Whole or not at all (temporary file, synced, renamed).
+fn save_listing(path: &std::path::Path, listing: &Listing) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, tmp);
+    serde_json::to_writer(&mut out, listing)?;
+    out.flush()?;
+    let tmp = out.into_inner().map_err(|e| e.into_error())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)?;
+    Ok(())
 }
