@@ -21,7 +21,7 @@ use fuser::{
     ReplyXattr, Request,
 };
 
-use super::{Attr, Calls, FsError, NatsterFs};
+use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs};
 
 /// How long the kernel may trust names and attributes; listing changes are pushed to it
 /// explicitly (see `mount`), so this can be long.
@@ -69,6 +69,10 @@ impl Filesystem for FuseAdapter {
             config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
         // Lookups and readdirs of one folder in parallel: the FUSE threads are several.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        // With POSIX ACL support the kernel caches each inode's (absent) ACL after asking once;
+        // without it, it asks us again for every `ls -l` of every file. Permissions are then
+        // checked by the kernel from the mode bits (0444/0555, read-only anyway).
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL);
         let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
@@ -163,10 +167,10 @@ impl Filesystem for FuseAdapter {
             Ok(s) => s,
             Err(e) => return reply.error(errno(&e)),
         };
-        let mut k = offset as usize;
+        let mut k = DirSnapshot::index_at(offset);
         while let Some(child) = snapshot.entry(k) {
             let kind = if child.is_dir { FileType::Directory } else { FileType::RegularFile };
-            if reply.add(INodeNo(child.ino), (k + 1) as u64, kind, child.name) {
+            if reply.add(INodeNo(child.ino), snapshot.offset_after(k), kind, child.name) {
                 break;
             }
             k += 1;
@@ -181,7 +185,7 @@ impl Filesystem for FuseAdapter {
             Err(e) => return reply.error(errno(&e)),
         };
         let (uid, gid) = (self.fs.options.uid, self.fs.options.gid);
-        let mut k = offset as usize;
+        let mut k = DirSnapshot::index_at(offset);
         while let Some((child, attr)) = snapshot.entry_with(k, uid, gid) {
             // `.` and `..`: the kernel takes no attributes for them; any valid ones will do.
             let attr = attr.unwrap_or(Attr {
@@ -194,7 +198,14 @@ impl Filesystem for FuseAdapter {
                 uid,
                 gid,
             });
-            if reply.add(INodeNo(child.ino), (k + 1) as u64, child.name, &TTL, &file_attr(&attr), Generation(0)) {
+            if reply.add(
+                INodeNo(child.ino),
+                snapshot.offset_after(k),
+                child.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
                 break;
             }
             k += 1;

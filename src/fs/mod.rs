@@ -372,7 +372,7 @@ impl NatsterFs {
         if ino == ROOT_INO {
             let folders =
                 tree.root_entries().filter_map(|(name, i)| Some((name.to_string(), tree.catalog(i)?))).collect();
-            return Ok(DirSnapshot::Root { folders });
+            return Ok(DirSnapshot::Root { folders, generation: tree.root_generation });
         }
         let t = tree.tree_of(ino).ok_or(FsError::NotFound)?;
         if t.is_file(ino).ok_or(FsError::NotFound)? {
@@ -467,16 +467,39 @@ impl NatsterFs {
 
 /// What an open folder reads: the root's catalog folders, or one folder of one catalog tree
 /// at the revision it was opened on. Entry `k`: 0 is `.`, 1 is `..`, then the entries by name.
+///
+/// The offset after entry `k` is `generation << 32 | (k + 1)`: the kernel's readdir cache of a
+/// folder (FOPEN_CACHE_DIR) is shared by every open of it and looks an open's position up by
+/// offset, so offsets of two versions must differ, or a program still reading the old version
+/// would go on in the new one at the same position, skipping or repeating entries. With
+/// distinct offsets the kernel finds no match and asks us, and the open's snapshot answers.
 pub enum DirSnapshot {
-    Root { folders: Vec<(String, Arc<tree::CatalogTree>)> },
+    Root { folders: Vec<(String, Arc<tree::CatalogTree>)>, generation: u32 },
     Catalog { tree: Arc<tree::CatalogTree>, dir: u64, parent: u64 },
 }
 
 impl DirSnapshot {
+    fn generation(&self) -> u32 {
+        match self {
+            DirSnapshot::Root { generation, .. } => *generation,
+            DirSnapshot::Catalog { tree, .. } => tree.generation,
+        }
+    }
+
+    /// The readdir offset just after entry `k`.
+    pub fn offset_after(&self, k: usize) -> u64 {
+        (u64::from(self.generation()) << 32) | (k as u64 + 1)
+    }
+
+    /// The entry a readdir at `offset` starts from.
+    pub fn index_at(offset: u64) -> usize {
+        (offset & 0xffff_ffff) as usize
+    }
+
     /// Entries, `.` and `..` included.
     pub fn len(&self) -> usize {
         2 + match self {
-            DirSnapshot::Root { folders } => folders.len(),
+            DirSnapshot::Root { folders, .. } => folders.len(),
             DirSnapshot::Catalog { tree, dir, .. } => tree.child_count(*dir).unwrap_or(0),
         }
     }
@@ -502,7 +525,7 @@ impl DirSnapshot {
             _ => {}
         }
         match self {
-            DirSnapshot::Root { folders } => {
+            DirSnapshot::Root { folders, .. } => {
                 let (name, t) = folders.get(k - 2)?;
                 let attr = t.attr(t.base(), uid, gid)?;
                 Some((tree::Child { ino: t.base(), is_dir: true, name }, Some(attr)))

@@ -28,6 +28,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +40,21 @@ pub const ROOT_INO: u64 = 1;
 const CATALOG_SHIFT: u32 = 40;
 const NO_FILE: u32 = u32::MAX;
 const NONE: u32 = u32::MAX;
+
+/// Generations of folders' contents, process-wide: see [`next_generation`].
+static GENERATIONS: AtomicU32 = AtomicU32::new(1);
+
+/// A number for one version of a folder's contents (a catalog tree, the root's set of
+/// folders), never 0 and below 2^31: readdir offsets carry it (see `DirSnapshot`), so that an
+/// offset of one version is never found in the kernel's readdir cache of another.
+pub fn next_generation() -> u32 {
+    loop {
+        let g = GENERATIONS.fetch_add(1, AtomicOrdering::Relaxed) & 0x7fff_ffff;
+        if g != 0 {
+            return g;
+        }
+    }
+}
 
 /// Inode of catalog `i`'s folder.
 pub fn catalog_base(i: usize) -> u64 {
@@ -128,6 +144,8 @@ pub struct CatalogTree {
     /// Next inode offset under `catalog_base` (never reused).
     next_local: u64,
     dir_mtime: SystemTime,
+    /// This version's number ([`next_generation`]).
+    pub generation: u32,
 }
 
 /// `a` before `b` in depth-first order of their components: `/` sorts before every byte, so a
@@ -243,6 +261,7 @@ impl CatalogTree {
             by_ino: Vec::new(),
             next_local: old.map_or(1, |o| o.next_local),
             dir_mtime,
+            generation: next_generation(),
         };
         let inv = tree.number(base, old);
         let mut by_ino: Vec<(u64, u32)> = tree.nodes.iter().enumerate().map(|(i, n)| (n.ino, i as u32)).collect();
@@ -471,6 +490,8 @@ pub struct Tree {
     root: BTreeMap<String, usize>,
     catalogs: HashMap<usize, Arc<CatalogTree>>,
     pub mtime: Option<SystemTime>,
+    /// Version of the root's set of folders ([`next_generation`]).
+    pub root_generation: u32,
 }
 
 impl Tree {
@@ -489,6 +510,7 @@ impl Tree {
             return None;
         }
         self.root.insert(name.to_string(), i);
+        self.root_generation = next_generation();
         self.catalogs.insert(i, Arc::new(CatalogTree::empty(catalog_base(i), now)));
         Some(Invalidations { entries: Vec::new(), inodes: vec![ROOT_INO] })
     }
@@ -500,6 +522,7 @@ impl Tree {
         };
         self.root.remove(&name);
         self.catalogs.remove(&i);
+        self.root_generation = next_generation();
         Invalidations { entries: vec![(ROOT_INO, name)], inodes: vec![ROOT_INO, catalog_base(i)] }
     }
 
