@@ -27,6 +27,11 @@ use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs};
 /// explicitly (see `mount`), so this can be long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
+/// The mount root's attributes are kept briefly: a stat of the mountpoint is how a mount whose
+/// process died is told stale (ENOTCONN, see `mount::check_mountpoint`), and with the kernel's
+/// permission checks (FUSE_POSIX_ACL) every path walk would otherwise cache them for a day.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
 /// Kernel requests in flight in the background (read-ahead): the kernel's default is 12, too few
 /// to keep a window of chunks moving for several readers.
 const MAX_BACKGROUND: u16 = 64;
@@ -89,7 +94,7 @@ impl Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         Calls::count(&self.fs.calls.getattr);
         match self.fs.attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(if ino.0 == super::ROOT_INO { &ROOT_TTL } else { &TTL }, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
