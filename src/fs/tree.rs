@@ -668,6 +668,10 @@ mod tests {
         }
         let (t, _) = CatalogTree::build(l, BASE, None, UNIX_EPOCH);
         let per_entry = (t.listing().heap_bytes() + t.index_bytes()) / n as usize;
+        eprintln!(
+            "compact tree: {per_entry} bytes per entry (listing and index, paths of {} bytes)",
+            "big/f0000000.mp4".len()
+        );
         assert!(per_entry <= 200, "{per_entry} bytes per entry");
         assert_eq!(t.child_count(t.lookup(BASE, "big", 0, 0).unwrap().ino), Some(n as usize));
     }
