@@ -28,8 +28,8 @@ use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs};
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// The mount root's attributes are kept briefly: a stat of the mountpoint is how a mount whose
-/// process died is told stale (ENOTCONN, see `mount::check_mountpoint`), and with the kernel's
-/// permission checks (FUSE_POSIX_ACL) every path walk would otherwise cache them for a day.
+/// process died is told stale (ENOTCONN, see `mount::check_mountpoint`), and anything that
+/// stat-ed the root would otherwise keep that from being seen for a day.
 const ROOT_TTL: Duration = Duration::from_secs(1);
 
 /// Kernel requests in flight in the background (read-ahead): the kernel's default is 12, too few
@@ -74,10 +74,6 @@ impl Filesystem for FuseAdapter {
             config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
         // Lookups and readdirs of one folder in parallel: the FUSE threads are several.
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
-        // With POSIX ACL support the kernel caches each inode's (absent) ACL after asking once;
-        // without it, it asks us again for every `ls -l` of every file. Permissions are then
-        // checked by the kernel from the mode bits (0444/0555, read-only anyway).
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_POSIX_ACL);
         let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
@@ -220,6 +216,13 @@ impl Filesystem for FuseAdapter {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         Calls::count(&self.fs.calls.xattr);
+        // Only `user.` attributes exist here. Saying so (ENOTSUP) for the others, rather than
+        // "no such attribute", lets `ls -l` stop asking every file's security label and ACL:
+        // it remembers a filesystem that does not support them (FUSE has no xattr cache, so
+        // each ask is a request).
+        if !name.as_encoded_bytes().starts_with(b"user.") {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         let value = match self.fs.xattrs(ino.0) {
             Ok(attrs) => attrs.into_iter().find(|(k, _)| OsStr::new(k) == name).map(|(_, v)| v),
             Err(e) => return reply.error(errno(&e)),
