@@ -347,6 +347,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "work folder $W; $(nproc) CPUs; load average $LOAD_START"
 
+  : >"$W/logs/nats-server.log"
   nats-server -a 127.0.0.1 -p -1 >"$W/logs/nats-server.log" 2>&1 &
   PIDS+=("$!")
   nats_port() { sed -n 's/.*Listening for client connections on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$W/logs/nats-server.log" | head -n 1; }
