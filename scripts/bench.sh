@@ -12,7 +12,7 @@
 #      (c) random 4 KiB pread latency (examples/random_reads.rs), (d) `ls -lR` of a catalog of
 #      BENCH_ENTRIES tiny files in BENCH_ENTRIES/100 folders, (e) 8 concurrent cold sequential
 #      readers of 8 different files (BENCH_SIZE/8 each) vs one cold reader of the big file.
-#   4. If scripts/bench_listing.sh exists, its rows (it defines bench_listing_rows).
+#   4. If scripts/bench_listing.sh exists, its rows (listing_bench_all: ls -lR, a 100k folder, a 1M-entry mount, re-index).
 #   5. Cold sequential read across a 3-node cluster vs one server (scripts/bench_cluster.sh).
 #
 # Everything lives in a temporary folder; a trap on EXIT unmounts what was mounted and stops
@@ -708,7 +708,7 @@ unmount_sshfs
 # ---- 4. the listing rows, if their script is there (scripts/bench_listing.sh) ---------------
 if part 4 && [ -f scripts/bench_listing.sh ]; then
   # shellcheck source=/dev/null
-  . scripts/bench_listing.sh && bench_listing_rows
+  . scripts/bench_listing.sh && listing_bench_all
 fi
 
 # ---- 5. a 3-node cluster vs one server (scripts/bench_cluster.sh) --------------------------

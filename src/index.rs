@@ -1,7 +1,8 @@
 //! Catalog index: walks a folder and records, per file, its path, size, sha256 and mime type in
 //! `$NATSTER_HOME/<name>.json`, in the original Natster format (plus additive fields the
-//! original ignores). Re-indexing keeps the hash of every file whose size and mtime did not
-//! change, so an unchanged tree costs one `stat` per file (and one of its tree file).
+//! original ignores). Re-indexing keeps the hash of every file whose size, mtime and inode
+//! number did not change, so an unchanged tree costs one `stat` per file (and one of its tree
+//! file), and nothing is written.
 //!
 //! In the same read pass as the sha256, each file's leaf hashes ([`crate::chunk_tree`]) are
 //! computed: their root goes into the entry as `tree` (hex; additive), the leaves themselves
@@ -41,10 +42,18 @@ pub struct IndexEntry {
     /// file must be hashed again.
     #[serde(default)]
     pub mtime_ns: i64,
+    /// The file's inode number when it was hashed (0: unknown, an older index): a file
+    /// replaced by another of the same size and mtime (`cp -p`, `rsync -t`) is hashed again.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub ino: u64,
     /// Root of the file's chunk tree in hex ([`crate::chunk_tree`]); absent in indexes
     /// written before protocol 4 or by the original.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tree: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A catalog as stored on disk (the original's `MediaLibrary`).
@@ -161,6 +170,23 @@ impl Catalog {
     }
 }
 
+/// Catalog `name` of `home` as a compact listing (what a mount shows of an own catalog),
+/// streamed from its file: never the whole index beside it. Same errors as [`Catalog::load`].
+pub fn load_listing(home: &Home, name: &str) -> Result<crate::listing::Listing> {
+    protocol::validate_catalog_name(name).map_err(anyhow::Error::msg)?;
+    let path = Catalog::file_path(home, name);
+    let Some(listing) = crate::listing::load(&path)? else {
+        bail!(
+            "no catalog named '{name}' in {}; create it with `natster-mount catalog new {name} DIR`",
+            home.path().display()
+        )
+    };
+    if listing.name != name {
+        bail!("{} holds catalog '{}', not '{name}'; rename or re-create it", path.display(), listing.name);
+    }
+    Ok(listing)
+}
+
 /// JSON files of the home that are not catalogs (server pins, `up`'s serve marks).
 pub const NOT_CATALOGS: &[&str] = &["known_servers", "at-login"];
 
@@ -190,6 +216,7 @@ struct Found {
     abs: PathBuf,
     size: u64,
     mtime_ns: i64,
+    ino: u64,
 }
 
 /// Indexes `dir` as catalog `name`: creates it, or re-indexes incrementally when it exists.
@@ -228,10 +255,11 @@ pub fn index_folder(
             Some(old)
                 if old.byte_size == f.size
                     && old.mtime_ns == f.mtime_ns
+                    && (old.ino == 0 || old.ino == f.ino)
                     && protocol::is_sha256_hex(&old.hash)
                     && has_tree_file(home, old) =>
             {
-                entries.push(Some(old.to_owned().clone()));
+                entries.push(Some(IndexEntry { ino: f.ino, ..(*old).clone() }));
                 report.reused += 1;
             }
             _ => {
@@ -252,6 +280,7 @@ pub fn index_folder(
             hash,
             byte_size: f.size,
             mtime_ns: f.mtime_ns,
+            ino: f.ino,
             tree: Some(tree),
         });
         report.hashed += 1;
@@ -280,6 +309,9 @@ pub fn index_folder(
     let changed = previous.as_ref().map(|p| p.revision() != catalog.revision() || p.root_dir != catalog.root_dir);
     if changed != Some(false) {
         catalog.last_modified = unix_now();
+        catalog.save(home)?;
+    } else if previous.as_ref().is_some_and(|p| p.entries.iter().zip(&catalog.entries).any(|(a, b)| a.ino != b.ino)) {
+        // Same listing; the inode numbers an older index lacked are kept for next time.
         catalog.save(home)?;
     }
     Ok((catalog, report))
@@ -342,7 +374,7 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
             skipped.push(format!("/{rel} (not a regular file)"));
             continue;
         };
-        found.push(Found { rel: format!("/{rel}"), abs, size: meta.len(), mtime_ns: mtime_ns(&meta) });
+        found.push(Found { rel: format!("/{rel}"), abs, size: meta.len(), mtime_ns: mtime_ns(&meta), ino: meta.ino() });
     }
     Ok(found)
 }
@@ -483,6 +515,11 @@ mod tests {
         assert_eq!(cat.entries[0].tree.as_deref(), Some(root.as_str()));
         assert_eq!(load_tree(&home, &cat.entries[0]).unwrap().root(), chunk_tree::Tree::of(b"one").root());
 
+        // A mount streams the index into a compact listing with the same revision.
+        let compact = load_listing(&home, "c").unwrap();
+        assert_eq!(compact.revision, cat.revision());
+        assert_eq!(compact.to_summary().entries, cat.summary().entries);
+
         let (cat2, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
         assert_eq!((r.hashed, r.reused), (0, 2));
         assert_eq!(cat2.revision(), cat.revision());
@@ -497,6 +534,16 @@ mod tests {
         let (_, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
         assert_eq!((r.hashed, r.reused), (1, 1));
         assert!(load_tree(&home, &cat.entries[0]).is_ok());
+
+        // Replaced by another file of the same size and mtime (`cp -p`): hashed again.
+        let two = tree.path().join("two.mp4");
+        let mtime = fs::metadata(&two).unwrap().modified().unwrap();
+        fs::write(tree.path().join("other"), b"TWO").unwrap();
+        fs::File::options().write(true).open(tree.path().join("other")).unwrap().set_modified(mtime).unwrap();
+        fs::rename(tree.path().join("other"), &two).unwrap();
+        let (cat_cp, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        assert_eq!((r.hashed, r.reused), (1, 1));
+        assert_eq!(cat_cp.entries[1].hash, hex::encode(Sha256::digest(b"TWO")));
 
         fs::write(tree.path().join("two.mp4"), b"changed").unwrap();
         fs::remove_file(tree.path().join("a/b/one.txt")).unwrap();

@@ -34,6 +34,7 @@ pub mod global;
 pub mod identity;
 pub mod imports;
 pub mod index;
+pub mod listing;
 pub mod protocol;
 pub mod server;
 pub mod serving;

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{CatalogClient, ClientError, Result};
 use crate::identity::Purpose;
+use crate::listing::Listing;
 use crate::protocol::{self, CatalogEntry, CatalogSummary, GetRequest, Operation};
 
 /// Most entries a listing may have; bounds what a peer can make us hold.
@@ -13,46 +14,60 @@ pub const MAX_ENTRIES: usize = 5_000_000;
 /// Most bytes of entry text a listing may have, for the same reason.
 pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
 
-fn listing_bytes(entries: &[CatalogEntry]) -> usize {
-    entries.iter().map(|e| e.path.len() + e.description.len() + e.mime_type.len() + 128).sum()
-}
-
 impl CatalogClient {
     /// The whole listing, fetched page by page; restarts if it changes mid-way. Every page is
     /// checked against the catalog's trust (signed by its owner's server) unless the catalog
-    /// is an original, v1-only peer that never signed.
+    /// is an original, v1-only peer that never signed. Remembered for [`CatalogClient::open`].
     pub async fn get(&self) -> Result<CatalogSummary> {
+        let listing = self.get_listing("").await?.unwrap_or_default();
+        let summary = listing.to_summary();
+        self.inner.remember_listing(&summary);
+        Ok(summary)
+    }
+
+    /// [`CatalogClient::get`], compact and without keeping anything in the client (the mount
+    /// holds the listing in its tree and opens files by their entry); None as soon as the
+    /// first page says the revision is still `shown` (when not empty): an unchanged catalog
+    /// costs one page, however large.
+    pub async fn get_listing(&self, shown: &str) -> Result<Option<Listing>> {
         'listing: for _ in 0..3 {
-            let mut summary = self.page(0).await?;
-            let Some(total) = summary.total_entries else {
+            let first = self.page(0).await?;
+            if !shown.is_empty() && first.revision == shown {
+                self.inner.note_protocol(first.protocol);
+                return Ok(None);
+            }
+            let mut listing = Listing::header_of(&first);
+            let Some(total) = first.total_entries else {
                 // An original peer ignores `from` and sends everything at once.
-                drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
-                self.inner.note_protocol(summary.protocol);
-                self.inner.remember_listing(&summary);
-                return Ok(summary);
+                push_valid(&self.inner.catalog, &mut listing, &first.entries);
+                self.inner.note_protocol(listing.protocol);
+                return Ok(Some(listing));
             };
             let total = usize::try_from(total).unwrap_or(usize::MAX);
             if total > MAX_ENTRIES {
                 return Err(ClientError::Protocol(format!("listing has {total} entries, more than {MAX_ENTRIES}")));
             }
-            while summary.entries.len() < total {
-                let page = self.page(summary.entries.len() as u64).await?;
-                if page.revision != summary.revision {
+            listing.reserve(total);
+            let mut fetched = first.entries.len().min(total);
+            push_valid(&self.inner.catalog, &mut listing, &first.entries[..fetched]);
+            drop(first);
+            while fetched < total {
+                let page = self.page(fetched as u64).await?;
+                if page.revision != listing.revision {
                     continue 'listing;
                 }
                 if page.entries.is_empty() {
                     return Err(ClientError::Protocol("listing page was empty before the end".into()));
                 }
-                summary.entries.extend(page.entries);
-                if listing_bytes(&summary.entries) > MAX_LISTING_BYTES {
+                let take = page.entries.len().min(total - fetched);
+                push_valid(&self.inner.catalog, &mut listing, &page.entries[..take]);
+                fetched += take;
+                if listing.heap_bytes() > MAX_LISTING_BYTES {
                     return Err(ClientError::Protocol(format!("listing is larger than {MAX_LISTING_BYTES} bytes")));
                 }
             }
-            summary.entries.truncate(total);
-            drop_invalid_entries(&self.inner.catalog, &mut summary.entries);
-            self.inner.note_protocol(summary.protocol);
-            self.inner.remember_listing(&summary);
-            return Ok(summary);
+            self.inner.note_protocol(listing.protocol);
+            return Ok(Some(listing));
         }
         Err(ClientError::Protocol("listing kept changing while it was read; try again".into()))
     }
@@ -119,6 +134,7 @@ fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
 
 /// Drops (and logs) entries a peer should never have sent; one bad entry must not hide the
 /// rest of the catalog.
+#[cfg(test)]
 fn drop_invalid_entries(catalog: &str, entries: &mut Vec<CatalogEntry>) {
     entries.retain(|e| match invalid_entry(e) {
         None => true,
@@ -127,6 +143,15 @@ fn drop_invalid_entries(catalog: &str, entries: &mut Vec<CatalogEntry>) {
             false
         }
     });
+}
+
+/// Adds `entries` to `listing`, dropping (and logging) those a peer should never have sent.
+fn push_valid(catalog: &str, listing: &mut Listing, entries: &[CatalogEntry]) {
+    for e in entries {
+        if let Some(why) = invalid_entry(e).or_else(|| listing.push(e).err()) {
+            tracing::warn!(catalog, path = ?e.path, "ignoring listing entry: {why}");
+        }
+    }
 }
 
 #[cfg(test)]

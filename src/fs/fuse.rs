@@ -1,6 +1,15 @@
 //! fuser callbacks: a thin layer that turns kernel requests into `NatsterFs` calls. Reads run
 //! as tasks on the tokio runtime and reply when done, so a slow catalog never blocks the FUSE
 //! threads. The mount is read-only (`ro`), so the kernel answers writes with EROFS itself.
+//!
+//! Kernel caches: a listing is immutable per revision and every change is pushed to the kernel
+//! (`notify_inval_entry` / `notify_inval_inode`, see `mount`), so names and attributes get a
+//! long [`TTL`], folders are opened with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE` (the kernel keeps
+//! what readdir returned until we invalidate the folder) and files with `FOPEN_KEEP_CACHE` (a
+//! file whose content changes gets a new inode, so its old pages are never served). A second
+//! `ls -lR` is then answered by the kernel alone, but for opendir/releasedir of each folder.
+//! readdir(plus) reads the snapshot taken at opendir; offsets are positions in it, so a listing
+//! applied between two calls neither skips nor repeats an entry.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -12,11 +21,20 @@ use fuser::{
     ReplyXattr, Request,
 };
 
-use super::{Attr, FsError, NatsterFs};
+use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs};
 
 /// How long the kernel may trust names and attributes; listing changes are pushed to it
-/// explicitly (see `mount.rs`), so this can be long.
-const TTL: Duration = Duration::from_secs(60);
+/// explicitly (see `mount`), so this can be long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The mount root's attributes are kept briefly: a stat of the mountpoint is how a mount whose
+/// process died is told stale (ENOTCONN, see `mount::check_mountpoint`), and anything that
+/// stat-ed the root would otherwise keep that from being seen for a day.
+const ROOT_TTL: Duration = Duration::from_secs(1);
+
+/// Kernel requests in flight in the background (read-ahead): the kernel's default is 12, too few
+/// to keep a window of chunks moving for several readers.
+const MAX_BACKGROUND: u16 = 64;
 
 pub struct FuseAdapter {
     pub fs: Arc<NatsterFs>,
@@ -54,10 +72,14 @@ impl Filesystem for FuseAdapter {
         // Names and attributes in one reply: `ls -l` of a fresh folder needs no lookup per entry.
         let _ =
             config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Lookups and readdirs of one folder in parallel: the FUSE threads are several.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        Calls::count(&self.fs.calls.lookup);
         let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
         match self.fs.lookup(parent.0, name) {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -66,13 +88,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        Calls::count(&self.fs.calls.getattr);
         match self.fs.attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(if ino.0 == super::ROOT_INO { &ROOT_TTL } else { &TTL }, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        Calls::count(&self.fs.calls.open);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
@@ -95,6 +119,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyData,
     ) {
+        Calls::count(&self.fs.calls.read);
         let fs = self.fs.clone();
         self.runtime.spawn(async move {
             match fs.read(fh.0, offset, size).await {
@@ -122,37 +147,82 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.fs.readdir(ino.0) {
-            Ok(entries) => {
-                for (i, (child, is_dir, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    let kind = if *is_dir { FileType::Directory } else { FileType::RegularFile };
-                    if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        Calls::count(&self.fs.calls.opendir);
+        match self.fs.opendir(ino.0) {
+            // What readdir returned stays valid until the folder is invalidated (new revision).
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        match self.fs.readdir(ino.0) {
-            Ok(entries) => {
-                for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
-                    let Ok(attr) = self.fs.attr(*child) else { continue };
-                    if reply.add(INodeNo(*child), (i + 1) as u64, name, &TTL, &file_attr(&attr), Generation(0)) {
-                        break;
-                    }
-                }
-                reply.ok();
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        Calls::count(&self.fs.calls.releasedir);
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        Calls::count(&self.fs.calls.readdir);
+        let snapshot = match self.fs.open_dir(fh.0, ino.0) {
+            Ok(s) => s,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let mut k = DirSnapshot::index_at(offset);
+        while let Some(child) = snapshot.entry(k) {
+            let kind = if child.is_dir { FileType::Directory } else { FileType::RegularFile };
+            if reply.add(INodeNo(child.ino), snapshot.offset_after(k), kind, child.name) {
+                break;
             }
-            Err(e) => reply.error(errno(&e)),
+            k += 1;
         }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        Calls::count(&self.fs.calls.readdirplus);
+        let snapshot = match self.fs.open_dir(fh.0, ino.0) {
+            Ok(s) => s,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        let (uid, gid) = (self.fs.options.uid, self.fs.options.gid);
+        let mut k = DirSnapshot::index_at(offset);
+        while let Some((child, attr)) = snapshot.entry_with(k, uid, gid) {
+            // `.` and `..`: the kernel takes no attributes for them; any valid ones will do.
+            let attr = attr.unwrap_or(Attr {
+                ino: child.ino,
+                size: 0,
+                is_dir: true,
+                mtime: std::time::UNIX_EPOCH,
+                perm: 0o555,
+                nlink: 2,
+                uid,
+                gid,
+            });
+            if reply.add(
+                INodeNo(child.ino),
+                snapshot.offset_after(k),
+                child.name,
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+            ) {
+                break;
+            }
+            k += 1;
+        }
+        reply.ok();
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        Calls::count(&self.fs.calls.xattr);
+        // Only `user.` attributes exist here. Saying so (ENOTSUP) for the others, rather than
+        // "no such attribute", lets `ls -l` stop asking every file's security label and ACL:
+        // it remembers a filesystem that does not support them (FUSE has no xattr cache, so
+        // each ask is a request).
+        if !name.as_encoded_bytes().starts_with(b"user.") {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         let value = match self.fs.xattrs(ino.0) {
             Ok(attrs) => attrs.into_iter().find(|(k, _)| OsStr::new(k) == name).map(|(_, v)| v),
             Err(e) => return reply.error(errno(&e)),
@@ -164,6 +234,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        Calls::count(&self.fs.calls.xattr);
         match self.fs.xattrs(ino.0) {
             Ok(attrs) => {
                 let mut names = Vec::new();
@@ -178,6 +249,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        Calls::count(&self.fs.calls.other);
         reply.statfs(0, 0, 0, 0, 0, 128 * 1024, 255, 128 * 1024);
     }
 }

@@ -28,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{FsError, MountedCatalog, NatsterFs, NodeKind, ReadAhead};
+use super::{FsError, MountedCatalog, NatsterFs, ReadAhead};
 use crate::cache::{ChunkKey, Lookup, Shared};
 use crate::protocol::{self, CatalogEntry};
 
@@ -123,16 +123,11 @@ async fn backoff(delay: &mut Duration, deadline: Instant, last: FsError) -> Resu
 
 impl NatsterFs {
     pub fn open(&self, ino: u64) -> Result<u64, FsError> {
-        let tree = self.tree();
-        let node = tree.nodes.get(&ino).ok_or(FsError::NotFound)?;
-        let NodeKind::File { catalog, entry } = &node.kind else { return Err(FsError::IsDir) };
+        let (catalog, entry) = self.file_entry(ino)?;
         let fh = self.next_handle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let chunk_hint = 256 * 1024;
-        let file = OpenFile {
-            catalog: *catalog,
-            entry: entry.clone(),
-            readahead: Mutex::new(ReadAhead::new(chunk_hint, self.options.max_readahead)),
-        };
+        let file =
+            OpenFile { catalog, entry, readahead: Mutex::new(ReadAhead::new(chunk_hint, self.options.max_readahead)) };
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(file));
         Ok(fh)
     }

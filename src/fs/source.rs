@@ -25,7 +25,8 @@ use tokio::sync::OnceCell;
 
 use super::FsError;
 use crate::client::{CatalogClient, ClientError, RemoteFile};
-use crate::protocol::{CatalogEntry, CatalogSummary};
+use crate::listing::Listing;
+use crate::protocol::CatalogEntry;
 
 /// Receives verified, decrypted chunks as they arrive: (chunk index, bytes).
 pub type ChunkSink<'a> = &'a mut (dyn FnMut(u64, Bytes) + Send);
@@ -35,12 +36,13 @@ pub const V1_CACHE_CHUNK: u64 = 256 * 1024;
 
 /// One catalog's bytes, as the filesystem reads them.
 pub trait ChunkSource: Send + Sync {
-    /// The catalog's whole listing (one attempt).
-    fn listing(&self) -> BoxFuture<'_, Result<CatalogSummary, FsError>>;
+    /// The catalog's whole listing (one attempt), compact; None if its revision is still
+    /// `shown` (non-empty), found out from its first page.
+    fn listing<'a>(&'a self, shown: &'a str) -> BoxFuture<'a, Result<Option<Listing>, FsError>>;
 
     /// Tells the source about a listing applied to the mount (fetched, or saved from an
     /// earlier run), so it reads the catalog in the protocol that listing advertises.
-    fn listing_applied(&self, listing: &CatalogSummary);
+    fn listing_applied(&self, listing: &Listing);
 
     /// The chunk size `entry` is read in. May contact the peer (v2 opens a session); answers
     /// at once for a file it has seen before.
@@ -203,11 +205,11 @@ impl RemoteSource {
 }
 
 impl ChunkSource for RemoteSource {
-    fn listing(&self) -> BoxFuture<'_, Result<CatalogSummary, FsError>> {
-        async move { Ok(self.client.get().await?) }.boxed()
+    fn listing<'a>(&'a self, shown: &'a str) -> BoxFuture<'a, Result<Option<Listing>, FsError>> {
+        async move { Ok(self.client.get_listing(shown).await?) }.boxed()
     }
 
-    fn listing_applied(&self, listing: &CatalogSummary) {
+    fn listing_applied(&self, listing: &Listing) {
         let was_v2 = self.client.speaks_v2();
         self.client.note_protocol(listing.protocol);
         if was_v2 != self.client.speaks_v2() {

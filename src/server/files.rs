@@ -226,6 +226,7 @@ mod tests {
             hash: hex::encode(Sha256::digest(bytes)),
             byte_size: bytes.len() as u64,
             mtime_ns: 0,
+            ino: 0,
             tree: None,
         }
     }
