@@ -128,12 +128,16 @@ async fn read_ahead_runs_ahead_of_sequential_reads_and_a_seek_resets_it() {
     println!("sequential reads of chunks 0..8 asked up to chunk {furthest}");
     assert!(furthest >= 8 + (8 * MIB / CHUNK), "read-ahead ran only to chunk {furthest}");
 
-    // A seek far past everything read ahead: the next small read asks for its chunk only.
+    // A seek far past everything read ahead: the next small read asks for its 16 KiB leaf
+    // only (a record of one leaf, counted in leaves), not for its chunk or anything after it.
     let far = 32 * MIB;
     assert!(pread(&file, far, 4096).unwrap() == bytes[far as usize..far as usize + 4096]);
     reads.settled().await;
+    let leaf = natster_mount::chunk_tree::LEAF_SIZE as u64;
+    let after: Vec<_> = reads.reads()[after_sequential..].to_vec();
+    assert!(after.iter().all(|r| r.unit == Some(leaf as u32)), "leaf records only: {after:?}");
     let asked: BTreeSet<u64> = chunks_asked(&reads, after_sequential).into_iter().map(|(_, i)| i).collect();
-    assert_eq!(asked, BTreeSet::from([far / CHUNK]), "after the seek");
+    assert_eq!(asked, BTreeSet::from([far / leaf]), "after the seek");
     drop(file); // an open file keeps the mount busy
     m.stop();
 }
