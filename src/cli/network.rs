@@ -87,6 +87,20 @@ pub async fn emit_as(
     }
     let outbox = Outbox::of(home, name);
     let client = match context.connect(global_timeout(g)).await {
+        Ok(nats) if too_old_for_global(&nats).is_some() => {
+            // No global service runs on this server, and an old one may not even say "no
+            // responders" through the import: waiting for the timeout would only be slow.
+            let version = too_old_for_global(&nats).unwrap_or_default();
+            if !quiet {
+                warn_unavailable(&CallError::Unavailable(format!(
+                    "nats-server {version} is older than {MIN_GLOBAL_NATS_SERVER}, which the global service needs"
+                )));
+            }
+            for e in events {
+                outbox.keep(e);
+            }
+            return;
+        }
         Ok(nats) => GlobalClient::new(nats, EVENT_TIMEOUT),
         Err(e) => {
             if !quiet {
@@ -113,6 +127,12 @@ pub async fn emit_as(
     if let Err(e) = delivered {
         warn_unavailable(&e);
     }
+}
+
+/// The server's version when it is too old to carry a global service.
+fn too_old_for_global(nats: &async_nats::Client) -> Option<String> {
+    let version = nats.server_info().version;
+    ServerVersion::parse(&version).filter(|v| *v < MIN_GLOBAL_NATS_SERVER).map(|_| version)
 }
 
 /// Sends what this context kept from an earlier outage (before an inbox call, say).
