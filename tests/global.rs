@@ -730,3 +730,33 @@ async fn without_a_global_service_everything_but_the_inbox_works() {
     let who = global(&eve).await.whoami().await.expect("whoami");
     assert!(who.is_some_and(|w| w.initialized > 0), "eve's kept natster_initialized was sent");
 }
+
+/// An own catalog served by another process is online in the owner's mount at once: its
+/// server answers the mount's `$SRV.PING.natster-catalog` (no global service here, and its
+/// next heartbeat is ten minutes away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_own_catalog_served_elsewhere_is_online_in_the_mount_at_once() {
+    if !fuse_available_for("global::an_own_catalog_served_elsewhere_is_online_in_the_mount_at_once") {
+        return;
+    }
+    let net = network(false);
+    let (alice, _tree) = with_catalog(&net.op, "alice").await;
+    let _served = Serve::start_with(&alice, "media", &["--heartbeat-interval", "600"]);
+    let own = alice.client("media").await;
+    wait_for("alice's catalog server", Duration::from_secs(20), || {
+        let own = own.clone();
+        async move { own.get().await.ok().map(|_| ()) }
+    })
+    .await;
+    let m = Mounted::start(&alice.home, &[]);
+    let folder = m.path().join("media");
+    let f = folder.clone();
+    wait_for("media online in alice's own mount", Duration::from_secs(3), || {
+        let f = f.clone();
+        async move { (xattr(&f, "user.natster.online").as_deref() == Some("online")).then_some(()) }
+    })
+    .await;
+    let revision = xattr(&folder, "user.natster.revision").unwrap_or_default();
+    assert!(!revision.is_empty(), "the revision its server announced");
+    m.stop();
+}

@@ -117,12 +117,41 @@ pub fn from_shares(shares: &[Share], name: &str, owner: &str) -> Option<Presence
     })
 }
 
+/// What a catalog server's `$SRV.PING` reply says: its catalog and revision (None for
+/// anything else, or a reply over 16 KiB).
+pub fn from_service_ping(payload: &[u8]) -> Option<(String, Option<String>)> {
+    if payload.len() > 16 * 1024 {
+        return None;
+    }
+    let reply: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if reply.get("name")?.as_str()? != crate::server::SERVICE_NAME {
+        return None;
+    }
+    let metadata = reply.get("metadata")?;
+    let catalog = metadata.get("catalog")?.as_str()?.to_string();
+    let revision = metadata.get("revision").and_then(|r| r.as_str()).map(str::to_string);
+    Some((catalog, revision))
+}
+
+/// Longest a mount collects answers to its `$SRV.PING` of the account's catalog servers.
+pub const PING_WAIT: Duration = Duration::from_millis(500);
+
 /// Bound on asking the global service for presence.
 pub const SHARES_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_pings_name_their_catalog_and_revision() {
+        let ping = br#"{"type":"io.nats.micro.v1.ping_response","name":"natster-catalog","id":"x","version":"0.1.0","metadata":{"catalog":"media","revision":"ab12","protocol":"4"}}"#;
+        assert_eq!(from_service_ping(ping), Some(("media".into(), Some("ab12".into()))));
+        let other = br#"{"name":"natster-global","metadata":{"catalog":"media"}}"#;
+        assert_eq!(from_service_ping(other), None, "another service");
+        assert_eq!(from_service_ping(b"not json"), None);
+        assert_eq!(from_service_ping(&vec![b' '; 20_000]), None, "oversized");
+    }
 
     #[test]
     fn beats_match_owner_and_name() {

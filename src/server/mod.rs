@@ -24,6 +24,7 @@
 mod files;
 pub mod heartbeat;
 mod service;
+pub use service::SERVICE_NAME;
 mod trees;
 mod v1;
 mod v2;

@@ -332,6 +332,7 @@ pub(super) async fn keep_fresh(
     let mut owner_notices = subscribe_or_warn(&nats, protocol::owner_notice_wildcard(), ttl).await;
     let global = GlobalClient::new(nats.clone(), presence::SHARES_TIMEOUT);
     tokio::spawn(presence_from_shares(fs.clone(), global.clone()));
+    tokio::spawn(presence_from_own_servers(fs.clone(), nats.clone(), me.clone()));
     let mut tick = tokio::time::interval(ttl);
     tick.tick().await;
     let mut was_connected = *connected.borrow_and_update();
@@ -406,6 +407,38 @@ async fn presence_from_shares(fs: Arc<NatsterFs>, global: GlobalClient) {
             }
         }
         Err(e) => tracing::debug!("no presence from the global service: {e}"),
+    }
+}
+
+/// Own catalogs whose presence is still unknown, from the account's running catalog servers:
+/// each answers `$SRV.PING.natster-catalog` (it is a NATS micro service) with its catalog, so
+/// one served by another process shows online at once instead of at its next heartbeat.
+/// Collects answers for [`presence::PING_WAIT`], at most one per catalog.
+async fn presence_from_own_servers(fs: Arc<NatsterFs>, nats: async_nats::Client, me: String) {
+    let inbox = nats.new_inbox();
+    let Ok(mut answers) = nats.subscribe(inbox.clone()).await else { return };
+    let subject = format!("$SRV.PING.{}", crate::server::SERVICE_NAME);
+    if nats.publish_with_reply(subject, inbox, bytes::Bytes::new()).await.is_err() {
+        return;
+    }
+    let own = fs.catalogs().into_iter().filter(|(_, c)| c.owner == me).count();
+    let mut seen: HashMap<String, Option<String>> = HashMap::new();
+    let deadline = tokio::time::Instant::now() + presence::PING_WAIT;
+    while seen.len() < own {
+        let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await else { break };
+        if let Some((catalog, revision)) = presence::from_service_ping(&msg.payload) {
+            seen.entry(catalog).or_insert(revision);
+        }
+    }
+    for (_, catalog) in fs.catalogs() {
+        let Some(revision) = seen.get(&catalog.name) else { continue };
+        if catalog.owner == me && catalog.presence().state == presence::State::Unknown {
+            catalog.set_presence(presence::Presence {
+                state: presence::State::Online,
+                revision_id: revision.clone(),
+                ..Default::default()
+            });
+        }
     }
 }
 
