@@ -143,12 +143,8 @@ pub async fn add(home: &Home, context_name: &str, side: AccountSide<'_>, request
     if context.account_public_key.is_none() {
         context.account_public_key = Some(me);
     }
-    let new: Vec<ImportedCatalog> = records
-        .iter()
-        .filter(|r| !context.imports.iter().any(|i| i.catalog == r.catalog && i.owner == r.owner))
-        .cloned()
-        .collect();
-    context.imports.extend(new);
+    // Repairs are recorded already; only the fresh ones are new to the context.
+    context.imports.extend(fresh.iter().map(ImportRequest::record));
     blocking(|| context.save(home, context_name))?;
     Ok(Added { imports: records, applied, context })
 }

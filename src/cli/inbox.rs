@@ -15,17 +15,23 @@ use crate::context::Context;
 use crate::global::client::CallError;
 use crate::global::wire::Share;
 
+/// Whether `share` is offered to `context`'s account by another one and not imported yet.
+pub fn is_offer(context: &Context, share: &Share) -> bool {
+    let Some(me) = context.account_public_key.as_deref() else { return false };
+    share.to_account == me
+        && share.from_account != me
+        && !context.imports.iter().any(|i| i.catalog == share.catalog && i.owner == share.from_account)
+}
+
 /// Shares offered to this context's account that it has not imported.
 pub async fn pending(g: &Globals, context: &Context) -> Result<Vec<Share>, CallError> {
-    let Some(me) = context.account_public_key.clone() else { return Ok(Vec::new()) };
+    if context.account_public_key.is_none() {
+        return Ok(Vec::new());
+    }
     let client = global_client(g, context).await.ok_or_else(|| CallError::Unavailable("cannot reach NATS".into()))?;
     crate::cli::network::flush(g, &client).await;
     let shares = client.my_shares().await?;
-    Ok(shares
-        .into_iter()
-        .filter(|s| s.to_account == me && s.from_account != me)
-        .filter(|s| !context.imports.iter().any(|i| i.catalog == s.catalog && i.owner == s.from_account))
-        .collect())
+    Ok(shares.into_iter().filter(|s| is_offer(context, s)).collect())
 }
 
 fn status(share: &Share) -> String {
@@ -102,11 +108,7 @@ pub async fn catalog_ls(g: &Globals) -> Result<()> {
         };
         outln!("  {} {whose}: {}", share.catalog, status(share));
     }
-    let offers: Vec<&Share> = shares
-        .iter()
-        .filter(|s| s.to_account == me && s.from_account != me)
-        .filter(|s| !context.imports.iter().any(|i| i.catalog == s.catalog && i.owner == s.from_account))
-        .collect();
+    let offers: Vec<&Share> = shares.iter().filter(|s| is_offer(&context, s)).collect();
     if !offers.is_empty() {
         outln!("shared with me, not imported yet:");
     }

@@ -87,21 +87,22 @@ pub async fn emit_as(
     }
     let outbox = Outbox::of(home, name);
     let client = match context.connect(global_timeout(g)).await {
-        Ok(nats) if too_old_for_global(&nats).is_some() => {
+        Ok(nats) => match too_old_for_global(&nats) {
             // No global service runs on this server, and an old one may not even say "no
             // responders" through the import: waiting for the timeout would only be slow.
-            let version = too_old_for_global(&nats).unwrap_or_default();
-            if !quiet {
-                warn_unavailable(&CallError::Unavailable(format!(
-                    "nats-server {version} is older than {MIN_GLOBAL_NATS_SERVER}, which the global service needs"
-                )));
+            Some(version) => {
+                if !quiet {
+                    warn_unavailable(&CallError::Unavailable(format!(
+                        "nats-server {version} is older than {MIN_GLOBAL_NATS_SERVER}, which the global service needs"
+                    )));
+                }
+                for e in events {
+                    outbox.keep(e);
+                }
+                return;
             }
-            for e in events {
-                outbox.keep(e);
-            }
-            return;
-        }
-        Ok(nats) => GlobalClient::new(nats, EVENT_TIMEOUT),
+            None => GlobalClient::new(nats, EVENT_TIMEOUT),
+        },
         Err(e) => {
             if !quiet {
                 warn_unavailable(&CallError::Unavailable(format!("{e:#}")));

@@ -174,11 +174,9 @@ async fn follow_context(follow: &Arc<Follow>, planned: &mut Vec<Planned>) -> Opt
 
 /// The shares offered to `context`'s account that it does not import.
 fn pending(context: &Context, shares: Vec<wire::Share>) -> Vec<PendingShare> {
-    let Some(me) = context.account_public_key.as_deref() else { return Vec::new() };
     let mut out: Vec<PendingShare> = shares
         .into_iter()
-        .filter(|s| s.to_account == me && s.from_account != me)
-        .filter(|s| !context.imports.iter().any(|i| i.catalog == s.catalog && i.owner == s.from_account))
+        .filter(|s| crate::cli::inbox::is_offer(context, s))
         .map(|s| PendingShare { catalog: s.catalog, owner: s.from_account })
         .collect();
     out.sort_by(|a, b| (&a.catalog, &a.owner).cmp(&(&b.catalog, &b.owner)));
