@@ -10,7 +10,8 @@
 //! Invariants:
 //! - A session belongs to the caller that opened it; any other caller naming it gets the same
 //!   answer as for a missing one.
-//! - Every read re-checks the open file's identity (one `fstat` on the blocking pool); a file
+//! - Every read re-checks the open file's identity (one `fstat`, in the same blocking-pool
+//!   trip that reads and seals its first record, before anything is acknowledged); a file
 //!   changed since it was verified ends the session with 409.
 //! - File reads and sealing run on the blocking pool, at most two chunks ahead of the
 //!   publisher; at most `MAX_CONCURRENT_READS` reads stream at once.
@@ -29,7 +30,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::files::{self, FileIdentity};
+use super::files::FileIdentity;
 use super::{parse, refuse, Refusal, Shared};
 use crate::chunk_tree::{self, Tree};
 use crate::crypto::{self, EphemeralKey, SessionBinding, SessionKey};
@@ -188,31 +189,59 @@ impl Shared {
             ));
         }
         let count = (total - req.first_chunk).min(u64::from(req.count)) as u32;
-        let now = files::identity_of(session.file.clone()).await.map_err(|_| refuse(500, "cannot stat file"))?;
-        if now != session.indexed || self.trees.is_changed(&session.hash, now) {
-            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
-            return Err(changed(&session.hash));
-        }
         let Ok(_permit) = self.reads.clone().acquire_owned().await else {
             return Err(refuse(503, "server is shutting down"));
         };
-        // Acknowledge first, so the reader knows chunks are coming, then stream them.
-        let ack = Envelope::ok(ReadResponse { first_chunk: req.first_chunk, count });
+        let first = req.first_chunk;
+        let unit = req.unit;
+        // The file's identity check and the first record share one trip to the blocking pool:
+        // a small random read pays for one thread hand-off, not two.
+        let checked = {
+            let session = session.clone();
+            tokio::task::spawn_blocking(move || {
+                let now = FileIdentity::of_file(&session.file)?;
+                let sealed =
+                    if now == session.indexed { Some(seal_chunk(&session, first, chunk_size, unit)) } else { None };
+                Ok::<_, std::io::Error>((now, sealed))
+            })
+            .await
+        };
+        let first_record = match checked {
+            Ok(Ok((now, Some(sealed)))) if !self.trees.is_changed(&session.hash, now) => sealed,
+            Ok(Ok(_)) => {
+                self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
+                return Err(changed(&session.hash));
+            }
+            Ok(Err(_)) | Err(_) => return Err(refuse(500, "cannot stat file")),
+        };
+        if let Err(e) = &first_record {
+            self.chunk_failed(&session, &req.session, e);
+            return Err(match e {
+                ChunkError::Changed(_) => changed(&session.hash),
+                _ => refuse(500, format!("cannot read file {}", session.hash)),
+            });
+        }
+        // Acknowledge first, so the reader knows records are coming, then stream them.
+        let ack = Envelope::ok(ReadResponse { first_chunk: first, count });
         let _ = self.nats.publish(reply, ack.into()).await;
 
         let subject = protocol::media_subject(caller, &self.name, &req.session);
-        let first = req.first_chunk;
-        let unit = req.unit;
-        // Read and seal on the blocking pool, two chunks ahead of the publisher.
-        let mut sealed = futures::stream::iter(first..first + u64::from(count))
+        // The rest are read and sealed on the blocking pool, two ahead of the publisher.
+        let rest = futures::stream::iter(first + 1..first + u64::from(count))
             .map(|index| {
                 let session = session.clone();
-                tokio::task::spawn_blocking(move || seal_chunk(&session, index, chunk_size, unit))
+                async move {
+                    match tokio::task::spawn_blocking(move || seal_chunk(&session, index, chunk_size, unit)).await {
+                        Ok(sealed) => sealed,
+                        Err(e) => Err(ChunkError::Io(std::io::Error::other(e.to_string()))),
+                    }
+                }
             })
             .buffered(2);
+        let mut sealed = std::pin::pin!(futures::stream::once(std::future::ready(first_record)).chain(rest));
         while let Some(done) = sealed.next().await {
             match done {
-                Ok(Ok((index, body))) => {
+                Ok((index, body)) => {
                     let mut headers = async_nats::HeaderMap::new();
                     headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
                     if let Some(unit) = unit {
@@ -222,22 +251,27 @@ impl Shared {
                         break;
                     }
                 }
-                Ok(Err(ChunkError::Changed(index))) => {
-                    tracing::warn!(path = %session.path, chunk = index,
-                        "file changed on disk since it was indexed (its bytes do not match the indexed chunk tree); \
-                         refusing it until `natster-mount catalog new` re-indexes");
-                    self.trees.mark_changed(&session.hash, session.indexed);
-                    self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(&req.session);
+                Err(e) => {
+                    self.chunk_failed(&session, &req.session, &e);
                     break;
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!("read of {} failed: {e}", session.hash);
-                    break;
-                }
-                Err(_) => break,
             }
         }
         Ok(Vec::new())
+    }
+
+    /// Logs a record that could not be sent; bytes that differ from the indexed tree refuse
+    /// the file until it is re-indexed and end the session.
+    fn chunk_failed(&self, session: &Session, id: &str, e: &ChunkError) {
+        if let ChunkError::Changed(index) = e {
+            tracing::warn!(path = %session.path, chunk = index,
+                "file changed on disk since it was indexed (its bytes do not match the indexed chunk tree); \
+                 refusing it until `natster-mount catalog new` re-indexes");
+            self.trees.mark_changed(&session.hash, session.indexed);
+            self.sessions.lock().unwrap_or_else(|p| p.into_inner()).pop(id);
+        } else {
+            tracing::warn!("read of {} failed: {e}", session.hash);
+        }
     }
 
     pub(super) fn close(&self, caller: &Caller, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
