@@ -5,11 +5,12 @@
 #      page cache, and vs the raw NATS ceiling (examples/raw_nats_ceiling.rs: the same bytes in
 #      messages of the same size through the same nats-server, no crypto); then a table of
 #      chunk sizes x windows (plus 64 KiB read latency per chunk size) to choose defaults.
-#   2. Latency of 64 KiB ranged reads at random offsets through the library
+#   2. Latency of 64 KiB and 4 KiB ranged reads at random offsets through the library
 #      (examples/ranged_latency.rs); every such read is a cold fetch (no cache in the client).
 #   3. The FUSE mount vs sshfs over a throwaway loopback sshd:
 #      (a) cold sequential read, (b) warm sequential read (vs local page cache too),
-#      (c) random 4 KiB pread latency (examples/random_reads.rs), (d) `ls -lR` of a catalog of
+#      (c) random 4 KiB pread latency (examples/random_reads.rs; beside it the floor NATS sets,
+#      examples/nats_read_floor.rs), (d) `ls -lR` of a catalog of
 #      BENCH_ENTRIES tiny files in BENCH_ENTRIES/100 folders, (e) 8 concurrent cold sequential
 #      readers of 8 different files (BENCH_SIZE/8 each) vs one cold reader of the big file.
 #   4. If scripts/bench_listing.sh exists, its rows (listing_bench_all: ls -lR, a 100k folder, a 1M-entry mount, re-index).
@@ -265,6 +266,7 @@ BIN=${BENCH_BIN:-$TARGET/release/natster-mount}
 LATENCY=$TARGET/release/examples/ranged_latency
 RANDOM_READS=$TARGET/release/examples/random_reads
 CEILING=$TARGET/release/examples/raw_nats_ceiling
+FLOOR=$TARGET/release/examples/nats_read_floor
 for b in "$BIN" "$LATENCY" "$RANDOM_READS" "$CEILING"; do [ -x "$b" ] || die "$b was not built"; done
 NATS_SERVER=${NATS_SERVER:-$("$TARGET/release/examples/nats_server_path")}
 [ -x "$NATS_SERVER" ] || die "nats-server not found ($NATS_SERVER); run scripts/setup.sh"
@@ -438,6 +440,12 @@ grep -v '^RESULT' "$W/lat.txt" || true
 echo "(each read is a cold fetch: the library client has no cache; it requests, receives, verifies and decrypts the covering 16 KiB leaves, or chunks for a range over a quarter chunk)"
 row "2. 64K ranged read p50 ms (library)" "$(field p50_ms "$W/lat.txt")" "-" "-" "- / lower"
 row "2. 64K ranged read p99 ms (library)" "$(field p99_ms "$W/lat.txt")" "-" "-" "- / lower"
+# The same for 4 KiB ranges: one leaf per read, the library's share of part 3c's mount figure.
+step "$BENCH_STEP_TIMEOUT" "$LATENCY" media /big.bin "$BENCH_LAT_N" 4096 >"$W/lat4k.txt" 2>&1 ||
+  die "ranged_latency (4 KiB) failed: $(tail -n 3 "$W/lat4k.txt")"
+grep -v '^RESULT' "$W/lat4k.txt" || true
+row "2. 4K ranged read p50 ms (library)" "$(field p50_ms "$W/lat4k.txt")" "-" "-" "- / lower"
+row "2. 4K ranged read p99 ms (library)" "$(field p99_ms "$W/lat4k.txt")" "-" "-" "- / lower"
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -612,9 +620,20 @@ L_P99=$(field p99_ms "$W/rand-l.txt")
 echo "random 4K p50/p99 ms: natster ${N_P50}/${N_P99}, sshfs ${S_P50}/${S_P99}, local disk ${L_P50}/${L_P99};" \
   "p99 natster/sshfs $(ratio "$N_P99" "$S_P99") $DROP_NOTE"
 echo "(sshfs: remounted with default options, i.e. its attribute/dir caches on; no data cache survives a remount)"
+# The floor NATS itself sets for one leaf read here: request, acknowledgement and one record of
+# a sealed leaf's size (data, a proof of log2(leaves) hashes, nonce, tag) through the same
+# nats-server, with nothing else done.
+LEAF_HASHES=$(awk -v n="$(((SIZE + 16383) / 16384))" 'BEGIN { l = 0; while (2 ^ l < n) l++; print l }')
+step "$BENCH_STEP_TIMEOUT" "$FLOOR" "nats://127.0.0.1:$NATS_PORT" "$BENCH_RANDOM_N" $((16384 + 2 + 32 * LEAF_HASHES + 40)) >"$W/floor.txt" 2>&1 ||
+  die "nats_read_floor failed: $(tail -n 3 "$W/floor.txt")"
+grep -v '^RESULT' "$W/floor.txt" || true
+F_P50=$(field p50_ms "$W/floor.txt")
+F_P99=$(field p99_ms "$W/floor.txt")
 row "3c. random 4K pread p50 ms (goal <= 1x)" "$N_P50" "$S_P50" "$(ratio "$N_P50" "$S_P50")" "sshfs / lower"
 row "3c. random 4K pread p99 ms (goal <= 1x)" "$N_P99" "$S_P99" "$(ratio "$N_P99" "$S_P99")" "sshfs / lower"
 row "3c. (reference) local disk p99 ms" "$N_P99" "$L_P99" "$(ratio "$N_P99" "$L_P99")" "local disk / lower"
+row "3c. (reference) NATS floor of a leaf read, p50 ms" "$N_P50" "$F_P50" "$(ratio "$N_P50" "$F_P50")" "raw NATS, same msgs / lower"
+row "3c. (reference) NATS floor of a leaf read, p99 ms" "$N_P99" "$F_P99" "$(ratio "$N_P99" "$F_P99")" "raw NATS, same msgs / lower"
 fi
 
 # ---- (e) 8 concurrent sequential readers of different files ------------------------------
