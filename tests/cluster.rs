@@ -253,10 +253,19 @@ fn node_named(name: &str) -> usize {
 /// Subjects of every event in the log.
 async fn logged_subjects(js: &async_nats::jetstream::Context) -> Vec<String> {
     let stream = js.get_stream("NATSTER_EVENTS").await.expect("event log");
-    let consumer = stream
-        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
+    // Right after a node died the stream may still be electing a leader, and JetStream's API
+    // times out meanwhile (4 to 9 s): ask again, within a bound.
+    let asked = std::time::Instant::now();
+    let consumer = loop {
+        match stream.create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default()).await {
+            Ok(consumer) => break consumer,
+            Err(e) if asked.elapsed() < Duration::from_secs(20) => {
+                eprintln!("ordered consumer not made yet ({e}); asking again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("ordered consumer: {e}"),
+        }
+    };
     let total = stream.get_info().await.map(|i| i.state.messages).unwrap_or(0);
     let mut subjects = Vec::new();
     let mut messages = consumer.messages().await.expect("messages");
