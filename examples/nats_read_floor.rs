@@ -21,15 +21,12 @@ use futures::StreamExt;
 mod latency;
 use latency::{ms, Summary};
 
+#[path = "common/outcome.rs"]
+mod outcome;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("nats_read_floor: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    outcome::exit_code("nats_read_floor", run().await)
 }
 
 async fn run() -> Result<()> {

@@ -21,14 +21,11 @@ use rand::SeedableRng;
 mod latency;
 use latency::{ms, Summary};
 
+#[path = "common/outcome.rs"]
+mod outcome;
+
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("random_reads: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    outcome::exit_code("random_reads", run())
 }
 
 fn run() -> Result<()> {

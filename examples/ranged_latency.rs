@@ -35,15 +35,12 @@ fn usage() -> ! {
 mod latency;
 use latency::{ms, Summary};
 
+#[path = "common/outcome.rs"]
+mod outcome;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("ranged_latency: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    outcome::exit_code("ranged_latency", run().await)
 }
 
 async fn run() -> Result<()> {

@@ -20,15 +20,12 @@ use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
 use futures::StreamExt;
 
+#[path = "common/outcome.rs"]
+mod outcome;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("raw_nats_ceiling: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    outcome::exit_code("raw_nats_ceiling", run().await)
 }
 
 async fn run() -> Result<()> {

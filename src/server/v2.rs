@@ -214,13 +214,16 @@ impl Shared {
             }
             Ok(Err(_)) | Err(_) => return Err(refuse(500, "cannot stat file")),
         };
-        if let Err(e) = &first_record {
-            self.chunk_failed(&session, &req.session, e);
-            return Err(match e {
-                ChunkError::Changed(_) => changed(&session.hash),
-                _ => refuse(500, format!("cannot read file {}", session.hash)),
-            });
-        }
+        let first_record = match first_record {
+            Ok(record) => record,
+            Err(e) => {
+                self.chunk_failed(&session, &req.session, &e);
+                return Err(match e {
+                    ChunkError::Changed(_) => changed(&session.hash),
+                    _ => refuse(500, format!("cannot read file {}", session.hash)),
+                });
+            }
+        };
         // Acknowledge first, so the reader knows records are coming, then stream them.
         let ack = Envelope::ok(ReadResponse { first_chunk: first, count });
         let _ = self.nats.publish(reply, ack.into()).await;
@@ -238,7 +241,7 @@ impl Shared {
                 }
             })
             .buffered(2);
-        let mut sealed = std::pin::pin!(futures::stream::once(std::future::ready(first_record)).chain(rest));
+        let mut sealed = std::pin::pin!(futures::stream::once(std::future::ready(Ok(first_record))).chain(rest));
         while let Some(done) = sealed.next().await {
             match done {
                 Ok((index, body)) => {
