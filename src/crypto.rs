@@ -179,24 +179,37 @@ impl SessionKey {
         if sealed.len() < NONCE_LEN + TAG_LEN {
             return Err(CryptoError::Authentication(index));
         }
-        // A unique, tight buffer is decrypted where it is. Anything else is copied first: a
-        // slice of a larger network buffer would otherwise pin all of it for as long as the
-        // chunk stays cached, and the cache's byte budget would not be the memory used.
-        let mut buf = match sealed.try_into_mut() {
-            Ok(own) if own.capacity() <= own.len() + own.len() / 16 + 64 => own,
-            Ok(own) => bytes::BytesMut::from(&own[..]),
-            Err(shared) => bytes::BytesMut::from(&shared[..]),
-        };
         let aad = self.aad(index, unit);
-        let body_end = buf.len() - TAG_LEN;
-        let (head, tag) = buf.split_at_mut(body_end);
-        let (nonce, body) = head.split_at_mut(NONCE_LEN);
-        self.cipher
-            .decrypt_in_place_detached(XNonce::from_slice(nonce), &aad, body, chacha20poly1305::Tag::from_slice(tag))
-            .map_err(|_| CryptoError::Authentication(index))?;
-        let mut plain = buf.freeze();
-        plain.truncate(body_end);
-        Ok(plain.slice(NONCE_LEN..))
+        let body_end = sealed.len() - TAG_LEN;
+        let open = |nonce: &[u8], body: &mut [u8], tag: &[u8]| {
+            self.cipher
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(nonce),
+                    &aad,
+                    body,
+                    chacha20poly1305::Tag::from_slice(tag),
+                )
+                .map_err(|_| CryptoError::Authentication(index))
+        };
+        // A unique, tight buffer is decrypted where it is. Anything else has its body copied
+        // out first: a slice of a larger network buffer would otherwise pin all of it for as
+        // long as the chunk stays cached, and the cache's byte budget would not be the memory
+        // used. The copy goes to memory of its own (chunk_memory), not the shared heap.
+        let shared = match sealed.try_into_mut() {
+            Ok(mut own) if own.capacity() <= own.len() + own.len() / 16 + 64 => {
+                let (head, tag) = own.split_at_mut(body_end);
+                let (nonce, body) = head.split_at_mut(NONCE_LEN);
+                open(nonce, body, tag)?;
+                let mut plain = own.freeze();
+                plain.truncate(body_end);
+                return Ok(plain.slice(NONCE_LEN..));
+            }
+            Ok(own) => own.freeze(),
+            Err(shared) => shared,
+        };
+        let mut plain = crate::chunk_memory::ChunkBuffer::copy_of(&shared[NONCE_LEN..body_end]);
+        open(&shared[..NONCE_LEN], plain.as_mut_slice(), &shared[body_end..])?;
+        Ok(plain.freeze())
     }
 
     /// Opens chunk `index`; any modification, truncation or replay fails.

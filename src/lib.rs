@@ -23,6 +23,7 @@
 
 pub mod accounts;
 pub mod cache;
+pub mod chunk_memory;
 pub mod chunk_tree;
 pub mod cli;
 pub mod client;

@@ -75,7 +75,6 @@ pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
     if !args.foreground {
         return mount_in_background(g, &args);
     }
-    limit_allocator_retention();
     let target = match fd_mountpoint(&args.mountpoint) {
         Some(fd) => {
             // SAFETY: F_GETFD only reads the descriptor's flags.
@@ -102,18 +101,6 @@ pub fn mount(g: &Globals, args: MountArgs) -> Result<()> {
             ready_pipe: take_ready_pipe(),
         },
     )
-}
-
-/// Chunks are 256 KiB buffers that come and go at network speed. glibc's default raises its
-/// mmap threshold after such buffers are freed and then keeps them in per-thread arenas, so
-/// the process would hold far more than the cache budget. A fixed threshold gives every chunk
-/// its own mapping, returned to the system as soon as it is dropped.
-fn limit_allocator_retention() {
-    // SAFETY: mallopt only tunes the allocator; called before the runtime starts threads.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
 }
 
 /// Re-runs this command with --foreground as a detached process, and returns once it says
@@ -198,7 +185,6 @@ pub fn up(g: &Globals, args: UpArgs) -> Result<()> {
         }
         Some(MountPlan { target: MountTarget::Dir(dir), options })
     };
-    limit_allocator_retention();
     daemon::run(
         g.home.clone(),
         DaemonConfig {
