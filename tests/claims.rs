@@ -320,7 +320,7 @@ async fn a_killed_mount_is_reported_stale_and_umount_clears_it() {
     drop(crashed);
 }
 
-const CHUNK: usize = 256 * 1024; // `catalog serve`'s default chunk size
+const CHUNK: usize = natster_mount::server::DEFAULT_CHUNK_SIZE as usize; // `catalog serve`'s default chunk size
 
 /// `f.bin` (`bytes`) served in `media`, the catalog's `subject` requests recorded from
 /// before the file is opened through a library client. Destructure it binding every field

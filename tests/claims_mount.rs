@@ -20,7 +20,7 @@ use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
 use common::operator::*;
 use common::*;
 
-const CHUNK: u64 = 256 * 1024; // `catalog serve`'s default chunk size
+const CHUNK: u64 = natster_mount::server::DEFAULT_CHUNK_SIZE as u64; // `catalog serve`'s default chunk size
 const MIB: u64 = 1024 * 1024;
 
 /// A home serving catalog `media` indexed from `files`, against a fresh nats-server.
@@ -164,25 +164,27 @@ async fn read_ahead_of_many_files_stays_within_the_mount_wide_budget() {
     let reads = Requests::record(&nats.url(), "natster.catalog.media.read").await;
     let m = Mounted::start(&home, &["--cache-size", "1G"]);
 
-    // Each file: 6 sequential reads of 128 KiB grow its window to 8 MiB and prefetch up to
-    // 8.75 MiB. One file at a time, each prefetch done before the next, so none is skipped.
+    // Each file: sequential reads of 128 KiB grow its window from one chunk (the first read)
+    // by doubling to 8 MiB, and prefetch up to about 8.75 MiB. One file at a time, each
+    // prefetch done before the next, so none is skipped.
     const STEP: u64 = 128 * 1024;
+    let warm_up = u64::from((8 * MIB / CHUNK).trailing_zeros()) + 1;
     let handles: Vec<Arc<File>> = names.iter().map(|n| open_direct(&m.path().join("media").join(n))).collect();
     for (f, bytes) in handles.iter().zip(&contents) {
-        for k in 0..6 {
+        for k in 0..warm_up {
             let at = k * STEP;
             assert!(pread(f, at, STEP as usize).unwrap() == bytes[at as usize..(at + STEP) as usize]);
         }
         reads.settled().await;
     }
 
-    // The server stops answering: whatever is asked for now stays in flight. A 7th read per
-    // file is served from the cache and doubles its window to 16 MiB: each file wants about
-    // 8 MiB more at once.
+    // The server stops answering: whatever is asked for now stays in flight. One more read
+    // per file is served from the cache and doubles its window to 16 MiB: each file wants
+    // about 8 MiB more at once.
     let frozen = Frozen::new(served.pid());
     let before = reads.len();
     for (f, bytes) in handles.iter().zip(&contents) {
-        let at = 6 * STEP;
+        let at = warm_up * STEP;
         assert!(pread(f, at, STEP as usize).unwrap() == bytes[at as usize..(at + STEP) as usize]);
     }
     reads.settled().await;

@@ -55,7 +55,7 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
     let bytes = pseudo_random_bytes(16, 8 << 20);
     let nats = NatsServer::start();
     let (home, _tree) = home_with_catalog(&nats, &[("big.bin", bytes.clone())]).await;
-    // The default chunk size (256 KiB): a whole chunk per small read would be 64 times 4 KiB.
+    // The default chunk size (512 KiB): a whole chunk per small read would be 128 times 4 KiB.
     let _served = Served::start(&home, &nats, "media").await;
     let (counts, task) = count_media(&nats).await;
     let m = Mounted::start(&home, &[]);
@@ -81,7 +81,7 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
         let moved = now - before;
         eprintln!("a random 4 KiB read at {offset}: {moved} bytes over NATS");
         // One 16 KiB leaf, its proof (a few hundred bytes), nonce and tag; a whole chunk
-        // would be 256 KiB.
+        // would be 512 KiB.
         assert!(moved > 4096, "the read at {offset} moved {moved} bytes: it must reach the catalog server");
         assert!(moved <= 8 * 4096, "a random 4 KiB read at {offset} moved {moved} bytes over NATS");
         before = now;

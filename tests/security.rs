@@ -26,7 +26,7 @@ use natster_mount::index::Catalog;
 use natster_mount::protocol::{self, Envelope, GetRequest, OpenRequest, OpenResponse, ReadRequest, ReadResponse};
 use sha2::Digest as _;
 
-const SIZE: usize = 3 * 256 * 1024 + 5;
+const SIZE: usize = 3 * CHUNK + 5;
 
 /// Writes a home whose catalog `media` claims `hash` for `forged` bytes: what an impostor
 /// serving someone else's listing with other bytes would run.
@@ -94,7 +94,7 @@ async fn an_impostor_never_gets_a_byte_through_the_mount_or_download() {
     let tail_read = bounded("read from the impostor", MOUNT_IO_DEADLINE, move || {
         std::fs::File::open(&p).and_then(|f| {
             let mut buf = vec![0u8; 4096];
-            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 2 * 256 * 1024).map(|_| buf)
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 2 * CHUNK as u64).map(|_| buf)
         })
     });
     let err = tail_read.expect_err("the mount returned bytes from an impostor");
@@ -272,7 +272,7 @@ fn pread(path: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
-const CHUNK: usize = 256 * 1024; // `catalog serve`'s default
+const CHUNK: usize = natster_mount::server::DEFAULT_CHUNK_SIZE as usize; // `catalog serve`'s default
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_changed_without_reindex_is_never_served_on_a_ranged_read() {

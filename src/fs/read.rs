@@ -125,7 +125,7 @@ impl NatsterFs {
     pub fn open(&self, ino: u64) -> Result<u64, FsError> {
         let (catalog, entry) = self.file_entry(ino)?;
         let fh = self.next_handle.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let chunk_hint = 256 * 1024;
+        let chunk_hint = u64::from(crate::server::DEFAULT_CHUNK_SIZE);
         let file =
             OpenFile { catalog, entry, readahead: Mutex::new(ReadAhead::new(chunk_hint, self.options.max_readahead)) };
         self.handles.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, Arc::new(file));

@@ -77,7 +77,7 @@ pub struct ServerOptions {
     pub identity: Option<Arc<Identity>>,
 }
 
-pub const DEFAULT_CHUNK_SIZE: u32 = 256 * 1024;
+pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
 /// Reads streamed at once (each holds at most two sealed chunks).
 const MAX_CONCURRENT_READS: usize = 64;
 /// NATS' default max_payload is 1 MiB; a chunk plus its proof (≤ 128 hashes, 4 KiB), nonce,
@@ -178,7 +178,7 @@ impl CatalogServer {
             || !options.chunk_size.is_multiple_of(leaf)
         {
             anyhow::bail!(
-                "chunk size {} is out of range; use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 262144)",
+                "chunk size {} is out of range; use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 524288)",
                 options.chunk_size,
                 protocol::MIN_CHUNK_SIZE
             );

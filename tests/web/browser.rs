@@ -134,7 +134,7 @@ async fn in_chromium_the_catalogs_show_the_video_plays_and_seeks_and_updates_are
     browser.screenshot(&screenshot_dir().join("player.png")).await;
     browser.js("document.getElementById('player').pause(); return true;").await;
     recorder.settled().await;
-    let chunk = 256 * 1024u64;
+    let chunk = u64::from(natster_mount::server::DEFAULT_CHUNK_SIZE);
     let chunks = |reads: &[(u64, u64)]| -> Vec<u64> { reads.iter().flat_map(|&(f, n)| f..f + n).collect() };
     let all = recorder.reads();
     let (early, late) = all.split_at(before_seek);
