@@ -313,7 +313,8 @@ timed "$BIN" catalog new media "$W/data/media" >"$W/logs/index-media.log" 2>&1 |
 echo "indexed media ($(human "$SIZE")) in ${T}s"
 
 SERVE_PID=""
-serve_ready() { timeout 10 "$BIN" catalog contents "$1" >/dev/null 2>&1; }
+# Its last refusal is kept in the logs, so a server that never answers says why.
+serve_ready() { timeout 10 "$BIN" catalog contents "$1" >/dev/null 2>"$W/logs/contents-$1.err"; }
 # start_serve CATALOG [--chunk-size N]: starts `catalog serve` and waits until it answers.
 start_serve() {
   local name=$1

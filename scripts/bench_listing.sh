@@ -337,7 +337,7 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
   SSHD=$(command -v sshd || echo /usr/sbin/sshd)
   log "building release"
   step 1800 cargo build --release --quiet --bins || die "cargo build failed"
-  BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/natster-mount
+  BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/natster-mount}
   W=$(mktemp -d "$BENCH_TMP/natster-bench-listing.XXXXXX")
   mkdir -p "$W/logs" "$W/home" "$W/data" "$W/mnt/natster" "$W/mnt/sshfs" "$W/ssh"
   export NATSTER_HOME=$W/home
