@@ -1,14 +1,25 @@
 //! `catalog download`: one file to disk, verified before it takes the target's name, so a
-//! failed or forged download leaves nothing behind: through v2 each chunk against the signed
-//! listing's chunk tree as it arrives (the listing this client fetched last; the tree's root
-//! binds the file's length too, so no whole-file hash is needed on top); through v1 (original
-//! peers) the whole file against the listing's sha256.
+//! failed or forged download leaves nothing behind. Through v2 each chunk is checked against
+//! the signed listing's chunk tree as it arrives (the listing this client fetched last), and
+//! the whole file against the listing's sha256 as it is written; through v1 (original peers)
+//! against the sha256 only.
+//!
+//! Through v2 the network side (decrypt, tree check) and the disk side (sha256, write, fsync)
+//! run on different threads, joined by a queue of [`WRITE_QUEUE_CHUNKS`] chunks: a slow disk
+//! slows the download down instead of filling memory, and no file I/O runs on a runtime worker.
 
+use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{CatalogClient, ClientError, Result};
+
+/// Decrypted chunks waiting for the writer thread (8 MiB at the default chunk size).
+const WRITE_QUEUE_CHUNKS: usize = 16;
 
 /// Downloads `hash` into `out` through v2 (or v1 for an original peer): written to a
 /// temporary file beside `out`, verified, then renamed; nothing is left on failure.
@@ -19,7 +30,6 @@ pub async fn download_to_file(
     out: &Path,
     progress: impl Fn(u64),
 ) -> std::result::Result<u64, anyhow::Error> {
-    use std::io::Write;
     let dir = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -29,37 +39,103 @@ pub async fn download_to_file(
         .suffix(".partial")
         .tempfile_in(dir)
         .map_err(|e| anyhow::anyhow!("cannot create a file in {}: {e}", dir.display()))?;
-    let mut writer = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file().try_clone()?);
+    let out_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", out.display());
+    let file = tmp.as_file().try_clone().map_err(out_err)?;
     let mut written = 0u64;
-    let mut write = |chunk: &[u8]| -> Result<()> {
-        // A peer sending more than the listing promised is cut off before it fills the disk.
-        if written + chunk.len() as u64 > byte_size {
+    // A peer sending more than the listing promised is cut off before it fills the disk.
+    let mut count = |len: usize| -> Result<u64> {
+        if written + len as u64 > byte_size {
             return Err(ClientError::Protocol(format!("server sent more than the listed {byte_size} bytes")));
         }
-        writer.write_all(chunk).map_err(|e| ClientError::Io(format!("cannot write {}: {e}", out.display())))?;
-        written += chunk.len() as u64;
+        written += len as u64;
         progress(written);
-        Ok(())
+        Ok(written)
     };
     // The protocol is what the catalog's listing said; an outage never means v1.
-    if client.speaks_v2() {
-        client.open(hash, Some(byte_size)).await?.read_all(&mut write).await?;
+    let digest = if client.speaks_v2() {
+        download_v2(client, hash, byte_size, file, &mut count).await.map_err(|e| match e {
+            Failure::Fetch(e) => anyhow::Error::from(e),
+            Failure::Write(e) => out_err(e),
+        })?
     } else {
+        let mut writer = std::io::BufWriter::with_capacity(1 << 20, file);
         let mut hasher = Sha256::new();
         client
             .download_v1(hash, |chunk| {
+                count(chunk.len())?;
                 hasher.update(chunk);
-                write(chunk)
+                writer.write_all(chunk).map_err(|e| ClientError::Io(format!("cannot write {}: {e}", out.display())))
             })
             .await?;
-        if hex::encode(hasher.finalize()) != hash {
-            return Err(ClientError::HashMismatch(hash.to_string()).into());
-        }
+        writer.flush().map_err(out_err)?;
+        writer.get_ref().sync_all().map_err(out_err)?;
+        hasher.finalize().into()
+    };
+    if hex::encode(digest) != hash {
+        return Err(ClientError::HashMismatch(hash.to_string()).into());
     }
-    let out_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", out.display());
-    writer.flush().map_err(out_err)?;
-    drop(writer);
-    tmp.as_file().sync_all().map_err(out_err)?;
     tmp.persist(out).map_err(|e| anyhow::anyhow!("cannot write {}: {}", out.display(), e.error))?;
     Ok(written)
+}
+
+/// Why a v2 download stopped: the remote side, or the local disk.
+enum Failure {
+    Fetch(ClientError),
+    Write(std::io::Error),
+}
+
+/// The whole file through v2 into `file` (hashed, written and synced on a blocking thread);
+/// returns its sha256.
+async fn download_v2(
+    client: &CatalogClient,
+    hash: &str,
+    byte_size: u64,
+    file: std::fs::File,
+    count: &mut impl FnMut(usize) -> Result<u64>,
+) -> std::result::Result<[u8; 32], Failure> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let writer = tokio::task::spawn_blocking({
+        let abandoned = abandoned.clone();
+        move || -> std::io::Result<[u8; 32]> {
+            let mut file = file;
+            let mut hasher = Sha256::new();
+            while let Some(chunk) = rx.blocking_recv() {
+                if abandoned.load(Ordering::Relaxed) {
+                    break;
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk)?;
+            }
+            // A failed download's file is deleted: not worth an fsync.
+            if !abandoned.load(Ordering::Relaxed) {
+                file.sync_all()?;
+            }
+            Ok(hasher.finalize().into())
+        }
+    });
+    let fetched = async {
+        let remote = client.open(hash, Some(byte_size)).await?;
+        remote
+            .fetch(0, remote.chunk_count(), |_, chunk| {
+                let counted = count(chunk.len());
+                let tx = tx.clone();
+                async move {
+                    counted?;
+                    // Closed only when the writer failed: its error is the one reported.
+                    tx.send(chunk).await.map_err(|_| ClientError::Io("the writer stopped".into()))
+                }
+            })
+            .await
+    }
+    .await;
+    // The writer finishes what is queued and syncs, or (on a fetch error) stops early.
+    abandoned.store(fetched.is_err(), Ordering::Relaxed);
+    drop(tx);
+    let wrote = writer.await.map_err(|e| Failure::Write(std::io::Error::other(e)))?;
+    match (fetched, wrote) {
+        (Ok(()), Ok(digest)) => Ok(digest),
+        (_, Err(e)) => Err(Failure::Write(e)),
+        (Err(e), Ok(_)) => Err(Failure::Fetch(e)),
+    }
 }

@@ -18,6 +18,7 @@
 //! opened with the unit it was asked in (the AEAD binds it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::{ready, Future};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -281,7 +282,7 @@ impl RemoteFile {
             let from = offset.saturating_sub(chunk_start) as usize;
             let to = ((end - chunk_start) as usize).min(chunk.len());
             out.extend_from_slice(&chunk[from..to]);
-            Ok(())
+            ready(Ok(()))
         })
         .await?;
         Ok(out)
@@ -292,7 +293,7 @@ impl RemoteFile {
         let mut out = Vec::with_capacity(count as usize);
         self.fetch(first, count, |_, chunk| {
             out.push(chunk);
-            Ok(())
+            ready(Ok(()))
         })
         .await?;
         Ok(out)
@@ -304,7 +305,7 @@ impl RemoteFile {
         let mut hasher = Sha256::new();
         self.fetch(0, self.chunk_count(), |_, chunk| {
             hasher.update(&chunk);
-            sink(&chunk)
+            ready(sink(&chunk))
         })
         .await?;
         if hex::encode(hasher.finalize()) != self.shared.hash {
@@ -315,18 +316,24 @@ impl RemoteFile {
 
     /// Core of every read: asks for chunks `first .. first+count` with at most `window` in
     /// flight, and hands each to `sink` in order as soon as all before it have arrived.
-    pub async fn fetch(&self, first: u64, count: u64, sink: impl FnMut(u64, Bytes) -> Result<()>) -> Result<()> {
+    /// The sink's future may wait (a full queue to a writer); nothing more is asked for meanwhile.
+    pub async fn fetch<F: Future<Output = Result<()>>>(
+        &self,
+        first: u64,
+        count: u64,
+        sink: impl FnMut(u64, Bytes) -> F,
+    ) -> Result<()> {
         self.fetch_records(None, first, count, sink).await
     }
 
     /// [`RemoteFile::fetch`] in records of `unit` bytes (indices count in it): a multiple of
     /// the chunk tree's leaf the server offered ([`RemoteFile::offers_unit`]).
-    pub async fn fetch_in(
+    pub async fn fetch_in<F: Future<Output = Result<()>>>(
         &self,
         unit: u64,
         first: u64,
         count: u64,
-        sink: impl FnMut(u64, Bytes) -> Result<()>,
+        sink: impl FnMut(u64, Bytes) -> F,
     ) -> Result<()> {
         if unit == self.chunk_size() {
             return self.fetch(first, count, sink).await;
@@ -337,12 +344,12 @@ impl RemoteFile {
         self.fetch_records(Some(unit as u32), first, count, sink).await
     }
 
-    async fn fetch_records(
+    async fn fetch_records<F: Future<Output = Result<()>>>(
         &self,
         unit: Option<u32>,
         first: u64,
         count: u64,
-        mut sink: impl FnMut(u64, Bytes) -> Result<()>,
+        mut sink: impl FnMut(u64, Bytes) -> F,
     ) -> Result<()> {
         let shared = &self.shared;
         let records = protocol::chunk_count(shared.byte_size, shared.unit_bytes(unit));
@@ -385,7 +392,7 @@ impl RemoteFile {
                     let plain = key.open_record_in_place(index, unit, delivery.payload)?;
                     arrived.insert(index, shared.verify(unit, index, plain)?);
                     while let Some(chunk) = arrived.remove(&next_deliver) {
-                        sink(next_deliver, chunk)?;
+                        sink(next_deliver, chunk).await?;
                         next_deliver += 1;
                     }
                     stalls = 0;

@@ -161,7 +161,7 @@ impl RemoteSource {
         let result = remote
             .fetch_in(cs, first, count, |index, chunk| {
                 sink(index, chunk);
-                Ok(())
+                std::future::ready(Ok(()))
             })
             .await;
         match result {
