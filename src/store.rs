@@ -9,6 +9,26 @@ use anyhow::{Context as _, Result};
 
 /// Writes `bytes` to `path` atomically with permissions `mode`, creating its folder (0700).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let tmp = synced_temporary(path, bytes, mode)?;
+    tmp.persist(path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(())
+}
+
+/// Like [`write_atomic`], but only if `path` does not exist yet: false (and nothing written)
+/// if it does. Of several processes creating the same file at once, exactly one succeeds and
+/// the others find its whole file in place (the name appears only once the bytes are synced).
+pub fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
+    let tmp = synced_temporary(path, bytes, mode)?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e.error).with_context(|| format!("cannot create {}", path.display())),
+    }
+}
+
+/// A temporary file beside `path` (its folder created, 0700) holding `bytes`, synced, with
+/// permissions `mode`.
+fn synced_temporary(path: &Path, bytes: &[u8], mode: u32) -> Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
@@ -23,8 +43,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .with_context(|| format!("cannot set permissions in {}", dir.display()))?;
     tmp.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))?;
     tmp.as_file().sync_all().with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).with_context(|| format!("cannot replace {}", path.display()))?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// Runs file work `f` from async code without stalling the runtime: on a multi-threaded
@@ -62,6 +81,17 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(load_json::<Vec<u32>>(&path).unwrap(), Some(vec![1, 2]));
         assert_eq!(load_json::<Vec<u32>>(&dir.path().join("none")).unwrap(), None);
+        assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn write_new_never_replaces_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/key");
+        assert!(write_new(&path, b"first", 0o600).unwrap());
+        assert!(!write_new(&path, b"second", 0o600).unwrap(), "an existing file is kept");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary file left");
     }
 }

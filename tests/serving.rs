@@ -1,7 +1,8 @@
 //! The catalog server in the network's normal weather: original Natster clients downloading
 //! at once (queued, never refused below the bound), indexes written by the original (no
 //! `mtime_ns`: verified once, then served), stopping within 2 s while nats-server is down,
-//! and serving again after nats-server restarts.
+//! serving again after nats-server restarts, and still known to its readers after a restart
+//! of its own when they first met it while the home's key was being created.
 
 mod common;
 
@@ -509,4 +510,44 @@ async fn a_catalog_server_answers_the_micro_service_discovery_subjects() {
     assert!(endpoint("get-own")["num_requests"].as_u64() >= Some(2), "{stats}");
     assert_eq!(endpoint("open-own")["data"]["refused"], 1, "{stats}");
     assert_eq!(endpoint("get-own")["data"]["refused"], 0, "{stats}");
+}
+
+/// Runs `catalog contents` until it succeeds (bounded); fails at once if the reader refuses
+/// the server's key, which only another server key pinned before makes it do.
+async fn contents_until_answered(home: &TestHome, serve: &mut ServeChild, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = home.run_async(["catalog", "contents", CATALOG, "--timeout", "2"]).await;
+        if out.status.success() {
+            return;
+        }
+        assert!(!out.stderr.contains("answered before"), "{what}: its reader refuses its key: {}", out.stderr);
+        assert!(serve.child.try_wait().expect("wait").is_none(), "{what} exited:\n{}", serve.log());
+        assert!(Instant::now() < deadline, "{what} not listed within 20 s; last: {}", out.stderr);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// 7. A fresh home's first `catalog serve` and its first readers start at the same moment (a
+/// script that polls `catalog contents` as soon as it starts the server, as bench.sh does; a
+/// mount at login): all of them create the home's key at once, and must end up with the one
+/// kept on disk. A server that signed with a key of its own that lost that race would be
+/// pinned by its readers, and, restarted with the key on disk, refused by them for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_met_a_fresh_home_s_server_still_know_it_after_its_restart() {
+    let nats = NatsServer::start();
+    let (home, _tree) = home_with_catalog(&nats, &[("/a.bin", pseudo_random_bytes(83, 10_000))]).await;
+    assert!(!home.path().join("identity.nk").exists(), "the home has a key before its first serve");
+    let mut serve = ServeChild::start(&home);
+    // Whether these are answered does not matter (the server may not be subscribed yet): each
+    // loads the home's key, as the server does, at the same time.
+    let readers: Vec<_> = (0..4).map(|_| home.run_async(["catalog", "contents", CATALOG, "--timeout", "2"])).collect();
+    futures::future::join_all(readers).await;
+    contents_until_answered(&home, &mut serve, "the first catalog serve").await;
+
+    signal(&serve.child, libc::SIGTERM);
+    let (_, status) = time_exit(&mut serve.child, Instant::now());
+    assert!(status.success(), "catalog serve exited with {status}:\n{}", serve.log());
+    let mut serve = ServeChild::start(&home);
+    contents_until_answered(&home, &mut serve, "the restarted catalog serve").await;
 }

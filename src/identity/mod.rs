@@ -245,24 +245,33 @@ impl Identity {
         Ok(Identity { key, jwt: Some(jwt), account: Some(account), chain, operator })
     }
 
-    /// `$NATSTER_HOME/identity.nk`, created (0600) on first use.
+    /// `$NATSTER_HOME/identity.nk`, created (0600) on first use. Processes of one home that
+    /// start at once (`catalog serve` and the first `catalog contents`, a mount) all end up with
+    /// the one key that was created first: a key that lost the race and lived on in memory
+    /// would be pinned by readers, and the next start, with the key on disk, refused by them.
     fn home_key(home: &Home) -> anyhow::Result<Identity> {
         use anyhow::Context as _;
         let path = home.path().join(IDENTITY_FILE);
-        let key = match std::fs::read_to_string(&path) {
-            Ok(seed) => KeyPair::from_seed(seed.trim()).map_err(|_| {
-                anyhow::anyhow!("{} is not a user seed; remove it to make a new identity", path.display())
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                home.ensure()?;
-                let key = KeyPair::new_user();
-                let seed = key.seed().map_err(|e| anyhow::anyhow!("new key has no seed: {e}"))?;
-                crate::store::write_atomic(&path, seed.as_bytes(), 0o600)?;
-                key
+        let invalid = || anyhow::anyhow!("{} is not a user seed; remove it to make a new identity", path.display());
+        // Twice at most: a lost race means the winner's file is there, whole, to be read.
+        for _ in 0..2 {
+            match std::fs::read_to_string(&path) {
+                Ok(seed) => {
+                    let key = KeyPair::from_seed(seed.trim()).map_err(|_| invalid())?;
+                    return Ok(Identity { key, jwt: None, account: None, chain: Vec::new(), operator: None });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    home.ensure()?;
+                    let key = KeyPair::new_user();
+                    let seed = key.seed().map_err(|e| anyhow::anyhow!("new key has no seed: {e}"))?;
+                    if crate::store::write_new(&path, seed.as_bytes(), 0o600)? {
+                        return Ok(Identity { key, jwt: None, account: None, chain: Vec::new(), operator: None });
+                    }
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
-        Ok(Identity { key, jwt: None, account: None, chain: Vec::new(), operator: None })
+        }
+        anyhow::bail!("{} keeps disappearing while it is created; is another program removing it?", path.display())
     }
 
     pub fn public_key(&self) -> String {
@@ -367,6 +376,34 @@ mod tests {
         assert_eq!(a.public_key(), b.public_key());
         let mode = std::fs::metadata(dir.path().join(IDENTITY_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(!format!("{a:?}").contains("SU"), "Debug shows no seed");
+        // Not "SU" (a seed's prefix), which a public key's base32 holds now and then.
+        let seed = a.key.seed().unwrap();
+        assert!(!format!("{a:?}").contains(&seed[2..]), "Debug shows no seed");
+    }
+
+    /// Processes of a fresh home that load its key at the same moment all get the same one,
+    /// the one left on disk.
+    #[test]
+    fn a_home_key_created_by_several_at_once_is_one_key() {
+        const AT_ONCE: usize = 8;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let home = Home::at(dir.path());
+            let start = std::sync::Barrier::new(AT_ONCE);
+            let keys: Vec<String> = std::thread::scope(|s| {
+                let loaders: Vec<_> = (0..AT_ONCE)
+                    .map(|_| {
+                        s.spawn(|| {
+                            start.wait();
+                            Identity::home_key(&home).unwrap().public_key()
+                        })
+                    })
+                    .collect();
+                loaders.into_iter().map(|l| l.join().unwrap()).collect()
+            });
+            let on_disk = Identity::home_key(&home).unwrap().public_key();
+            assert!(keys.iter().all(|k| *k == on_disk), "keys {keys:?}, on disk {on_disk}");
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+        }
     }
 }
