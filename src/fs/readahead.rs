@@ -11,6 +11,23 @@
 /// Cursors kept per open file.
 pub const CURSORS: usize = 4;
 
+/// Reads shorter than this are the program's own (the kernel's read-ahead sends larger ones),
+/// so they continue a cursor only when they start close to where it ended.
+const SMALL_READ: u64 = 32 << 10;
+
+/// How far from a cursor's frontier a read of `len` bytes may start and still continue it.
+/// Large reads get a MiB at least: the kernel's read-ahead sends several at once and they can
+/// arrive out of order. Small ones get four times their length: with a MiB, one random 4 KiB
+/// read in a hundred of a 512 MiB file landed near one of the four cursors and fetched whole
+/// chunks, the tail of random reads.
+fn slack_for(len: u64) -> u64 {
+    if len < SMALL_READ {
+        4 * len
+    } else {
+        (4 * len).max(1 << 20)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Cursor {
     /// Highest end offset read so far in this sequential run.
@@ -39,7 +56,7 @@ impl ReadAhead {
     /// Records a read and returns the window of bytes to prefetch past it (0: none).
     pub fn on_read(&mut self, offset: u64, len: u64) -> u64 {
         let end = offset.saturating_add(len);
-        let slack = (4 * len).max(1 << 20);
+        let slack = slack_for(len);
         self.reads += 1;
         let continues =
             |c: &Cursor| offset <= c.frontier.saturating_add(slack) && end.saturating_add(slack) >= c.frontier;
@@ -113,6 +130,21 @@ mod tests {
         ra.on_read(600 << 20, 4096);
         assert_eq!(ra.on_read(index + 8 * step, step), 8 << 20, "the index run survives");
         assert_eq!(ra.on_read(video + 8 * step, step), 0, "the oldest run was replaced");
+    }
+
+    #[test]
+    fn small_reads_open_a_window_only_where_a_run_goes_on() {
+        let mut ra = ReadAhead::new(128 << 10, 8 << 20);
+        // Random 4 KiB reads a few hundred KiB apart: near each other, but no run.
+        for i in 0..64u64 {
+            let offset = (100 << 20) + (i * 7 % 64) * (300 << 10);
+            assert_eq!(ra.on_read(offset, 4096), 0, "read at {offset}");
+        }
+        // A program reading 4 KiB after 4 KiB (the page cache bypassed) is a run.
+        let start = 400u64 << 20;
+        assert_eq!(ra.on_read(start, 4096), 0);
+        assert_eq!(ra.on_read(start + 4096, 4096), 128 << 10);
+        assert_eq!(ra.on_read(start + 2 * 4096, 4096), 256 << 10);
     }
 
     #[test]
