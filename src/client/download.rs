@@ -78,6 +78,20 @@ pub async fn download_to_file(
     Ok(written)
 }
 
+/// Tells the writer to stop when dropped armed.
+struct AbandonOnDrop {
+    flag: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Why a v2 download stopped: the remote side, or the local disk.
 enum Failure {
     Fetch(ClientError),
@@ -114,6 +128,9 @@ async fn download_v2(
             Ok(hasher.finalize().into())
         }
     });
+    // Also raised if this future is dropped mid-way (SIGINT): the writer then stops at its next
+    // chunk instead of writing out and syncing a file that is about to be deleted.
+    let mut on_drop = AbandonOnDrop { flag: abandoned.clone(), armed: true };
     let fetched = async {
         let remote = client.open(hash, Some(byte_size)).await?;
         remote
@@ -130,7 +147,8 @@ async fn download_v2(
     }
     .await;
     // The writer finishes what is queued and syncs, or (on a fetch error) stops early.
-    abandoned.store(fetched.is_err(), Ordering::Relaxed);
+    on_drop.armed = fetched.is_err();
+    drop(on_drop);
     drop(tx);
     let wrote = writer.await.map_err(|e| Failure::Write(std::io::Error::other(e)))?;
     match (fetched, wrote) {
