@@ -459,10 +459,8 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Option<Listing>> {
     let text = String::from_utf8(text).map_err(|e| {
         anyhow::anyhow!("{} is not a valid listing: not UTF-8 at byte {}", path.display(), e.utf8_error().valid_up_to())
     })?;
-    let mut listing: Listing =
+    let listing: Listing =
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid listing", path.display()))?;
-    drop(text);
-    listing.shrink_to_fit();
     Ok(Some(listing))
 }
 

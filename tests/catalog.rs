@@ -514,12 +514,8 @@ async fn malformed_requests_get_400_and_serving_goes_on() {
     let listing = fx.client.get().await.expect("get after malformed requests");
     assert_eq!(listing.entries.len(), 1);
     let file = fx.client.open(&hash, Some(CHUNK as u64 + 10)).await.expect("open after malformed requests");
-    let mut all = Vec::new();
-    let read = file.read_all(|c| {
-        all.extend_from_slice(c);
-        Ok(())
-    });
-    within("read_all", read).await.expect("read after malformed requests");
+    let read = file.read_chunks(0, file.chunk_count());
+    let all = within("read_chunks", read).await.expect("read after malformed requests").concat();
     assert!(all == fx.source("/f.bin").bytes);
 }
 
@@ -833,8 +829,9 @@ async fn changed_files_are_refused() {
     // tree, so the server sends none of it and refuses the file from then on.
     let sneaky_src = fx.source("/sneaky.bin");
     let file = fx.client.open(&sneaky_src.hash(), None).await.expect("size and mtime match");
-    let err =
-        within("read_all", file.read_all(|_| Ok(()))).await.expect_err("modified bytes verified as the indexed hash");
+    let err = within("read_chunks", file.read_chunks(0, file.chunk_count()))
+        .await
+        .expect_err("modified bytes verified as the indexed hash");
     assert!(matches!(err, ClientError::Refused { code: 409, .. }), "{err}");
     assert!(!fx.home.path().join("trees").join(format!("{}.leaves", sneaky_src.hash())).exists(), "tree file kept");
     let sneaky_target = out.path().join("sneaky.bin");

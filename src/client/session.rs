@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::CatalogClient;
@@ -297,21 +296,6 @@ impl RemoteFile {
         })
         .await?;
         Ok(out)
-    }
-
-    /// The whole file into `sink`, in order, verified against the catalog's sha256 before
-    /// returning Ok (so the caller keeps nothing unless it matches).
-    pub async fn read_all(&self, mut sink: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
-        let mut hasher = Sha256::new();
-        self.fetch(0, self.chunk_count(), |_, chunk| {
-            hasher.update(&chunk);
-            ready(sink(&chunk))
-        })
-        .await?;
-        if hex::encode(hasher.finalize()) != self.shared.hash {
-            return Err(ClientError::HashMismatch(self.shared.hash.clone()));
-        }
-        Ok(())
     }
 
     /// Core of every read: asks for chunks `first .. first+count` with at most `window` in
