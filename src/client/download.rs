@@ -43,13 +43,13 @@ pub async fn download_to_file(
     let file = tmp.as_file().try_clone().map_err(out_err)?;
     let mut written = 0u64;
     // A peer sending more than the listing promised is cut off before it fills the disk.
-    let mut count = |len: usize| -> Result<u64> {
+    let mut count = |len: usize| -> Result<()> {
         if written + len as u64 > byte_size {
             return Err(ClientError::Protocol(format!("server sent more than the listed {byte_size} bytes")));
         }
         written += len as u64;
         progress(written);
-        Ok(written)
+        Ok(())
     };
     // The protocol is what the catalog's listing said; an outage never means v1.
     let digest = if client.speaks_v2() {
@@ -105,7 +105,7 @@ async fn download_v2(
     hash: &str,
     byte_size: u64,
     file: std::fs::File,
-    count: &mut impl FnMut(usize) -> Result<u64>,
+    count: &mut impl FnMut(usize) -> Result<()>,
 ) -> std::result::Result<[u8; 32], Failure> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
     let abandoned = Arc::new(AtomicBool::new(false));
