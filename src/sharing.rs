@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 
 use crate::accounts::{self, Applied, LocalCluster, LocalDeployment, Operator};
 use crate::cli::{outln, Globals};
@@ -25,7 +25,8 @@ pub fn operator_home(g: &Globals) -> Home {
     }
 }
 
-/// The local deployment (node 1's port, chosen once: 4222 if free, else any free port; and
+/// The local deployment (node 1's port, chosen once: 4222 if free, else a free port below the
+/// ephemeral range, which no outgoing connection can take while the server is down; and
 /// with a cluster every node's ports), stored and kept, so contexts written before
 /// `operator up` point at the right place. `wanted_port` and `wanted_size` only when none is
 /// stored yet (then it is stored); a different one is refused.
@@ -58,11 +59,7 @@ fn local_deployment(op: &Home, wanted_port: Option<u16>, wanted_size: Option<usi
     }
     let port = match wanted_port {
         Some(p) => p,
-        None => {
-            let free =
-                |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).and_then(|l| l.local_addr()).map(|a| a.port());
-            free(4222).or_else(|_| free(0)).context("cannot find a free loopback port")?
-        }
+        None => accounts::preferred_or_stable_port(4222)?,
     };
     let deployment = LocalDeployment::cluster(port, wanted_size.unwrap_or(1))?;
     if dir.is_dir() {
@@ -138,12 +135,14 @@ pub async fn operator_up(
             servers.deployment().leaf_urls()
         ),
     };
+    // Installed before "Ctrl-C to stop": a signal from then on stops the servers cleanly.
+    let shutdown = crate::cli::Shutdown::new()?;
     outln!(
         "{what} on {url} with {} account(s); log {}; Ctrl-C to stop",
         operator.accounts().len(),
         servers.log_path(0).display()
     );
-    let died = crate::cli::cluster::supervise(&mut servers, crate::cli::shutdown_signal()).await;
+    let died = crate::cli::cluster::supervise(&mut servers, shutdown.signalled()).await;
     network.stop().await;
     if let Some((node, status)) = died {
         let log = servers.log_path(node).display().to_string();

@@ -18,7 +18,6 @@
 //! - A node that restarts after a crash starts from its config as it was ([`LocalCluster::restart_node`]):
 //!   accounts added meanwhile reach it through resolver sync, as on any real cluster.
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -56,13 +55,6 @@ pub struct LocalDeployment {
     pub nodes: Vec<NodePorts>,
 }
 
-fn free_port() -> Result<u16> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .context("cannot find a free loopback port")
-}
-
 impl LocalDeployment {
     /// One server on `port`.
     pub fn single(port: u16) -> LocalDeployment {
@@ -76,8 +68,8 @@ impl LocalDeployment {
         }
         let mut nodes = Vec::with_capacity(size);
         for i in 0..size {
-            let client = if i == 0 { port } else { free_port()? };
-            nodes.push(NodePorts { client, route: free_port()?, leaf: free_port()? });
+            let client = if i == 0 { port } else { super::stable_free_port()? };
+            nodes.push(NodePorts { client, route: super::stable_free_port()?, leaf: super::stable_free_port()? });
         }
         Ok(LocalDeployment { port, nodes })
     }

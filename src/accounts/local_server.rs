@@ -1,7 +1,7 @@
 //! A local `nats-server` in operator mode with a full resolver, run as a child process: its
 //! configuration, start (bounded wait until it answers), log, and stop (SIGTERM, then SIGKILL).
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -168,10 +168,7 @@ impl LocalServer {
         fs::create_dir_all(store).with_context(|| format!("cannot create {}", store.display()))?;
         set_mode(store, 0o700)?;
         let port = match options.port {
-            0 => TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .and_then(|l| l.local_addr())
-                .context("cannot find a free loopback port")?
-                .port(),
+            0 => super::stable_free_port()?,
             p => p,
         };
         // A name of its own, checked in the server's INFO: readiness is never mistaken for

@@ -20,7 +20,8 @@
 //! Parts: `jwt` (claims, signing, verifying), `operator` (the operator and its accounts on
 //! disk, pushing JWTs server first), `imports` (the Natster imports, per owner and per
 //! catalog, and their `nsc` lines), `local_server` (the nats-server child), `cluster` (the
-//! local deployment: one server or a cluster of N, its ports, and the nodes as children); here: the Natster
+//! local deployment: one server or a cluster of N, its ports, and the nodes as children), `ports`
+//! (choosing ports that stay usable across restarts); here: the Natster
 //! exports, creds files and the private-file helpers they share.
 
 use std::collections::BTreeMap;
@@ -71,6 +72,7 @@ mod local_server;
 mod network;
 
 mod operator;
+mod ports;
 
 pub use cluster::{
     node_url, ClusterOptions, LocalCluster, LocalDeployment, NodePorts, CLUSTER_NAME, RESOLVER_SYNC_INTERVAL,
@@ -90,6 +92,7 @@ pub use operator::{
     connect, lookup_account_jwt, push_account_jwt, push_account_jwt_to, validate_account_name, AccountRecord, Applied,
     Operator, PendingAccount,
 };
+pub use ports::{loopback_port_is_free, preferred_or_stable_port, stable_free_port};
 
 /// The two exports every Natster account carries.
 pub fn natster_exports() -> Vec<Export> {

@@ -127,11 +127,7 @@ pub async fn leaf_up(g: &Globals, args: LeafArgs) -> Result<()> {
     let account = crate::accounts::creds_account(&creds)?;
     let port = match args.port {
         Some(p) => p,
-        None => std::net::TcpListener::bind(("127.0.0.1", 4222))
-            .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .context("cannot find a free loopback port")?,
+        None => crate::accounts::preferred_or_stable_port(4222)?,
     };
     g.home.ensure()?;
     let mut options = LocalServerOptions::new(g.home.path().join("leaf"));
@@ -140,6 +136,8 @@ pub async fn leaf_up(g: &Globals, args: LeafArgs) -> Result<()> {
     options.binary = Some(super::network::checked_nats_server(false).await?);
     let server = LocalServer::start_with(options, |port, _, name| leaf_config(port, name, &hub, &creds)).await?;
     let joined = wait_joined(&server, Duration::from_secs(10)).await;
+    // Installed before "Ctrl-C to stop": a signal from then on stops the leaf node cleanly.
+    let shutdown = super::Shutdown::new()?;
     outln!("point your context at it: natster-mount init --server {} --creds {}", server.url(), creds.display());
     outln!(
         "leaf node on {} for account {account}, joining {}; log {}; Ctrl-C to stop",
@@ -163,7 +161,7 @@ pub async fn leaf_up(g: &Globals, args: LeafArgs) -> Result<()> {
         }
     };
     tokio::select! {
-        _ = super::shutdown_signal() => {}
+        _ = shutdown.signalled() => {}
         status = died => bail!("the leaf node exited unexpectedly ({status}); see its log {}", server.log_path().display()),
     }
     server.shutdown(Duration::from_millis(1500)).await;

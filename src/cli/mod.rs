@@ -265,24 +265,6 @@ pub async fn catalog_serve(g: &Globals, name: &str, options: ServerOptions, forc
 
 pub use crate::daemon::Shutdown;
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
 pub fn client_options(g: &Globals) -> ClientOptions {
     ClientOptions { request_timeout: g.timeout, ..ClientOptions::default() }
 }

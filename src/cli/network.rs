@@ -450,8 +450,10 @@ pub async fn global_serve(g: &Globals, args: GlobalServeArgs) -> Result<()> {
         }
     };
     let nats = accounts::connect(&server, &creds, g.timeout).await?;
+    // Installed before "Ctrl-C to stop": a signal from then on stops the service cleanly.
+    let shutdown = crate::cli::Shutdown::new()?;
     eprintln!("global service on {server}; Ctrl-C to stop");
-    crate::global::run(nats, args.options, crate::cli::shutdown_signal()).await?;
+    crate::global::run(nats, args.options, shutdown.signalled()).await?;
     eprintln!("global service stopped");
     Ok(())
 }

@@ -76,13 +76,14 @@ pub async fn web(g: &Globals, args: WebArgs) -> Result<()> {
             "warning: serving plain HTTP on {addr} (--insecure-http): the session cookie and every file cross the network unencrypted"
         );
     }
+    let shutdown = super::Shutdown::new()?;
     outln!("web UI for context '{}' ({count} catalog(s)) on {addr}", g.context);
     outln!("open {}", bound.url());
     outln!("the link logs in one browser, once; Ctrl-C to stop");
     if args.open {
         open_browser(bound.url().to_string());
     }
-    let served = bound.run(super::shutdown_signal()).await;
+    let served = bound.run(shutdown.signalled()).await;
     following.abort();
     refresh.stop();
     outln!("web UI stopped");

@@ -84,6 +84,11 @@ impl Shutdown {
             _ = self.int.recv() => ("SIGINT", libc::SIGINT),
         }
     }
+
+    /// Resolves on the first SIGINT or SIGTERM: the future a command's stop waits on.
+    pub async fn signalled(mut self) {
+        self.recv().await;
+    }
 }
 
 /// Which command runs the daemon.

@@ -22,6 +22,11 @@
 //!   logged and acknowledged, never retried forever. A bucket deleted under a running
 //!   consumer restarts it on a fresh bucket and generation (the request side of an instance
 //!   keeps its old handle until restarted, and answers 503 meanwhile).
+//! - A pull request lives on the consumer's leader. When that node dies the request dies with
+//!   it, and async-nats keeps counting it as pending until it would have expired (30 s by
+//!   default), so nothing is pulled meanwhile. Pulls here expire in `PULL_EXPIRES` with idle
+//!   heartbeats every `PULL_HEARTBEAT`, and a missed heartbeat drops the pull stream and opens
+//!   a new one on whichever node leads now: a leader's loss stalls the projection for seconds.
 
 use std::time::Duration;
 
@@ -42,6 +47,12 @@ const GENERATION_KEY: &str = "_generation";
 const MAX_DELIVER: i64 = 8;
 /// How long an instance may hold an event before it is redelivered to another.
 const ACK_WAIT: Duration = Duration::from_secs(10);
+/// A pull request's life; a new one follows at once.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's idle heartbeat on a pull; two missed ones count as a lost pull.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+/// A consumer that ran this long before failing starts its retries from the shortest delay.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// Compare-and-set attempts on one key before the event is retried later.
 const CAS_ATTEMPTS: usize = 16;
 
@@ -370,20 +381,26 @@ fn consumer_name(projection: Projection, generation: &str) -> String {
 /// Builds `projection` from the log until the task is dropped: binds to (or creates) the
 /// generation's durable consumer, shared by every instance, and applies each event in order.
 pub async fn run(js: jetstream::Context, projection: Projection, replicas: usize) {
-    let mut delay = Duration::from_millis(100);
+    const FIRST_DELAY: Duration = Duration::from_millis(100);
+    let mut delay = FIRST_DELAY;
     loop {
-        match run_once(&js, projection, replicas).await {
-            Ok(()) => delay = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(bucket = projection.bucket(), "projection paused: {e}; retrying in {delay:?}");
-            }
+        let started = tokio::time::Instant::now();
+        let Err(e) = run_once(&js, projection, replicas).await;
+        if started.elapsed() >= HEALTHY_RUN {
+            delay = FIRST_DELAY;
         }
+        tracing::warn!(bucket = projection.bucket(), "projection paused: {e}; retrying in {delay:?}");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-async fn run_once(js: &jetstream::Context, projection: Projection, replicas: usize) -> Result<(), Error> {
+/// Runs the consumer until it fails; it never ends otherwise.
+async fn run_once(
+    js: &jetstream::Context,
+    projection: Projection,
+    replicas: usize,
+) -> Result<std::convert::Infallible, Error> {
     let stream = js.get_stream(STREAM).await.map_err(|e| Error::Unavailable(format!("no event log: {e}")))?;
     let kv = bucket(js, projection.bucket(), Duration::ZERO, replicas).await?;
     let generation = generation(&kv, &stream, projection).await?;
@@ -402,11 +419,20 @@ async fn run_once(js: &jetstream::Context, projection: Projection, replicas: usi
         .get_or_create_consumer(&name, config)
         .await
         .map_err(|e| Error::Unavailable(format!("cannot open consumer {name}: {e}")))?;
-    let mut messages =
-        consumer.messages().await.map_err(|e| Error::Unavailable(format!("cannot consume {name}: {e}")))?;
+    let mut messages = consumer
+        .stream()
+        .expires(PULL_EXPIRES)
+        .heartbeat(PULL_HEARTBEAT)
+        .messages()
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot consume {name}: {e}")))?;
     while let Some(message) = messages.next().await {
         let message = match message {
             Ok(m) => m,
+            // The pull died with its node (see the module doc): pull again, from the start.
+            Err(e) if e.kind() == consumer::pull::MessagesErrorKind::MissingHeartbeat => {
+                return Err(Error::Unavailable(format!("consumer {name} went quiet ({e}); pulling again")));
+            }
             Err(e) => {
                 tracing::debug!(consumer = %name, "pull interrupted: {e}");
                 continue;

@@ -13,7 +13,7 @@ pub mod operator;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -56,9 +56,11 @@ pub fn nats_server_has_global() -> bool {
     nats_server_version() >= natster_mount::accounts::ServerVersion(2, 10, 0)
 }
 
-/// A port that was free a moment ago (bind to port 0, read it, release it).
+/// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("cannot bind a loopback port").port()
+    // Below the ephemeral range, as the product picks: no client connection of a parallel
+    // test can take it while a server is down between restarts.
+    natster_mount::accounts::stable_free_port().expect("cannot find a free loopback port")
 }
 
 fn read_log(file: &tempfile::NamedTempFile) -> String {
