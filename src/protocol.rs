@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 /// Within 4, additively: an `open` reply may offer [`OpenResponse::max_unit`], and a reader
 /// then may name the `unit` of its `read` ([`ReadRequest::unit`]): a 4 KiB random read moves
 /// one 16 KiB leaf instead of a whole chunk. Readers that do not know it never see it.
+/// Also additively: a `read` of one record may ask for it `inline` ([`ReadRequest::inline`]),
+/// as the reply itself; a server that does not know the field acknowledges and publishes on
+/// the media subject as before, and readers accept either answer.
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// v1 chunk size, fixed by the original Natster.
@@ -368,6 +371,11 @@ pub struct ReadRequest {
     /// chunk tree's leaf up to the `open` reply's `max_unit`. Chunk indices count in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<u32>,
+    /// Answer with the record itself (its headers as on the media subject) instead of an
+    /// acknowledgement: saves a message and a hop for a small random read. Only with
+    /// `count` 1.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline: bool,
 }
 
 /// True if `unit` may be named in a `read` of a session offering `max_unit`.
@@ -456,9 +464,12 @@ mod tests {
         }
         // Absent in an old peer's request and reply: chunks of the session's size.
         let old: ReadRequest = serde_json::from_str(r#"{"session":"s","first_chunk":1,"count":2}"#).unwrap();
-        assert_eq!(old.unit, None);
-        let sent = serde_json::to_string(&ReadRequest { session: "s".into(), first_chunk: 1, count: 2, unit: None });
-        assert!(!sent.unwrap().contains("unit"), "an old server never sees the field");
+        assert_eq!((old.unit, old.inline), (None, false));
+        let plain = ReadRequest { session: "s".into(), first_chunk: 1, count: 2, unit: None, inline: false };
+        let sent = serde_json::to_string(&plain).unwrap();
+        assert!(!sent.contains("unit") && !sent.contains("inline"), "an old server never sees the fields: {sent}");
+        let inline = serde_json::to_string(&ReadRequest { count: 1, inline: true, ..plain }).unwrap();
+        assert!(inline.contains(r#""inline":true"#), "{inline}");
     }
 
     #[test]

@@ -751,6 +751,58 @@ async fn tampered_chunks_fail_authentication() {
     );
 }
 
+/// A raw `read` request, its reply as it came (an inline read's reply is a record).
+async fn raw_read_reply(fx: &Fixture, body: serde_json::Value) -> async_nats::Message {
+    let request = fx.nats.request(fx.subject("read"), body.to_string().into());
+    tokio::time::timeout(REQUEST_TIMEOUT, request).await.expect("read reply in time").expect("read reply")
+}
+
+/// The header `name` of a record.
+fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string())
+}
+
+/// 8b. An inline read of one record is answered with the sealed record itself (its headers as
+/// on the media subject), and nothing is published on the media subject; it opens with the
+/// session key, in chunks and in leaf units. An inline read of several records is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_read_is_answered_with_the_record_itself() {
+    let fx = Fixture::new(vec![("/inline.bin", pseudo_random_bytes(82, CHUNK + 40_000))]).await;
+    let src = fx.source("/inline.bin").bytes.clone();
+    let hash = sha256_hex(&src);
+    let (session, key) = raw_open(&fx, &EphemeralKey::generate(), &hash).await;
+    let mut media = fx.nats.subscribe(format!("natster.media.{CATALOG}.{session}")).await.expect("subscribe");
+    fx.nats.flush().await.expect("flush");
+
+    let reply = raw_read_reply(&fx, json!({"session": session, "first_chunk": 1, "count": 1, "inline": true})).await;
+    assert_eq!(header(&reply, protocol::HEADER_CHUNK_INDEX).as_deref(), Some("1"), "{:?}", reply.headers);
+    assert_eq!(header(&reply, protocol::HEADER_UNIT), None);
+    assert_eq!(proven_data(&key.open(1, &reply.payload).expect("inline chunk opens")), &src[CHUNK..]);
+
+    let leaf = natster_mount::chunk_tree::LEAF_SIZE;
+    let body = json!({"session": session, "first_chunk": 2, "count": 1, "unit": leaf, "inline": true});
+    let reply = raw_read_reply(&fx, body).await;
+    assert_eq!(header(&reply, protocol::HEADER_CHUNK_INDEX).as_deref(), Some("2"));
+    assert_eq!(header(&reply, protocol::HEADER_UNIT), Some(leaf.to_string()));
+    let plain = key.open_record_in_place(2, Some(leaf as u32), reply.payload.clone()).expect("inline leaf opens");
+    assert_eq!(proven_data(&plain), &src[2 * leaf..3 * leaf]);
+    // The unit is bound: the same record does not open as a chunk.
+    assert_eq!(key.open(2, &reply.payload), Err(CryptoError::Authentication(2)));
+
+    let reply = raw_read_reply(&fx, json!({"session": session, "first_chunk": 0, "count": 2, "inline": true})).await;
+    assert_eq!(header(&reply, protocol::HEADER_CHUNK_INDEX), None, "a refusal is not a record");
+    let refusal: serde_json::Value = serde_json::from_slice(&reply.payload).expect("envelope");
+    assert_eq!(code(&refusal), 400, "{refusal}");
+    let unknown = "0".repeat(32);
+    let reply = raw_read_reply(&fx, json!({"session": unknown, "first_chunk": 0, "count": 1, "inline": true})).await;
+    let refusal: serde_json::Value = serde_json::from_slice(&reply.payload).expect("envelope");
+    assert_eq!(code(&refusal), 404, "{refusal}");
+
+    // Waiting for an absence: a published record would arrive within milliseconds.
+    let seen = drain_until(&mut media, Instant::now() + Duration::from_millis(500)).await;
+    assert!(seen.is_empty(), "an inline read also published {} media message(s)", seen.len());
+}
+
 /// Sets the modification time of `path`.
 fn set_mtime(path: &Path, mtime: std::time::SystemTime) {
     std::fs::File::options().write(true).open(path).and_then(|f| f.set_modified(mtime)).expect("set mtime");

@@ -1,6 +1,6 @@
 //! The data path's traffic through a real mount (real nats-server, catalog server and FUSE):
-//! what one read costs on the wire, counted by a plain NATS subscriber on the media subjects,
-//! which sees every chunk the catalog server publishes to the mount. Not timed.
+//! what one read costs on the wire, counted by a plain NATS subscriber on the media subjects
+//! and the reply inboxes, which sees every record the catalog server sends the mount. Not timed.
 
 mod common;
 
@@ -13,22 +13,42 @@ use std::time::{Duration, Instant};
 use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
 use common::*;
 use futures::StreamExt;
+use natster_mount::protocol;
 
-/// Counts the media messages and their payload bytes (a plain subscription beside the mount's).
-async fn count_media(nats: &NatsServer) -> (Arc<(AtomicU64, AtomicU64)>, tokio::task::JoinHandle<()>) {
+/// What the catalog server sent the mount: records, their payload bytes, and how many of
+/// them came inline (as replies, on the mount's inboxes, rather than on the media subject).
+#[derive(Default)]
+struct Records {
+    count: AtomicU64,
+    bytes: AtomicU64,
+    inline: AtomicU64,
+}
+
+/// Counts every record, on the media subjects and the reply inboxes (plain subscriptions
+/// beside the mount's; a record is a message with a chunk index header).
+async fn count_records(nats: &NatsServer) -> (Arc<Records>, tokio::task::JoinHandle<()>) {
     let client = connect(&nats.url()).await;
-    let mut sub = client.subscribe("natster.media.media.*").await.expect("subscribe");
+    let media = client.subscribe("natster.media.media.*").await.expect("subscribe media");
+    let replies = client.subscribe("_INBOX.>").await.expect("subscribe inboxes");
     client.flush().await.expect("flush");
-    let counts = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-    let c = counts.clone();
+    let records = Arc::new(Records::default());
+    let r = records.clone();
     let task = tokio::spawn(async move {
         let _client = client;
-        while let Some(msg) = sub.next().await {
-            c.0.fetch_add(1, Ordering::SeqCst);
-            c.1.fetch_add(msg.payload.len() as u64, Ordering::SeqCst);
+        let mut both = futures::stream::select(media, replies);
+        while let Some(msg) = both.next().await {
+            let is_record = msg.headers.as_ref().is_some_and(|h| h.get(protocol::HEADER_CHUNK_INDEX).is_some());
+            if !is_record {
+                continue;
+            }
+            r.count.fetch_add(1, Ordering::SeqCst);
+            r.bytes.fetch_add(msg.payload.len() as u64, Ordering::SeqCst);
+            if msg.subject.starts_with("_INBOX.") {
+                r.inline.fetch_add(1, Ordering::SeqCst);
+            }
         }
     });
-    (counts, task)
+    (records, task)
 }
 
 /// The byte count once it has stopped moving for 500 ms (chunks already published reach the
@@ -57,13 +77,13 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
     let (home, _tree) = home_with_catalog(&nats, &[("big.bin", bytes.clone())]).await;
     // The default chunk size (512 KiB): a whole chunk per small read would be 128 times 4 KiB.
     let _served = Served::start(&home, &nats, "media").await;
-    let (counts, task) = count_media(&nats).await;
+    let (records, task) = count_records(&nats).await;
     let m = Mounted::start(&home, &[]);
     let path = m.path().join("media/big.bin");
 
     // Far apart, none at the start (a read at 0 starts a sequential run and reads ahead).
     let offsets = [3 * 1024 * 1024 + 8192u64, 6 * 1024 * 1024 + 100 * 4096, 1024 * 1024 + 40 * 4096, 7 << 20];
-    let mut before = settled(&counts.1).await;
+    let mut before = settled(&records.bytes).await;
     for offset in offsets {
         let p = path.clone();
         let got = bounded("a 4 KiB pread", MOUNT_IO_DEADLINE, move || {
@@ -77,7 +97,7 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
             buf
         });
         assert_eq!(got, bytes[offset as usize..offset as usize + 4096], "bytes at {offset}");
-        let now = settled(&counts.1).await;
+        let now = settled(&records.bytes).await;
         let moved = now - before;
         eprintln!("a random 4 KiB read at {offset}: {moved} bytes over NATS");
         // One 16 KiB leaf, its proof (a few hundred bytes), nonce and tag; a whole chunk
@@ -86,7 +106,10 @@ async fn a_random_4k_read_moves_one_leaf_not_a_chunk() {
         assert!(moved <= 8 * 4096, "a random 4 KiB read at {offset} moved {moved} bytes over NATS");
         before = now;
     }
-    assert!(counts.0.load(Ordering::SeqCst) <= 2 * offsets.len() as u64, "records fetched");
+    let fetched = records.count.load(Ordering::SeqCst);
+    assert!(fetched <= 2 * offsets.len() as u64, "{fetched} records fetched for {} reads", offsets.len());
+    // Each came as the reply to its own request: no acknowledgement, no media message.
+    assert_eq!(records.inline.load(Ordering::SeqCst), fetched, "records that did not come inline");
     task.abort();
     m.stop();
 }

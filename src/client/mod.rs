@@ -132,6 +132,20 @@ struct Delivery {
     payload: Bytes,
 }
 
+impl Delivery {
+    /// The v2 record `msg` carries, if its headers name one. Not trusted: index and unit are
+    /// bound into the record's AEAD.
+    fn of(msg: &async_nats::Message) -> Option<Delivery> {
+        let headers = msg.headers.as_ref()?;
+        let index = headers.get(protocol::HEADER_CHUNK_INDEX)?.as_str().parse().ok()?;
+        let unit = match headers.get(protocol::HEADER_UNIT) {
+            None => None,
+            Some(v) => Some(v.as_str().parse::<u32>().ok()?),
+        };
+        Some(Delivery { unit, index, payload: msg.payload.clone() })
+    }
+}
+
 /// Where the dispatcher hands a chunk for one read: with the key of the session it came on.
 type ChunkSender = mpsc::UnboundedSender<(Arc<SessionKey>, Delivery)>;
 
@@ -357,31 +371,41 @@ impl ClientInner {
     /// One request/reply exchange; a success reply keeps its `data` as the exact bytes sent,
     /// for the signature check.
     async fn request_reply<Req: Serialize>(&self, op: Operation, body: &Req) -> Result<Reply> {
+        let msg = self.request_message(op, body).await?;
+        parse_reply(op, &msg)
+    }
+
+    /// One request/reply exchange, the reply as it came.
+    async fn request_message<Req: Serialize>(&self, op: Operation, body: &Req) -> Result<async_nats::Message> {
         let subject = self.route.request_subject(&self.catalog, op);
         let payload = serde_json::to_vec(body).map_err(|e| ClientError::Io(e.to_string()))?;
         let request = self.nats.request(subject, payload.into());
-        let msg = match tokio::time::timeout(self.options.request_timeout, request).await {
-            Err(_) => return Err(ClientError::Timeout(self.catalog.clone())),
-            Ok(Err(e)) => {
-                return Err(match e.kind() {
-                    async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders(self.catalog.clone()),
-                    async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(self.catalog.clone()),
-                    _ => ClientError::Nats(e.to_string()),
-                })
-            }
-            Ok(Ok(msg)) => msg,
-        };
-        let envelope: Envelope<Box<serde_json::value::RawValue>> = serde_json::from_slice(&msg.payload)
-            .map_err(|e| ClientError::Protocol(format!("{} reply is not a valid envelope: {e}", op.as_str())))?;
-        match (envelope.code, envelope.data) {
-            (200, Some(data)) => Ok(Reply { data, proof: envelope.proof }),
-            (200, None) => Err(ClientError::Protocol(format!("{} reply has no data", op.as_str()))),
-            (code, _) => {
-                Err(ClientError::Refused { code, message: envelope.error.unwrap_or_else(|| "no reason given".into()) })
-            }
+        match tokio::time::timeout(self.options.request_timeout, request).await {
+            Err(_) => Err(ClientError::Timeout(self.catalog.clone())),
+            Ok(Err(e)) => Err(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => ClientError::NoResponders(self.catalog.clone()),
+                async_nats::RequestErrorKind::TimedOut => ClientError::Timeout(self.catalog.clone()),
+                _ => ClientError::Nats(e.to_string()),
+            }),
+            Ok(Ok(msg)) => Ok(msg),
         }
     }
+}
 
+/// A reply's envelope: the data of a success, as sent, or the refusal.
+fn parse_reply(op: Operation, msg: &async_nats::Message) -> Result<Reply> {
+    let envelope: Envelope<Box<serde_json::value::RawValue>> = serde_json::from_slice(&msg.payload)
+        .map_err(|e| ClientError::Protocol(format!("{} reply is not a valid envelope: {e}", op.as_str())))?;
+    match (envelope.code, envelope.data) {
+        (200, Some(data)) => Ok(Reply { data, proof: envelope.proof }),
+        (200, None) => Err(ClientError::Protocol(format!("{} reply has no data", op.as_str()))),
+        (code, _) => {
+            Err(ClientError::Refused { code, message: envelope.error.unwrap_or_else(|| "no reason given".into()) })
+        }
+    }
+}
+
+impl ClientInner {
     /// Checks a signed reply's proof over `parts` followed by the sha256 of its data.
     fn check_signed(&self, reply: &Reply, purpose: Purpose, parts: &[&[u8]]) -> Result<()> {
         let digest = reply.digest();
@@ -427,17 +451,9 @@ impl ClientInner {
                 None => return,
             }
         };
-        let Ok(index) = header_u64(&msg, protocol::HEADER_CHUNK_INDEX) else { return };
-        // Not trusted: the unit is bound into the record's AEAD.
-        let unit = match msg.headers.as_ref().and_then(|h| h.get(protocol::HEADER_UNIT)) {
-            None => None,
-            Some(v) => match v.as_str().parse::<u32>() {
-                Ok(unit) => Some(unit),
-                Err(_) => return,
-            },
-        };
+        let Some(delivery) = Delivery::of(&msg) else { return };
         if let Some(file) = session.upgrade() {
-            file.deliver(token, Delivery { unit, index, payload: msg.payload });
+            file.deliver(token, delivery);
         }
     }
 }

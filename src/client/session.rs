@@ -1,7 +1,10 @@
 //! v2 file sessions: `open` agrees a session key with the server (ephemeral X25519, HKDF bound
 //! to session, catalog and hash); `read` asks for chunk ranges that arrive on the catalog's
 //! media subject. A read keeps at most `window` chunks in flight, hands chunks to its sink in
-//! order, re-asks for late ones, and reopens a session the server forgot (404).
+//! order, re-asks for late ones, and reopens a session the server forgot (404). A read of a
+//! few records asks for each alone, `inline`: the record is the reply itself, so a random read
+//! costs one request and one reply (a server that does not know `inline` acknowledges and
+//! publishes on the media subject; both are accepted).
 //!
 //! Every chunk is checked against the file's chunk tree root from the catalog's signed listing
 //! (never one the `open` reply or the chunk brings) before anyone sees it: its proof comes
@@ -343,7 +346,12 @@ impl RemoteFile {
         }
         let options = &shared.client.options;
         let window = u64::from(options.window.max(1));
-        let batch = u64::from(options.batch.clamp(1, protocol::MAX_CHUNKS_PER_READ));
+        // A small read asks for each record on its own, so each comes inline (as the reply).
+        let batch = if end - first <= INLINE_READ_RECORDS {
+            1
+        } else {
+            u64::from(options.batch.clamp(1, protocol::MAX_CHUNKS_PER_READ))
+        };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let registration = Registration { file: shared, unit, first, end, tx };
         let tx = &registration.tx;
@@ -383,7 +391,9 @@ impl RemoteFile {
                     deadline = tokio::time::Instant::now() + options.chunk_timeout;
                 }
                 Some(ack) = acks.next() => match ack {
-                    Ok(()) => {}
+                    // Handed to every read waiting for it, this one included (the branch above).
+                    Ok(Some((session, record))) => shared.deliver(&session, record),
+                    Ok(None) => {}
                     // The server forgot the session (restart, idle expiry): open a new one and
                     // ask again for everything still missing.
                     Err(ClientError::Refused { code: 404, .. }) if reopens < options.retries => {
@@ -429,18 +439,28 @@ impl RemoteFile {
         }
     }
 
+    /// Asks for records `first_chunk .. first_chunk+count`. One record is asked for inline:
+    /// the answer is the record itself (with the session it was asked on), or, from a server
+    /// that does not send records inline, an acknowledgement like any other read's.
     fn request_read(
         &self,
         unit: Option<u32>,
         first_chunk: u64,
         count: u64,
-    ) -> impl std::future::Future<Output = Result<()>> + use<> {
+    ) -> impl std::future::Future<Output = Result<Option<(String, Delivery)>>> + use<> {
         let shared = self.shared.clone();
         async move {
             let session = shared.state.lock().unwrap_or_else(|p| p.into_inner()).id.clone();
-            let req = ReadRequest { session, first_chunk, count: count as u32, unit };
-            let _: ReadResponse = shared.client.request(Operation::Read, &req).await?;
-            Ok(())
+            let inline = count == 1;
+            let req = ReadRequest { session, first_chunk, count: count as u32, unit, inline };
+            let msg = shared.client.request_message(Operation::Read, &req).await?;
+            if inline {
+                if let Some(record) = Delivery::of(&msg) {
+                    return Ok(Some((req.session, record)));
+                }
+            }
+            let _: ReadResponse = super::parse_reply(Operation::Read, &msg)?.parse(Operation::Read)?;
+            Ok(None)
         }
     }
 
@@ -464,6 +484,10 @@ impl RemoteFile {
         Ok(())
     }
 }
+
+/// Reads of at most this many records ask for each on its own, inline: a random read is
+/// one request and one reply, not a request, an acknowledgement and a media message.
+const INLINE_READ_RECORDS: u64 = 4;
 
 /// Forgets a read's waiters when it ends, however it ends.
 struct Registration<'a> {

@@ -1,6 +1,6 @@
 //! v2 ranged reads: `open` starts a session on one file (a fresh key agreed with the reader's
 //! xkey, bound to session, catalog and hash), `read` publishes a run of sealed chunks on the
-//! session's media subject, `close` ends it.
+//! session's media subject (or, `inline`, answers with its one record), `close` ends it.
 //!
 //! A `read` may name its records' `unit` (a multiple of the 16 KiB leaf up to
 //! [`super::MAX_CHUNK_SIZE`], offered in the `open` reply): small random reads then move a
@@ -182,6 +182,9 @@ impl Shared {
         if req.count == 0 || req.count > protocol::MAX_CHUNKS_PER_READ {
             return Err(refuse(400, format!("count must be 1..={}", protocol::MAX_CHUNKS_PER_READ)));
         }
+        if req.inline && req.count != 1 {
+            return Err(refuse(400, "an inline read names one record (count 1)"));
+        }
         if req.first_chunk >= total {
             return Err(refuse(
                 416,
@@ -224,6 +227,14 @@ impl Shared {
                 });
             }
         };
+        if req.inline {
+            // The record is the reply: no acknowledgement, no media message.
+            let (index, body) = first_record;
+            if let Err(e) = self.nats.publish_with_headers(reply, record_headers(index, unit), body).await {
+                tracing::debug!("inline record not sent: {e}");
+            }
+            return Ok(Vec::new());
+        }
         // Acknowledge first, so the reader knows records are coming, then stream them.
         let ack = Envelope::ok(ReadResponse { first_chunk: first, count });
         let _ = self.nats.publish(reply, ack.into()).await;
@@ -245,12 +256,7 @@ impl Shared {
         while let Some(done) = sealed.next().await {
             match done {
                 Ok((index, body)) => {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
-                    if let Some(unit) = unit {
-                        headers.insert(protocol::HEADER_UNIT, unit.to_string().as_str());
-                    }
-                    if self.nats.publish_with_headers(subject.clone(), headers, body).await.is_err() {
+                    if self.nats.publish_with_headers(subject.clone(), record_headers(index, unit), body).await.is_err() {
                         break;
                     }
                 }
@@ -297,6 +303,16 @@ impl Shared {
             sessions.pop(&k);
         }
     }
+}
+
+/// A sealed record's headers: its index, and its unit when the read named one.
+fn record_headers(index: u64, unit: Option<u32>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
+    if let Some(unit) = unit {
+        headers.insert(protocol::HEADER_UNIT, unit.to_string().as_str());
+    }
+    headers
 }
 
 fn changed(hash: &str) -> Refusal {
