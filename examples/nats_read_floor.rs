@@ -2,10 +2,10 @@
 //! nothing but NATS does work. A "reader" connection sends a request; a "server" connection
 //! answers it with an acknowledgement and publishes one record of RECORD bytes (a 16 KiB leaf
 //! with its proof, nonce and tag is about 16.7 KB) on a second subject, as a catalog server
-//! does; the reader's latency is from sending to having the record. No crypto, no disk, no
+//! does for a read of several records; the reader's latency is from sending to having the record. No crypto, no disk, no
 //! FUSE: natster's own random-read latency minus this is what natster adds above NATS. It also
-//! times the same record sent as the reply itself (one message back, not two), the floor a
-//! protocol answering a one-record read in its reply would have.
+//! times the same record sent as the reply itself (one message back, not two): the floor of
+//! an inline read, which is how the mount asks for a random read's leaf.
 //!
 //! Usage: `nats_read_floor URL COUNT [RECORD=16700]`
 //! Prints a human-readable line per shape and `RESULT n=.. record=.. p50_ms=.. p99_ms=.. reply_p50_ms=.. reply_p99_ms=..`.

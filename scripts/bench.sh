@@ -621,15 +621,15 @@ L_P99=$(field p99_ms "$W/rand-l.txt")
 echo "random 4K p50/p99 ms: natster ${N_P50}/${N_P99}, sshfs ${S_P50}/${S_P99}, local disk ${L_P50}/${L_P99};" \
   "p99 natster/sshfs $(ratio "$N_P99" "$S_P99") $DROP_NOTE"
 echo "(sshfs: remounted with default options, i.e. its attribute/dir caches on; no data cache survives a remount)"
-# The floor NATS itself sets for one leaf read here: request, acknowledgement and one record of
-# a sealed leaf's size (data, a proof of log2(leaves) hashes, nonce, tag) through the same
-# nats-server, with nothing else done.
+# The floor NATS itself sets for one leaf read here: a request answered by one record of a
+# sealed leaf's size (data, a proof of log2(leaves) hashes, nonce, tag) as its reply, as an
+# inline read is, through the same nats-server, with nothing else done.
 LEAF_HASHES=$(awk -v n="$(((SIZE + 16383) / 16384))" 'BEGIN { l = 0; while (2 ^ l < n) l++; print l }')
 step "$BENCH_STEP_TIMEOUT" "$FLOOR" "nats://127.0.0.1:$NATS_PORT" "$BENCH_RANDOM_N" $((16384 + 2 + 32 * LEAF_HASHES + 40)) >"$W/floor.txt" 2>&1 ||
   die "nats_read_floor failed: $(tail -n 3 "$W/floor.txt")"
 grep -v '^RESULT' "$W/floor.txt" || true
-F_P50=$(field p50_ms "$W/floor.txt")
-F_P99=$(field p99_ms "$W/floor.txt")
+F_P50=$(field reply_p50_ms "$W/floor.txt")
+F_P99=$(field reply_p99_ms "$W/floor.txt")
 row "3c. random 4K pread p50 ms (goal <= 1x)" "$N_P50" "$S_P50" "$(ratio "$N_P50" "$S_P50")" "sshfs / lower"
 row "3c. random 4K pread p99 ms (goal <= 1x)" "$N_P99" "$S_P99" "$(ratio "$N_P99" "$S_P99")" "sshfs / lower"
 row "3c. (reference) local disk p99 ms" "$N_P99" "$L_P99" "$(ratio "$N_P99" "$L_P99")" "local disk / lower"

@@ -256,7 +256,8 @@ impl Shared {
         while let Some(done) = sealed.next().await {
             match done {
                 Ok((index, body)) => {
-                    if self.nats.publish_with_headers(subject.clone(), record_headers(index, unit), body).await.is_err() {
+                    if self.nats.publish_with_headers(subject.clone(), record_headers(index, unit), body).await.is_err()
+                    {
                         break;
                     }
                 }
