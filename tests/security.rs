@@ -186,8 +186,10 @@ async fn man_in_the_middle(
                 }
                 payload = serde_json::to_vec(&req).expect("json");
             }
+            // Headers too: an inline read's reply is a record, named by them.
             if let Ok(answer) = b.request(msg.subject.to_string(), payload.into()).await {
-                let _ = f.publish(reply, answer.payload).await;
+                let headers = answer.headers.unwrap_or_default();
+                let _ = f.publish_with_headers(reply, headers, answer.payload).await;
             }
         }
     }));
