@@ -671,6 +671,11 @@ async fn raw_open(fx: &Fixture, key: &EphemeralKey, hash: &str) -> (String, Sess
     (session, session_key)
 }
 
+/// The header `name` of a record.
+fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string())
+}
+
 /// Asks a raw session for chunks `first..first+count` and returns them by index.
 async fn raw_read(fx: &Fixture, session: &str, first: u64, count: u32) -> BTreeMap<u64, Vec<u8>> {
     let mut sub = fx.nats.subscribe(format!("natster.media.{CATALOG}.{session}")).await.expect("subscribe");
@@ -682,14 +687,7 @@ async fn raw_read(fx: &Fixture, session: &str, first: u64, count: u32) -> BTreeM
     let mut chunks = BTreeMap::new();
     while (chunks.len() as u64) < n {
         let msg = tokio::time::timeout(CHUNK_WAIT, sub.next()).await.expect("chunk in time").expect("subscription");
-        let index: u64 = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(protocol::HEADER_CHUNK_INDEX))
-            .expect("index header")
-            .as_str()
-            .parse()
-            .unwrap();
+        let index: u64 = header(&msg, protocol::HEADER_CHUNK_INDEX).expect("index header").parse().unwrap();
         chunks.insert(index, msg.payload.to_vec());
     }
     chunks
@@ -755,11 +753,6 @@ async fn tampered_chunks_fail_authentication() {
 async fn raw_read_reply(fx: &Fixture, body: serde_json::Value) -> async_nats::Message {
     let request = fx.nats.request(fx.subject("read"), body.to_string().into());
     tokio::time::timeout(REQUEST_TIMEOUT, request).await.expect("read reply in time").expect("read reply")
-}
-
-/// The header `name` of a record.
-fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
-    msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string())
 }
 
 /// 8b. An inline read of one record is answered with the sealed record itself (its headers as

@@ -136,9 +136,8 @@ impl Delivery {
     /// The v2 record `msg` carries, if its headers name one. Not trusted: index and unit are
     /// bound into the record's AEAD.
     fn of(msg: &async_nats::Message) -> Option<Delivery> {
-        let headers = msg.headers.as_ref()?;
-        let index = headers.get(protocol::HEADER_CHUNK_INDEX)?.as_str().parse().ok()?;
-        let unit = match headers.get(protocol::HEADER_UNIT) {
+        let index = header_u64(msg, protocol::HEADER_CHUNK_INDEX).ok()?;
+        let unit = match msg.headers.as_ref().and_then(|h| h.get(protocol::HEADER_UNIT)) {
             None => None,
             Some(v) => Some(v.as_str().parse::<u32>().ok()?),
         };
