@@ -21,6 +21,7 @@
 //!   so a dead NATS connection cannot hold up exit. While NATS is down the client reconnects
 //!   by itself and re-subscribes; requests resume when it is back.
 
+mod cached;
 mod files;
 pub mod heartbeat;
 mod service;

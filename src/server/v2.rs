@@ -10,11 +10,14 @@
 //! Invariants:
 //! - A session belongs to the caller that opened it; any other caller naming it gets the same
 //!   answer as for a missing one.
-//! - Every read re-checks the open file's identity (one `fstat`, in the same blocking-pool
-//!   trip that reads and seals its first record, before anything is acknowledged); a file
-//!   changed since it was verified ends the session with 409.
+//! - Every read re-checks the open file's identity (one `fstat`, together with reading and
+//!   sealing its first record, before anything is acknowledged); a file changed since it was
+//!   verified ends the session with 409.
 //! - File reads and sealing run on the blocking pool, at most two chunks ahead of the
-//!   publisher; at most `MAX_CONCURRENT_READS` reads stream at once.
+//!   publisher; at most `MAX_CONCURRENT_READS` reads stream at once. The one exception: a first
+//!   record of at most four leaves that the page cache holds whole is read and sealed on the
+//!   async worker ([`cached`]: reads that cannot block), which saves a small random read two
+//!   thread wake-ups; whatever that path cannot finish is done again on the blocking pool.
 //! - Every chunk's plaintext carries its proof under the file's indexed tree root
 //!   ([`chunk_tree`]), and every chunk's leaves are checked against that tree as they are read:
 //!   bytes that differ from the indexed ones (a file changed without a re-index, its mtime put
@@ -30,6 +33,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use super::cached::{self, Cached};
 use super::files::FileIdentity;
 use super::{parse, refuse, Refusal, Shared};
 use crate::chunk_tree::{self, Tree};
@@ -197,9 +201,17 @@ impl Shared {
         };
         let first = req.first_chunk;
         let unit = req.unit;
-        // The file's identity check and the first record share one trip to the blocking pool:
-        // a small random read pays for one thread hand-off, not two.
-        let checked = {
+        // A small first record the page cache holds is read and sealed right here; otherwise
+        // the file's identity check and the first record share one trip to the blocking pool,
+        // so a small random read pays for one thread hand-off, not two.
+        let cached = if record_len(&session, first, chunk_size) <= CACHED_SEAL_MAX {
+            seal_cached(&session, first, chunk_size, unit)
+        } else {
+            Cached::No
+        };
+        let checked = if let Cached::Yes((now, record)) = cached {
+            Ok(Ok((now, Some(Ok(record)))))
+        } else {
             let session = session.clone();
             tokio::task::spawn_blocking(move || {
                 let now = FileIdentity::of_file(&session.file)?;
@@ -330,11 +342,58 @@ enum ChunkError {
     Proof(u64, chunk_tree::TreeError),
 }
 
+/// Largest first record read and sealed on an async worker when the page cache holds it: four
+/// leaves, tens of microseconds of hashing and sealing. Larger ones go to the blocking pool.
+const CACHED_SEAL_MAX: u64 = 4 * chunk_tree::LEAF_SIZE as u64;
+
+fn record_len(session: &Session, index: u64, chunk_size: u64) -> u64 {
+    protocol::chunk_len(session.byte_size, chunk_size, index)
+}
+
+/// [`seal_chunk`] without blocking: only if the file is unchanged and the record's bytes are
+/// all in the page cache. Anything else (not cached, changed, a leaf that does not match) is
+/// [`Cached::No`], and the blocking path does the read again and deals with what it finds.
+fn seal_cached(
+    session: &Session,
+    index: u64,
+    chunk_size: u64,
+    unit: Option<u32>,
+) -> Cached<(FileIdentity, (u64, Bytes))> {
+    let Cached::Yes(now) = cached::identity(&session.file) else { return Cached::No };
+    if now != session.indexed {
+        return Cached::No;
+    }
+    let fill = |file: &File, buf: &mut [u8], at: u64| match cached::read_exact_at(file, buf, at) {
+        Cached::Yes(()) => Ok(()),
+        Cached::No => Err(std::io::ErrorKind::WouldBlock.into()),
+    };
+    match seal_with(session, index, chunk_size, unit, fill) {
+        Ok(record) => Cached::Yes((now, record)),
+        Err(_) => Cached::No,
+    }
+}
+
 /// Reads chunk `index`, checks its leaves against the tree, and seals it with its proof:
 /// nonce ‖ AEAD([proof][data]). `unit`: the size the reader named (bound into the AEAD), or
-/// None for the session's chunk size.
+/// None for the session's chunk size. Blocking: run it on the blocking pool.
 fn seal_chunk(session: &Session, index: u64, chunk_size: u64, unit: Option<u32>) -> Result<(u64, Bytes), ChunkError> {
-    let len = protocol::chunk_len(session.byte_size, chunk_size, index) as usize;
+    let sealed = seal_with(session, index, chunk_size, unit, |file, buf, at| file.read_exact_at(buf, at));
+    if let Err(ChunkError::Changed(_)) = sealed {
+        // The next `catalog new` must hash this file again, though its size and mtime match.
+        let _ = std::fs::remove_file(&session.tree_file);
+    }
+    sealed
+}
+
+/// [`seal_chunk`]'s work, with the record's bytes read by `fill(file, buf, offset)`.
+fn seal_with(
+    session: &Session,
+    index: u64,
+    chunk_size: u64,
+    unit: Option<u32>,
+    fill: impl FnOnce(&File, &mut [u8], u64) -> std::io::Result<()>,
+) -> Result<(u64, Bytes), ChunkError> {
+    let len = record_len(session, index, chunk_size) as usize;
     let (first_leaf, leaves) = chunk_tree::chunk_leaves(session.byte_size, chunk_size, index);
     let proof = session.tree.prove(first_leaf, leaves).map_err(|e| ChunkError::Proof(index, e))?;
     let data_at = crypto::NONCE_LEN + chunk_tree::frame_overhead(proof.len());
@@ -342,12 +401,10 @@ fn seal_chunk(session: &Session, index: u64, chunk_size: u64, unit: Option<u32>)
     buf.resize(crypto::NONCE_LEN, 0);
     chunk_tree::frame(&mut buf, &proof).map_err(|e| ChunkError::Proof(index, e))?;
     buf.resize(data_at + len, 0);
-    session.file.read_exact_at(&mut buf[data_at..], index * chunk_size)?;
+    fill(&session.file, &mut buf[data_at..], index * chunk_size)?;
     let indexed = session.tree.leaves().get(first_leaf as usize..).unwrap_or_default();
     let fresh = buf[data_at..].chunks(chunk_tree::LEAF_SIZE).map(chunk_tree::leaf_hash);
     if fresh.zip(indexed).any(|(now, then)| now != *then) {
-        // The next `catalog new` must hash this file again, though its size and mtime match.
-        let _ = std::fs::remove_file(&session.tree_file);
         return Err(ChunkError::Changed(index));
     }
     session.key.seal_record_in_place(index, unit, &mut buf);
