@@ -1,5 +1,6 @@
-//! fuser callbacks: a thin layer that turns kernel requests into `NatsterFs` calls. Reads run
-//! as tasks on the tokio runtime and reply when done, so a slow catalog never blocks the FUSE
+//! fuser callbacks: a thin layer that turns kernel requests into `NatsterFs` calls. A read the
+//! chunk cache holds is answered on the FUSE thread (memory only, no wait); any other runs as a
+//! task on the tokio runtime and replies when done, so a slow catalog never blocks the FUSE
 //! threads. The mount is read-only (`ro`), so the kernel answers writes with EROFS itself.
 //!
 //! Kernel caches: a listing is immutable per revision and every change is pushed to the kernel
@@ -21,7 +22,7 @@ use fuser::{
     ReplyXattr, Request,
 };
 
-use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs};
+use super::{Attr, Calls, DirSnapshot, FsError, NatsterFs, ReadNow};
 
 /// How long the kernel may trust names and attributes; listing changes are pushed to it
 /// explicitly (see `mount`), so this can be long.
@@ -120,13 +121,21 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         Calls::count(&self.fs.calls.read);
-        let fs = self.fs.clone();
-        self.runtime.spawn(async move {
-            match fs.read(fh.0, offset, size).await {
-                Ok(bytes) => reply.data(&bytes),
-                Err(e) => reply.error(errno(&e)),
+        // Within the runtime: a read answered from the cache may start read-ahead.
+        let _runtime = self.runtime.enter();
+        match self.fs.read_now(fh.0, offset, size) {
+            ReadNow::Done(Ok(bytes)) => reply.data(&bytes),
+            ReadNow::Done(Err(e)) => reply.error(errno(&e)),
+            ReadNow::Fetch(pending) => {
+                let fs = self.fs.clone();
+                self.runtime.spawn(async move {
+                    match fs.read_pending(pending).await {
+                        Ok(bytes) => reply.data(&bytes),
+                        Err(e) => reply.error(errno(&e)),
+                    }
+                });
             }
-        });
+        }
     }
 
     fn release(

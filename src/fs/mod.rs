@@ -30,6 +30,7 @@ use crate::cache::ChunkCache;
 use crate::listing::Listing;
 use crate::protocol::{CatalogEntry, CatalogSummary};
 use read::{Health, OpenFile};
+pub use read::{PendingRead, ReadNow};
 pub use readahead::ReadAhead;
 pub use source::{ChunkSource, RemoteSource};
 use tree::Tree;

@@ -19,6 +19,9 @@
 //!   being fetched, is fetched in the source's small unit (one 16 KiB leaf, cached under its
 //!   own key) instead of a whole chunk: a random 4 KiB read moves 16 KiB, not 256.
 //! - A read inside one cached record is answered with a slice of it, without a copy.
+//! - A read the cache holds whole is answered by [`NatsterFs::read_now`] without awaiting (the
+//!   FUSE thread replies itself); it never claims a chunk, so a miss costs nothing and the
+//!   network path does the full lookup. Either way the read-ahead sees each read once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -146,14 +149,42 @@ impl NatsterFs {
 
     /// Reads `size` bytes at `offset` of open file `fh`, by the read's deadline.
     pub async fn read(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        let file =
-            self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        match self.read_now(fh, offset, size) {
+            ReadNow::Done(result) => result,
+            ReadNow::Fetch(pending) => self.read_pending(pending).await,
+        }
+    }
+
+    /// Starts a read and answers it if the chunk cache holds every byte, without awaiting
+    /// anything, so the FUSE thread can reply at once (no hand-off to the runtime, no timer);
+    /// otherwise gives back what [`NatsterFs::read_pending`] needs. Call within the runtime
+    /// (a hit may start read-ahead). Each read is counted once by the read-ahead, on this path.
+    pub fn read_now(self: &Arc<Self>, fh: u64, offset: u64, size: u32) -> ReadNow {
+        let file = match self.handles.lock().unwrap_or_else(|p| p.into_inner()).get(&fh).cloned() {
+            Some(file) => file,
+            None => return ReadNow::Done(Err(FsError::BadHandle)),
+        };
         let end = offset.saturating_add(u64::from(size)).min(file.entry.byte_size);
         if offset >= end {
-            return Ok(Bytes::new());
+            return ReadNow::Done(Ok(Bytes::new()));
         }
-        let catalog = self.catalog_of(&file)?;
+        let catalog = match self.catalog_of(&file) {
+            Ok(catalog) => catalog,
+            Err(e) => return ReadNow::Done(Err(e)),
+        };
         let window = file.readahead.lock().unwrap_or_else(|p| p.into_inner()).on_read(offset, end - offset);
+        if let Some(bytes) = self.cached_range(&catalog, &file, offset, end) {
+            if window > 0 {
+                self.prefetch(file, end, window);
+            }
+            return ReadNow::Done(Ok(bytes));
+        }
+        ReadNow::Fetch(PendingRead { file, catalog, offset, end, window })
+    }
+
+    /// Finishes a read [`NatsterFs::read_now`] could not answer from the cache.
+    pub async fn read_pending(self: &Arc<Self>, read: PendingRead) -> Result<Bytes, FsError> {
+        let PendingRead { file, catalog, offset, end, window } = read;
         let deadline = catalog.read_deadline(Instant::now(), self.options.read_timeout);
         // The inner steps end by the deadline themselves; this bound only catches a bug.
         let result =
@@ -169,6 +200,22 @@ impl NatsterFs {
             Err(e) => catalog.log_failure(&file.entry.path, offset, e),
         }
         result
+    }
+
+    /// `offset .. end` if every byte is cached: in whole chunks, or for a small read in the
+    /// source's small unit (leaves a random read fetched). None sends the read to the network.
+    fn cached_range(&self, catalog: &MountedCatalog, file: &OpenFile, offset: u64, end: u64) -> Option<Bytes> {
+        let cs = catalog.source.chunk_size_now(&file.entry).filter(|&cs| cs > 0)?;
+        let in_units = |unit: u64| {
+            let (first, last) = (offset / unit, (end - 1) / unit);
+            let keys: Vec<ChunkKey> = (first..=last).map(|i| self.key(file, unit, i)).collect();
+            let chunks = self.cache.get_all(&keys)?;
+            Some(assemble(&chunks, unit, first, offset, end))
+        };
+        in_units(cs).or_else(|| match catalog.source.small_unit(&file.entry) {
+            Some(unit) if end - offset <= cs / 4 => in_units(unit),
+            _ => None,
+        })
     }
 
     /// Bytes `offset .. end` of `file`; `random`: the read is not part of a sequential run.
@@ -190,21 +237,7 @@ impl NatsterFs {
         let first = offset / cs;
         let last = (end - 1) / cs;
         let chunks = self.chunks(file, cs, first, last - first + 1, deadline).await?;
-        if let [chunk] = chunks.as_slice() {
-            let from = (offset - first * cs) as usize;
-            let to = ((end - first * cs) as usize).min(chunk.len());
-            return Ok(chunk.slice(from.min(to)..to));
-        }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let chunk_start = (first + i as u64) * cs;
-            let from = offset.saturating_sub(chunk_start) as usize;
-            let to = ((end - chunk_start) as usize).min(chunk.len());
-            if from < to {
-                out.extend_from_slice(&chunk[from..to]);
-            }
-        }
-        Ok(out.freeze())
+        Ok(assemble(&chunks, cs, first, offset, end))
     }
 
     /// True if every chunk of `offset .. end` is cached or being fetched.
@@ -370,7 +403,7 @@ impl NatsterFs {
     fn prefetch(self: &Arc<Self>, file: Arc<OpenFile>, from: u64, window: u64) {
         let Ok(catalog) = self.catalog_of(&file) else { return };
         // Only files whose chunk size is known: a prefetch never opens a session by itself.
-        let Some(Ok(cs)) = futures::FutureExt::now_or_never(catalog.source.chunk_size(&file.entry)) else { return };
+        let Some(cs) = catalog.source.chunk_size_now(&file.entry) else { return };
         let end = from.saturating_add(window).min(file.entry.byte_size);
         if from >= end || cs == 0 {
             return;
@@ -389,6 +422,42 @@ impl NatsterFs {
             let _ = this.chunks(&file, cs, lo, hi - lo + 1, deadline).await;
         });
     }
+}
+
+/// What a read returns at once: its answer, or the read to finish on the runtime.
+pub enum ReadNow {
+    Done(Result<Bytes, FsError>),
+    Fetch(PendingRead),
+}
+
+/// A read started by [`NatsterFs::read_now`] that needs the network.
+pub struct PendingRead {
+    file: Arc<OpenFile>,
+    catalog: Arc<MountedCatalog>,
+    offset: u64,
+    end: u64,
+    /// The read-ahead's answer for this read (0: not part of a sequential run).
+    window: u64,
+}
+
+/// Bytes `offset .. end` out of consecutive chunks of `cs` bytes starting at chunk `first`; a
+/// range inside one chunk is a slice of it, without a copy.
+fn assemble(chunks: &[Bytes], cs: u64, first: u64, offset: u64, end: u64) -> Bytes {
+    if let [chunk] = chunks {
+        let from = (offset - first * cs) as usize;
+        let to = ((end - first * cs) as usize).min(chunk.len());
+        return chunk.slice(from.min(to)..to);
+    }
+    let mut out = BytesMut::with_capacity((end - offset) as usize);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let chunk_start = (first + i as u64) * cs;
+        let from = offset.saturating_sub(chunk_start) as usize;
+        let to = ((end - chunk_start) as usize).min(chunk.len());
+        if from < to {
+            out.extend_from_slice(&chunk[from..to]);
+        }
+    }
+    out.freeze()
 }
 
 struct ClaimGuard<'a> {

@@ -48,6 +48,10 @@ pub trait ChunkSource: Send + Sync {
     /// at once for a file it has seen before.
     fn chunk_size<'a>(&'a self, entry: &'a CatalogEntry) -> BoxFuture<'a, Result<u64, FsError>>;
 
+    /// The chunk size `entry` is read in if it is known without the network (a file seen
+    /// before, or a v1 catalog's fixed cache unit); None otherwise.
+    fn chunk_size_now(&self, entry: &CatalogEntry) -> Option<u64>;
+
     /// True if this file can only be fetched whole (v1): the caller then claims every chunk,
     /// so concurrent readers share one download.
     fn whole_file(&self, entry: &CatalogEntry) -> bool;
@@ -230,6 +234,10 @@ impl ChunkSource for RemoteSource {
             Ok(self.session(entry).await?.chunk_size())
         }
         .boxed()
+    }
+
+    fn chunk_size_now(&self, entry: &CatalogEntry) -> Option<u64> {
+        self.known_chunk_size(&entry.hash).or_else(|| (!self.client.speaks_v2()).then_some(V1_CACHE_CHUNK))
     }
 
     fn whole_file(&self, _entry: &CatalogEntry) -> bool {

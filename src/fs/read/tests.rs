@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use super::super::{ChunkSource, FsError, FsOptions, MountedCatalog, NatsterFs, ReadAhead, ROOT_INO};
+use super::super::{ChunkSource, FsError, FsOptions, MountedCatalog, NatsterFs, ReadAhead, ReadNow, ROOT_INO};
 use super::OpenFile;
 use crate::protocol::{CatalogEntry, CatalogSummary};
 
@@ -80,6 +80,10 @@ impl ChunkSource for FakeSource {
     fn chunk_size<'a>(&'a self, _entry: &'a CatalogEntry) -> BoxFuture<'a, Result<u64, FsError>> {
         let cs = self.chunk_size;
         async move { Ok(cs) }.boxed()
+    }
+
+    fn chunk_size_now(&self, _entry: &CatalogEntry) -> Option<u64> {
+        Some(self.chunk_size)
     }
 
     fn whole_file(&self, _entry: &CatalogEntry) -> bool {
@@ -373,4 +377,52 @@ async fn random_small_reads_fetch_one_leaf_and_sequential_ones_whole_chunks() {
     fs.read(fh, 0, 4096).await.unwrap();
     assert_eq!(source.units.lock().unwrap()[before], CS);
     settle().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_the_cache_holds_is_answered_at_once_and_a_miss_claims_nothing() {
+    let (fs, source, big) = fake_fs();
+    let leaf = crate::chunk_tree::LEAF_SIZE as u64;
+    *source.small.lock().unwrap() = Some(leaf);
+    let fh = open_big(&fs);
+    let far = (12 << 20) + 5000;
+    let slice = |at: u64, len: usize| &big[at as usize..at as usize + len];
+
+    // A miss goes to the network path and has claimed nothing: the source is not asked yet,
+    // and a second reader of the same range is sent to the network path too.
+    let ReadNow::Fetch(first) = fs.read_now(fh, far, 4096) else { panic!("an empty cache answered a read") };
+    let other = open_big(&fs);
+    let ReadNow::Fetch(second) = fs.read_now(other, far, 4096) else { panic!("an empty cache answered a read") };
+    assert!(source.fetches().is_empty(), "read_now fetched: {:?}", source.fetches());
+    let (a, b) = tokio::join!(fs.read_pending(first), fs.read_pending(second));
+    assert_eq!(&a.unwrap()[..], slice(far, 4096));
+    assert_eq!(&b.unwrap()[..], slice(far, 4096));
+    assert_eq!(source.fetches(), vec![(far / leaf, 1)], "two readers of one leaf share one fetch");
+
+    // Inside the fetched leaf: answered at once, without the source.
+    let ReadNow::Done(Ok(hit)) = fs.read_now(fh, far + 4096, 4096) else { panic!("a cached leaf went to the network") };
+    assert_eq!(&hit[..], slice(far + 4096, 4096));
+    // Past it: the network path, which fetches just the next leaf.
+    let beyond = (far / leaf + 1) * leaf + 100;
+    assert!(matches!(fs.read_now(fh, beyond, 4096), ReadNow::Fetch(_)), "an uncached leaf was answered");
+
+    // Whole chunks read sequentially: the ones read ahead are answered at once, across a
+    // chunk boundary too, and the read-ahead still sees each read once (it keeps growing).
+    let step = 128 * 1024u64;
+    let mut answered_at_once = 0;
+    for k in 0..8u64 {
+        let got = match fs.read_now(fh, k * step, step as u32) {
+            ReadNow::Done(result) => {
+                answered_at_once += 1;
+                result.unwrap()
+            }
+            ReadNow::Fetch(pending) => fs.read_pending(pending).await.unwrap(),
+        };
+        assert_eq!(&got[..], slice(k * step, step as usize));
+        settle().await;
+    }
+    assert!(answered_at_once >= 6, "read-ahead chunks were answered at once only {answered_at_once} of 8 times");
+    let odd = CS - 100;
+    let ReadNow::Done(Ok(across)) = fs.read_now(fh, odd, 4096) else { panic!("two cached chunks went to the network") };
+    assert_eq!(&across[..], slice(odd, 4096));
 }
