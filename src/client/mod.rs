@@ -378,7 +378,8 @@ impl ClientInner {
     async fn request_message<Req: Serialize>(&self, op: Operation, body: &Req) -> Result<async_nats::Message> {
         let subject = self.route.request_subject(&self.catalog, op);
         let payload = serde_json::to_vec(body).map_err(|e| ClientError::Io(e.to_string()))?;
-        let request = self.nats.request(subject, payload.into());
+        // Bounded here, so async-nats is told not to arm a second timer of its own for it.
+        let request = self.nats.send_request(subject, async_nats::Request::new().payload(payload.into()).timeout(None));
         match tokio::time::timeout(self.options.request_timeout, request).await {
             Err(_) => Err(ClientError::Timeout(self.catalog.clone())),
             Ok(Err(e)) => Err(match e.kind() {
