@@ -9,9 +9,15 @@
 //!
 //! Tricky cases: a machine whose ephemeral range starts low (little or nothing below it) falls
 //! back to a kernel-chosen port; a port is only free when checked, so a caller still reports
-//! "in use" clearly if another program takes it before the server binds.
+//! "in use" clearly if another program takes it before the server binds. A port is often
+//! chosen well before anything listens on it (written into a config, then served), so this
+//! process never hands out the same port twice: two servers set up at once in one process
+//! (a cluster's nodes, parallel tests) cannot both get a port that is free only because
+//! neither listens yet.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, TcpListener};
+use std::sync::Mutex;
 
 use anyhow::{Context as _, Result};
 use rand::Rng as _;
@@ -22,6 +28,9 @@ const LOWEST: u16 = 10_000;
 const DEFAULT_EPHEMERAL_LOW: u16 = 32_768;
 /// Candidates tried before falling back to a kernel-chosen port.
 const ATTEMPTS: usize = 64;
+
+/// Ports [`stable_free_port`] has handed out in this process.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// The low end of the kernel's ephemeral port range.
 fn ephemeral_low() -> u16 {
@@ -41,9 +50,11 @@ pub fn loopback_port_is_free(port: u16) -> bool {
 pub fn stable_free_port() -> Result<u16> {
     let high = ephemeral_low();
     if high > LOWEST + 1 {
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
         for _ in 0..ATTEMPTS {
             let port = rand::thread_rng().gen_range(LOWEST..high);
-            if loopback_port_is_free(port) {
+            if !handed_out.contains(&port) && loopback_port_is_free(port) {
+                handed_out.insert(port);
                 return Ok(port);
             }
         }
@@ -76,6 +87,16 @@ mod tests {
                 assert!((LOWEST..low).contains(&port), "{port} not in {LOWEST}..{low}");
             }
         }
+    }
+
+    #[test]
+    fn no_port_is_handed_out_twice_in_one_process() {
+        if ephemeral_low() <= LOWEST + 1 {
+            return; // no range of our own here: ports come from the kernel
+        }
+        let ports: Vec<u16> = (0..500).map(|_| stable_free_port().expect("a port")).collect();
+        let distinct: BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
     }
 
     #[test]
