@@ -177,6 +177,15 @@ fn fake_fs() -> (Arc<NatsterFs>, Arc<FakeSource>, Vec<u8>) {
     (fs, source, big)
 }
 
+/// [`fake_fs`] whose source also offers one chunk tree leaf as its small unit (v2 with a
+/// session); the leaf size comes last.
+fn fake_fs_with_leaves() -> (Arc<NatsterFs>, Arc<FakeSource>, Vec<u8>, u64) {
+    let (fs, source, big) = fake_fs();
+    let leaf = crate::chunk_tree::LEAF_SIZE as u64;
+    *source.small.lock().unwrap() = Some(leaf);
+    (fs, source, big, leaf)
+}
+
 fn open_big(fs: &NatsterFs) -> u64 {
     let c = fs.lookup(ROOT_INO, "c").unwrap();
     let f = fs.lookup(c.ino, "big.mp4").unwrap();
@@ -357,9 +366,7 @@ async fn listing_builds_folders_and_diffs_on_refresh() {
 
 #[tokio::test(start_paused = true)]
 async fn random_small_reads_fetch_one_leaf_and_sequential_ones_whole_chunks() {
-    let (fs, source, big) = fake_fs();
-    let leaf = crate::chunk_tree::LEAF_SIZE as u64;
-    *source.small.lock().unwrap() = Some(leaf);
+    let (fs, source, big, leaf) = fake_fs_with_leaves();
     let fh = open_big(&fs);
     // A random 4 KiB read: one leaf, not a chunk.
     let far = (12 << 20) + 5000;
@@ -381,9 +388,7 @@ async fn random_small_reads_fetch_one_leaf_and_sequential_ones_whole_chunks() {
 
 #[tokio::test(start_paused = true)]
 async fn a_read_the_cache_holds_is_answered_at_once_and_a_miss_claims_nothing() {
-    let (fs, source, big) = fake_fs();
-    let leaf = crate::chunk_tree::LEAF_SIZE as u64;
-    *source.small.lock().unwrap() = Some(leaf);
+    let (fs, source, big, leaf) = fake_fs_with_leaves();
     let fh = open_big(&fs);
     let far = (12 << 20) + 5000;
     let slice = |at: u64, len: usize| &big[at as usize..at as usize + len];
