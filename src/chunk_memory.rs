@@ -10,7 +10,8 @@
 //! cache evicting one chunk per chunk it takes) no page is faulted in or zeroed again.
 //!
 //! Invariants:
-//! - a buffer is exactly the length asked for; its bytes are the copy made into it;
+//! - a buffer is exactly the length asked for; its bytes are the copy made into it (or, from
+//!   [`ChunkBuffer::with_len`], whatever the caller writes over all of it);
 //! - the pool holds at most [`SPARE_BYTES`] of spare mappings, so memory is the cache budget
 //!   plus that; the rest are unmapped when dropped;
 //! - at most [`MAX_MAPPINGS`] mappings are live (the kernel's per-process limit is 65,530 and
@@ -45,13 +46,20 @@ pub struct Mapping(Option<memmap2::MmapMut>);
 impl ChunkBuffer {
     /// A buffer holding a copy of `src`.
     pub fn copy_of(src: &[u8]) -> ChunkBuffer {
-        if src.len() >= OWN_MAPPING_MIN {
-            if let Some(mut map) = Mapping::take(src.len()) {
-                map.as_mut_slice().copy_from_slice(src);
+        let mut buf = ChunkBuffer::with_len(src.len());
+        buf.as_mut_slice().copy_from_slice(src);
+        buf
+    }
+
+    /// A buffer of `len` bytes for the caller to overwrite whole (a chunk decrypted into
+    /// it): a reused mapping still holds an earlier chunk's bytes, so never read it first.
+    pub fn with_len(len: usize) -> ChunkBuffer {
+        if len >= OWN_MAPPING_MIN {
+            if let Some(map) = Mapping::take(len) {
                 return ChunkBuffer::Mapped(map);
             }
         }
-        ChunkBuffer::Heap(src.to_vec())
+        ChunkBuffer::Heap(vec![0; len])
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {

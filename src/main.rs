@@ -314,7 +314,7 @@ enum CatalogCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Download one file of catalog NAME, by hash or path, verified against its sha256.
+    /// Download one file of catalog NAME, by hash or path, verified before it takes its name.
     Download {
         name: String,
         /// The file's sha256 or its path in the catalog.

@@ -306,7 +306,7 @@ async fn concurrent_downloads_of_the_big_file() {
         .collect();
     for task in tasks {
         let (target, written) = within("a concurrent download", task).await.expect("download task");
-        assert_eq!(written, Ok(BIG as u64), "{}", target.display());
+        assert_eq!(written, Ok((BIG as u64, client::Verified::ChunkTree)), "{}", target.display());
         let got = std::fs::read(&target).expect("downloaded file");
         assert!(got == big.bytes, "{} differs from the source", target.display());
     }

@@ -1,11 +1,12 @@
-//! `catalog download`: one file, verified against its sha256, to a path or to standard output.
+//! `catalog download`: one file, verified (every chunk against the signed chunk tree; from an
+//! original v1 peer, the whole file against its sha256), to a path or to standard output.
 //!
 //! Invariants and tricky cases:
 //! - Nothing is left behind on any exit path: the temporary file (`.natster-download-*.partial`
 //!   beside OUT) is deleted when its owner drops, and SIGINT/SIGTERM drop the whole download
 //!   future before the process exits (signals would otherwise kill it without unwinding).
 //! - OUT `-` downloads and verifies into a temporary file in `$TMPDIR`, unlinks it, then copies
-//!   it out: a reader never gets a byte that failed the sha256 check.
+//!   it out: a reader never gets a byte that failed verification.
 //! - The file gets 0666 less the umask, like any file a program creates.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,7 @@ fn find_entry<'a>(entries: &'a [CatalogEntry], what: &str) -> Option<&'a Catalog
 /// `catalog download`. A signal drops the download future, whose temporary file is deleted
 /// on drop; nothing is left behind on any exit path. With OUT `-` the file is downloaded and
 /// verified into an unlinked temporary file first and only then copied to standard output, so a
-/// reader never receives a byte that failed the sha256 check (the price: the file's size in
+/// reader never receives a byte that failed verification (the price: the file's size in
 /// `$TMPDIR`, and no output before the download ends).
 pub async fn catalog_download(
     g: &Globals,
@@ -100,11 +101,11 @@ async fn download(g: &Globals, name: &str, what: &str, out: &Path, force: bool, 
     let written =
         client::download_to_file(&client, &entry.hash, entry.byte_size, &out, |n| progress.set_position(n)).await;
     progress.finish_and_clear();
-    let written = written?;
+    let (written, verified) = written?;
     let secs = started.elapsed().as_secs_f64().max(1e-6);
     let summary = |to: &str| {
         format!(
-            "{} ({}) → {to} in {:.2}s, {}/s, sha256 verified",
+            "{} ({}) → {to} in {:.2}s, {}/s, {verified}",
             entry.path,
             human_size(written),
             secs,

@@ -23,7 +23,7 @@ mod listing;
 mod session;
 mod v1;
 
-pub use download::download_to_file;
+pub use download::{download_to_file, Verified};
 pub use listing::{MAX_ENTRIES, MAX_LISTING_BYTES};
 pub use session::RemoteFile;
 
