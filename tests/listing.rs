@@ -5,13 +5,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::mounted::{bounded, Mounted, MOUNT_IO_DEADLINE};
+use common::mounted::{bounded, fuse_calls as calls, getxattr, Mounted, MOUNT_IO_DEADLINE};
 use common::*;
 
 /// Bound on a listing change reaching the mount (server reload, heartbeat, refresh).
@@ -38,31 +38,6 @@ impl Env {
         let root = self.tree.path().to_str().unwrap().to_string();
         self.home.run_async(["catalog", "new", "media", root.as_str()]).await.assert_success("re-index");
     }
-}
-
-fn getxattr(path: &Path, name: &str) -> Result<String, String> {
-    let (p, n) = (path.to_path_buf(), name.to_string());
-    bounded(&format!("getxattr {name}"), MOUNT_IO_DEADLINE, move || {
-        let c_path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-        let c_name = std::ffi::CString::new(n).unwrap();
-        let mut buf = vec![0u8; 4096];
-        // SAFETY: valid C strings and a buffer of the given length.
-        let len = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if len < 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
-        buf.truncate(len as usize);
-        Ok(String::from_utf8_lossy(&buf).into_owned())
-    })
-}
-
-/// The mount's FUSE request counts by kind.
-fn calls(mount: &Path) -> BTreeMap<String, u64> {
-    let text = getxattr(mount, "user.natster.calls").expect("user.natster.calls on the mount root");
-    text.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.parse().expect("a count")))
-        .collect()
 }
 
 fn ls_lr(dir: &Path) -> String {

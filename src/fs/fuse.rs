@@ -36,6 +36,8 @@ const ROOT_TTL: Duration = Duration::from_secs(1);
 /// Kernel requests in flight in the background (read-ahead): the kernel's default is 12, too few
 /// to keep a window of chunks moving for several readers.
 const MAX_BACKGROUND: u16 = 64;
+/// Largest read the kernel sends at once for a sequential run (its read-ahead), in bytes.
+pub const KERNEL_READAHEAD: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     pub fs: Arc<NatsterFs>,
@@ -69,7 +71,7 @@ fn file_attr(a: &Attr) -> FileAttr {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Let the kernel read ahead in large requests; our own read-ahead works past it.
-        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_readahead(KERNEL_READAHEAD);
         // Names and attributes in one reply: `ls -l` of a fresh folder needs no lookup per entry.
         let _ =
             config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO);

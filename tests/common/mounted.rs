@@ -209,3 +209,29 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// Extended attribute `name` of `path` as text, within the mount I/O deadline.
+pub fn getxattr(path: &Path, name: &str) -> Result<String, String> {
+    let (p, n) = (path.to_path_buf(), name.to_string());
+    bounded(&format!("getxattr {name}"), MOUNT_IO_DEADLINE, move || {
+        let c_path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let c_name = std::ffi::CString::new(n).unwrap();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: valid C strings and a buffer of the given length.
+        let len = unsafe { libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if len < 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        buf.truncate(len as usize);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    })
+}
+
+/// The mount's FUSE request counts by kind (`user.natster.calls` on its root).
+pub fn fuse_calls(mount: &Path) -> std::collections::BTreeMap<String, u64> {
+    let text = getxattr(mount, "user.natster.calls").expect("user.natster.calls on the mount root");
+    text.split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().expect("a count")))
+        .collect()
+}

@@ -40,12 +40,12 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::fuse::FuseAdapter;
+use super::fuse::{FuseAdapter, KERNEL_READAHEAD};
 use super::{FsOptions, Invalidations, NatsterFs};
 use crate::client::ClientOptions;
 pub use catalogs::{gather, gather_catalogs, plan_catalogs, Gathered, Planned};
 pub use mountpoint::{check_mountpoint, check_mountpoint_clearing_stale, is_mounted, top_mount, umount};
-use mountpoint::{detach_lazily, is_autofs, mount_directly, unmount_directly};
+use mountpoint::{detach_lazily, is_autofs, mount_directly, unmount_directly, widen_readahead};
 use refresh::{keep_fresh, Refresher};
 
 /// Longest the mount waits for first listings before it appears.
@@ -201,6 +201,9 @@ impl LiveMount {
             let _ = ended_tx.send(());
             let _ = result_tx.send(result);
         })?;
+        if let Some(path) = &mountpoint {
+            widen_readahead(path, KERNEL_READAHEAD / 1024);
+        }
         let tasks = vec![
             runtime.spawn(forward_invalidations(invalidated, notifier)),
             runtime.spawn(keep_fresh(refresher.clone(), nats, connected)),

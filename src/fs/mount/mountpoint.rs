@@ -1,5 +1,6 @@
 //! The mountpoint: checks before mounting, mounting over an autofs trigger ourselves, the
-//! topmost mount on a path (from /proc/self/mountinfo), and `umount`.
+//! topmost mount on a path (from /proc/self/mountinfo), the kernel's read-ahead on our mount
+//! (raised where we may), and `umount`.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -137,16 +138,47 @@ pub fn top_mount(abs: &Path) -> Option<(String, String)> {
 }
 
 fn top_mount_in(info: &str, abs: &Path) -> Option<(String, String)> {
+    let line = top_mount_line(info, abs)?;
+    let mut fields = line.split_once(" - ")?.1.split(' ');
+    Some((fields.next()?.to_string(), fields.next().unwrap_or_default().to_string()))
+}
+
+/// The sysfs file holding the read-ahead of the topmost mount on `abs`: its device is the
+/// mountinfo line's `major:minor`, digits only, so nothing else can become part of the path.
+fn readahead_knob(info: &str, abs: &Path) -> Option<PathBuf> {
+    let device = top_mount_line(info, abs)?.split(' ').nth(2)?;
+    let (major, minor) = device.split_once(':')?;
+    let digits = |n: &str| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+    (digits(major) && digits(minor)).then(|| Path::new("/sys/class/bdi").join(device).join("read_ahead_kb"))
+}
+
+/// The mountinfo line of the topmost mount on `abs`: the last line for a mountpoint is the
+/// topmost of mounts stacked on it.
+fn top_mount_line<'a>(info: &'a str, abs: &Path) -> Option<&'a str> {
     let wanted = abs.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011");
-    // The last line for a mountpoint is the topmost of mounts stacked on it.
-    info.lines()
-        .rev()
-        .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-        .filter_map(|l| {
-            let mut fields = l.split_once(" - ")?.1.split(' ');
-            Some((fields.next()?.to_string(), fields.next().unwrap_or_default().to_string()))
-        })
-        .next()
+    info.lines().rev().find(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// Raises the kernel's read-ahead on the mount at `abs` to `kb` KiB, best effort. The kernel
+/// takes the smaller of what the filesystem asks for at init and the device's
+/// `read_ahead_kb`, whose default (128 KiB) would cut every sequential read into 128 KiB
+/// requests. Only root may write it; anyone else keeps the default (debug log), which costs
+/// about a tenth of cold sequential speed (8192 requests per GiB instead of 1024).
+pub(super) fn widen_readahead(abs: &Path, kb: u32) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(knob) = readahead_knob(&info, abs) else {
+        return tracing::debug!("{} is not in /proc/self/mountinfo; kernel read-ahead left as it is", abs.display());
+    };
+    let now = std::fs::read_to_string(&knob).ok().and_then(|v| v.trim().parse::<u32>().ok());
+    if now.is_some_and(|now| now >= kb) {
+        return;
+    }
+    match std::fs::write(&knob, kb.to_string()) {
+        Ok(()) => tracing::debug!("kernel read-ahead on {} raised to {kb} KiB", abs.display()),
+        Err(e) => {
+            tracing::debug!("kernel read-ahead on {} left at {now:?} KiB: {}: {e}", abs.display(), knob.display())
+        }
+    }
 }
 /// Detaches the mount at `path` lazily (`fusermount3 -uz`): it leaves the namespace now.
 pub(super) fn detach_lazily(path: &Path) {
@@ -207,5 +239,9 @@ mod tests {
         assert_eq!(top_mount_in(info, Path::new("/mnt/n")), Some(("fuse.natster-mount".into(), "natster".into())));
         assert_eq!(top_mount_in(info, Path::new("/mnt/my media")), Some(("autofs".into(), "systemd-1".into())));
         assert_eq!(top_mount_in(info, Path::new("/mnt")), None);
+        assert_eq!(readahead_knob(info, Path::new("/mnt/n")), Some(PathBuf::from("/sys/class/bdi/0:50/read_ahead_kb")));
+        assert_eq!(readahead_knob(info, Path::new("/mnt")), None);
+        let odd = "26 25 0:../x / /mnt/n rw - fuse natster rw\n";
+        assert_eq!(readahead_knob(odd, Path::new("/mnt/n")), None, "a device that is not major:minor");
     }
 }
