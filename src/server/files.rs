@@ -50,6 +50,16 @@ impl FileIdentity {
     }
 }
 
+/// Tells the kernel bytes `offset .. offset+len` of `file` will be read soon
+/// (`POSIX_FADV_WILLNEED`): it starts reading them into the page cache without waiting.
+/// Only a hint: a failure changes nothing but speed. Blocking (it may queue disk I/O).
+pub fn will_need(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else { return };
+    // SAFETY: fadvise reads nothing but its arguments; the descriptor is open for `file`'s life.
+    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_WILLNEED) };
+}
+
 /// Opens `rel` (a catalog path) for reading only if it resolves to a regular file inside
 /// `root`. Checked twice: before opening (no `..`, canonical path under the root) and after,
 /// on the open descriptor itself, so a symlink swapped in between cannot escape.

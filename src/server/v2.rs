@@ -34,7 +34,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::cached::{self, Cached};
-use super::files::FileIdentity;
+use super::files::{self, FileIdentity};
 use super::{parse, refuse, Refusal, Shared};
 use crate::chunk_tree::{self, Tree};
 use crate::crypto::{self, EphemeralKey, SessionBinding, SessionKey};
@@ -214,6 +214,12 @@ impl Shared {
         } else {
             let session = session.clone();
             tokio::task::spawn_blocking(move || {
+                if count > 1 {
+                    // The records after the first are read by other blocking tasks, a few at
+                    // a time and out of order; asking the kernel for the whole run now lets a
+                    // cold disk read it ahead in large requests meanwhile.
+                    files::will_need(&session.file, (first + 1) * chunk_size, u64::from(count - 1) * chunk_size);
+                }
                 let now = FileIdentity::of_file(&session.file)?;
                 let sealed =
                     if now == session.indexed { Some(seal_chunk(&session, first, chunk_size, unit)) } else { None };
