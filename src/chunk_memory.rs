@@ -10,8 +10,8 @@
 //! cache evicting one chunk per chunk it takes) no page is faulted in or zeroed again.
 //!
 //! Invariants:
-//! - a buffer is exactly the length asked for; its bytes are the copy made into it (or, from
-//!   [`ChunkBuffer::with_len`], whatever the caller writes over all of it);
+//! - a buffer is exactly the length asked for; its bytes are whatever the caller writes over
+//!   all of it (a chunk decrypted into it);
 //! - the pool holds at most [`SPARE_BYTES`] of spare mappings, so memory is the cache budget
 //!   plus that; the rest are unmapped when dropped;
 //! - at most [`MAX_MAPPINGS`] mappings are live (the kernel's per-process limit is 65,530 and
@@ -44,13 +44,6 @@ pub enum ChunkBuffer {
 pub struct Mapping(Option<memmap2::MmapMut>);
 
 impl ChunkBuffer {
-    /// A buffer holding a copy of `src`.
-    pub fn copy_of(src: &[u8]) -> ChunkBuffer {
-        let mut buf = ChunkBuffer::with_len(src.len());
-        buf.as_mut_slice().copy_from_slice(src);
-        buf
-    }
-
     /// A buffer of `len` bytes for the caller to overwrite whole (a chunk decrypted into
     /// it): a reused mapping still holds an earlier chunk's bytes, so never read it first.
     pub fn with_len(len: usize) -> ChunkBuffer {
@@ -142,11 +135,18 @@ mod tests {
     /// The pool is one per process: its tests take turns.
     static POOL_TESTS: Mutex<()> = Mutex::new(());
 
+    /// A buffer holding a copy of `src`, as a chunk decrypted into it would.
+    fn copy_of(src: &[u8]) -> ChunkBuffer {
+        let mut buf = ChunkBuffer::with_len(src.len());
+        buf.as_mut_slice().copy_from_slice(src);
+        buf
+    }
+
     #[test]
     fn large_buffers_are_mapped_and_reused_small_ones_are_heap_and_both_keep_their_bytes() {
         let _turn = POOL_TESTS.lock();
         let large: Vec<u8> = (0..OWN_MAPPING_MIN + 5).map(|i| i as u8).collect();
-        let buf = ChunkBuffer::copy_of(&large);
+        let buf = copy_of(&large);
         assert!(matches!(buf, ChunkBuffer::Mapped(_)));
         let bytes = buf.freeze();
         assert_eq!(&bytes[..], &large[..]);
@@ -154,12 +154,12 @@ mod tests {
         drop(bytes);
         // The dropped mapping is the spare one the next chunk of its size gets.
         let other: Vec<u8> = (0..OWN_MAPPING_MIN + 5).map(|i| (i * 7) as u8).collect();
-        let again = ChunkBuffer::copy_of(&other).freeze();
+        let again = copy_of(&other).freeze();
         assert_eq!(again.as_ptr(), addr);
         assert_eq!(&again[..], &other[..]);
 
         let small = vec![7u8; 100];
-        let buf = ChunkBuffer::copy_of(&small);
+        let buf = copy_of(&small);
         assert!(matches!(buf, ChunkBuffer::Heap(_)));
         assert_eq!(&buf.freeze()[..], &small[..]);
     }
@@ -168,8 +168,7 @@ mod tests {
     fn the_spare_pool_is_bounded() {
         let _turn = POOL_TESTS.lock();
         let size = OWN_MAPPING_MIN + 4096 * 3;
-        let bufs: Vec<Bytes> =
-            (0..2 * SPARE_BYTES / size + 2).map(|_| ChunkBuffer::copy_of(&vec![1u8; size]).freeze()).collect();
+        let bufs: Vec<Bytes> = (0..2 * SPARE_BYTES / size + 2).map(|_| copy_of(&vec![1u8; size]).freeze()).collect();
         drop(bufs);
         let held: usize = SPARE.lock().map(|s| s.iter().map(|m| m.len()).sum()).unwrap_or(0);
         assert!(held <= SPARE_BYTES, "{held} spare bytes");
