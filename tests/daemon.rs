@@ -402,7 +402,7 @@ fn mount_by_fstab(line: &str, dir: &Path) -> (RunOutput, tempfile::NamedTempFile
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fstab_line_mounts_through_mount_fuse3_and_umount_removes_it() {
     require_fuse!();
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/sbin/mount.fuse3").exists() {
+    if !running_as_root() || !Path::new("/sbin/mount.fuse3").exists() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "mount(8) as root and mount.fuse3 are needed");
         eprintln!("SKIPPED fstab test: needs root and /sbin/mount.fuse3");
         return;
@@ -561,7 +561,7 @@ impl Drop for Autofs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_autofs_trigger_on_the_target_is_mounted_over_not_refused() {
     require_fuse!();
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/sbin/mount.fuse3").exists() {
+    if !running_as_root() || !Path::new("/sbin/mount.fuse3").exists() {
         assert!(std::env::var("CI").as_deref() != Ok("true"), "mount(8) as root and mount.fuse3 are needed");
         eprintln!("SKIPPED autofs test: needs root and /sbin/mount.fuse3");
         return;

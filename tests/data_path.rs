@@ -132,14 +132,9 @@ async fn a_sequential_read_arrives_in_large_requests() {
     assert!(got == bytes, "the file read through the mount differs from the source");
     let reads = fuse_calls(m.path()).get("read").copied().unwrap_or(0) - before;
     eprintln!("16 MiB read sequentially in {reads} FUSE reads");
-    if nix_is_root() {
+    if running_as_root() {
         // 16 at a MiB each; a few more where the kernel's read-ahead window ramps up.
         assert!(reads <= 40, "{reads} FUSE reads for 16 MiB: the kernel's read-ahead was not raised");
     }
     m.stop();
-}
-
-fn nix_is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }

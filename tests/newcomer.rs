@@ -279,8 +279,7 @@ impl Drop for Tmpfs {
 /// natster mount is still detached.
 #[test]
 fn umount_only_unmounts_natster_mounts() {
-    // SAFETY: geteuid has no side effects.
-    if unsafe { libc::geteuid() } != 0 {
+    if !running_as_root() {
         eprintln!("skipping: mounting a tmpfs needs root");
         return;
     }

@@ -489,6 +489,12 @@ pub fn code(reply: &serde_json::Value) -> u64 {
     reply["code"].as_u64().unwrap_or_else(|| panic!("reply has no code: {reply}"))
 }
 
+/// True if the tests run as root (mounting tmpfs, mount(8), the FUSE device's sysfs knobs).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and no side effects.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Deterministic, fast pseudo-random bytes (splitmix64), different for every `seed`.
 pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
