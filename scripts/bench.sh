@@ -568,26 +568,31 @@ if part 3a; then
 log "3a/3b. sequential read: cold (fresh mount, page cache dropped; median of $BENCH_REPEAT, natster and sshfs alternated), then warm (read again)"
 n_colds=()
 s_colds=()
+# seq_pass MOUNT WHAT PASS: a cold read of MOUNT's big file (sets COLD) and, on pass 0, a
+# warm one right after (sets WARM).
+seq_pass() {
+  drop_caches
+  seq_read "$1/media/big.bin" "$2 (cold)"
+  COLD=$RATE
+  if [ "$3" -eq 0 ]; then
+    seq_read "$1/media/big.bin" "$2 (warm)"
+    WARM=$RATE
+  fi
+}
 for ((r = 0; r < BENCH_REPEAT; r++)); do
   mount_natster
   [ "$r" -eq 0 ] && echo "natster mount up in ${MOUNT_SECS}s"
-  drop_caches
-  seq_read "$MNT_N/media/big.bin" "the natster mount (cold)"
-  n_colds+=("$RATE")
+  seq_pass "$MNT_N" "the natster mount" "$r"
+  n_colds+=("$COLD")
   if [ "$r" -eq 0 ]; then
-    seq_read "$MNT_N/media/big.bin" "the natster mount (warm)"
-    N_WARM=$RATE
+    N_WARM=$WARM
     echo "natster mount peak RSS after the sequential reads: $(mount_rss) MiB (cache budget 256M by default)"
   fi
   unmount_natster
   mount_sshfs
-  drop_caches
-  seq_read "$MNT_S/media/big.bin" "sshfs (cold)"
-  s_colds+=("$RATE")
-  if [ "$r" -eq 0 ]; then
-    seq_read "$MNT_S/media/big.bin" "sshfs (warm)"
-    S_WARM=$RATE
-  fi
+  seq_pass "$MNT_S" "sshfs" "$r"
+  s_colds+=("$COLD")
+  [ "$r" -eq 0 ] && S_WARM=$WARM
   unmount_sshfs
 done
 N_COLD=$(median "${n_colds[@]}")
