@@ -57,6 +57,48 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// An exclusive `flock` on a lock file of its own (created 0600 if missing), released when
+/// dropped: how processes sharing a home take turns at a read-modify-write of one of its
+/// files. The file being updated is replaced by rename, so it cannot carry the lock itself.
+#[derive(Debug)]
+pub struct FileLock(#[allow(dead_code)] std::fs::File);
+
+impl FileLock {
+    /// Waits for the lock. Blocking: call it through [`blocking`] from async code.
+    pub fn acquire(path: &Path) -> Result<FileLock> {
+        Self::lock(path, libc::LOCK_EX)?.with_context(|| format!("cannot lock {}", path.display()))
+    }
+
+    /// The lock if no other process holds it, else `Ok(None)`; never waits.
+    pub fn try_acquire(path: &Path) -> Result<Option<FileLock>> {
+        Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
+    }
+
+    fn lock(path: &Path, operation: libc::c_int) -> Result<Option<FileLock>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        loop {
+            // SAFETY: flock(2) on a descriptor we own; it reads nothing else.
+            if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
+                return Ok(Some(FileLock(file)));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) => return Ok(None),
+                _ => return Err(e).with_context(|| format!("cannot lock {}", path.display())),
+            }
+        }
+    }
+}
+
 /// Reads and parses a JSON file; `Ok(None)` if it does not exist.
 pub fn load_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     match std::fs::read(path) {
@@ -82,6 +124,18 @@ mod tests {
         assert_eq!(load_json::<Vec<u32>>(&path).unwrap(), Some(vec![1, 2]));
         assert_eq!(load_json::<Vec<u32>>(&dir.path().join("none")).unwrap(), None);
         assert_eq!(std::fs::read_dir(path.parent().unwrap()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    #[test]
+    fn a_file_lock_is_held_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".x.lock");
+        let held = FileLock::acquire(&path).unwrap();
+        // flock locks belong to the open file, so a second open in this process contends too.
+        assert!(FileLock::try_acquire(&path).unwrap().is_none(), "taken while held");
+        drop(held);
+        assert!(FileLock::try_acquire(&path).unwrap().is_some(), "free once dropped");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

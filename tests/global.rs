@@ -731,6 +731,37 @@ async fn without_a_global_service_everything_but_the_inbox_works() {
     assert!(who.is_some_and(|w| w.initialized > 0), "eve's kept natster_initialized was sent");
 }
 
+/// A share made while the global service is down reaches the inbox once it runs again with
+/// no further command from the owner: the owner's running `up` sends what the command kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_up_sends_the_events_kept_during_an_outage() {
+    let net = network(false);
+    let (alice, _tree) = with_catalog(&net.op, "alice").await;
+    let bob = Person::with_account(&net.op, "bob").await;
+    let up = Serve::command(&alice, &["up", "--no-mount", "--log", "natster_mount=debug,warn"]);
+    let share = alice.run(&["catalog", "share", "media", "bob"]).await;
+    share.assert_success("share");
+    one_unavailable_line(&share, "share");
+    let outbox = alice.home.path().join("default.outbox.json");
+    assert!(outbox.exists(), "the share event was kept");
+
+    let _instance = GlobalServe::start(&net.op, &[]);
+    let wanted = format!("natster-mount catalog import media {}", alice.key());
+    let took = Instant::now();
+    wait_for("alice's share in bob's inbox, sent by her running up", Duration::from_secs(45), || {
+        let (bob, wanted) = (&bob, &wanted);
+        async move { bob.run(&["catalog", "inbox"]).await.stdout.contains(wanted.as_str()).then_some(()) }
+    })
+    .await;
+    eprintln!("kept share in bob's inbox {:?} after the global service started", took.elapsed());
+    assert!(!outbox.exists(), "nothing left kept:\n{}", up.log());
+    assert!(
+        up.log().contains("event(s) kept while the global service did not answer"),
+        "up says what it sent:\n{}",
+        up.log()
+    );
+}
+
 /// An own catalog served by another process is online in the owner's mount at once: its
 /// server answers the mount's `$SRV.PING.natster-catalog` (no global service here, and its
 /// next heartbeat is ten minutes away).

@@ -69,7 +69,6 @@ pub mod helper;
 pub mod inbox;
 pub mod nats_context;
 pub mod network;
-mod outbox;
 mod parse;
 pub mod service;
 mod up;

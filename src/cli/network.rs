@@ -24,10 +24,10 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use crate::accounts::{self, Operator, ServerVersion, HUB_CATALOG};
-use crate::cli::outbox::Outbox;
 use crate::cli::Globals;
 use crate::context::{Context, Home, ImportedCatalog};
-use crate::global::client::{unavailable_line, CallError, GlobalClient};
+use crate::global::client::{unavailable_line, CallError, GlobalClient, EVENT_TIMEOUT};
+use crate::global::outbox::Outbox;
 use crate::global::wire;
 use crate::global::GlobalOptions;
 use crate::server::{CatalogServer, ServerOptions};
@@ -35,9 +35,6 @@ use crate::shares::ShareList;
 
 /// Longest a command waits for the global service.
 pub const GLOBAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest a command waits for the global service to log an event: past its append's own
-/// bound ([`crate::global::events::APPEND_DEADLINE`]).
-pub const EVENT_TIMEOUT: Duration = Duration::from_secs(14);
 /// Longest `operator up` waits for its global service to answer.
 const GLOBAL_READY_WAIT: Duration = Duration::from_secs(15);
 /// The hub's sample when no folder is given and there is no `examples/media` here.
@@ -96,9 +93,7 @@ pub async fn emit_as(
                         "nats-server {version} is older than {MIN_GLOBAL_NATS_SERVER}, which the global service needs"
                     )));
                 }
-                for e in events {
-                    outbox.keep(e);
-                }
+                outbox.keep(events);
                 return;
             }
             None => GlobalClient::new(nats, EVENT_TIMEOUT),
@@ -107,20 +102,18 @@ pub async fn emit_as(
             if !quiet {
                 warn_unavailable(&CallError::Unavailable(format!("{e:#}")));
             }
-            for e in events {
-                outbox.keep(e);
-            }
+            outbox.keep(events);
             return;
         }
     };
     let mut events = events.into_iter();
     let first = events.next();
-    let mut delivered = outbox.deliver(&client, first).await;
+    let mut delivered = outbox.deliver(&client, first).await.map(drop);
     for e in events {
         delivered = match delivered {
-            Ok(()) => outbox.deliver(&client, Some(e)).await,
+            Ok(()) => outbox.deliver(&client, Some(e)).await.map(drop),
             Err(err) => {
-                outbox.keep(e);
+                outbox.keep([e]);
                 Err(err)
             }
         };

@@ -7,6 +7,7 @@
 //! - `watch`: debounced file watching (`notify`).
 //! - `served`: one served catalog: server, folder watch and re-index, notices (`notice`).
 //! - `at_login`: which catalogs `up` serves.
+//! - `kept_events`: sends the events a command kept while the global service was down.
 //! - `status`: the control socket `natster-mount status` asks.
 //! - `ready`: sd_notify and the readiness pipe of a daemonizing parent.
 //!
@@ -31,6 +32,7 @@
 //!   small reads of a reconcile never stall request handling.
 
 pub mod at_login;
+mod kept_events;
 pub mod link;
 mod notice;
 pub mod ready;
@@ -50,6 +52,7 @@ use crate::fs::mount::{self, LiveMount, MountOptions, Target};
 use crate::server::ServerOptions;
 use crate::serving::ServeRecord;
 use at_login::AtLogin;
+use kept_events::KeptEvents;
 use ready::ReadyPipe;
 use served::ServedCatalog;
 
@@ -265,6 +268,7 @@ fn start(
         _ => None,
     };
     let link = runtime.block_on(link::connect(&context, config.connect_timeout))?;
+    let kept_events = KeptEvents::start(home, &config.context, &context, link.nats.clone(), link.connected.clone());
     let (plan_target, mount_options) = match config.mount {
         Some(plan) => (Some(plan.target), Some(plan.options)),
         None => (None, None),
@@ -275,6 +279,7 @@ fn start(
         context_name: config.context,
         server_url: context.server.clone(),
         link,
+        kept_events,
         mount_options,
         server_options: config.server,
         served: Mutex::new(BTreeMap::new()),
@@ -323,6 +328,7 @@ struct Daemon {
     context_name: String,
     server_url: String,
     link: link::Link,
+    kept_events: Option<KeptEvents>,
     mount_options: Option<MountOptions>,
     server_options: ServerOptions,
     served: Mutex<BTreeMap<String, ServeTask>>,
@@ -381,6 +387,9 @@ impl Daemon {
 
     /// Brings the mount and the servers in line with the home.
     async fn reconcile(&self, live: Option<&LiveMount>) {
+        if let Some(k) = &self.kept_events {
+            k.wake();
+        }
         let state = self.read_home().await;
         if let (Some(live), Some(options), Some(context)) = (live, &self.mount_options, &state.context) {
             let planned = mount::plan_catalogs(&self.home, context);

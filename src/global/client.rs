@@ -33,6 +33,11 @@ pub fn unavailable_line(e: &CallError) -> String {
     format!("note: presence and the inbox are unavailable: {e}; sharing and reading work without them")
 }
 
+/// Longest a caller waits for the global service to log an event: past its append's own
+/// bound ([`crate::global::events::APPEND_DEADLINE`]). Giving up sooner would keep the event
+/// for a resend while the service's own retry may still log it, logging it twice.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(14);
+
 #[derive(Clone)]
 pub struct GlobalClient {
     nats: async_nats::Client,

@@ -30,6 +30,7 @@
 pub mod client;
 pub mod events;
 pub mod otc;
+pub mod outbox;
 pub mod presence;
 pub mod projections;
 pub mod service;

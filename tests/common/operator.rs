@@ -204,7 +204,8 @@ impl Person {
     }
 }
 
-/// `catalog serve CATALOG` as a person, not waited for; Drop kills and reaps it.
+/// `catalog serve CATALOG` (or any long-running command) as a person, not waited for; Drop
+/// kills and reaps it.
 pub struct Serve(Child, tempfile::NamedTempFile);
 
 impl Serve {
@@ -214,10 +215,19 @@ impl Serve {
 
     /// Like [`Serve::start`], with extra `catalog serve` arguments.
     pub fn start_with(person: &Person, catalog: &str, extra: &[&str]) -> Serve {
-        let log = tempfile::NamedTempFile::new().expect("serve log");
         let args: Vec<&str> = ["catalog", "serve", catalog].iter().chain(extra).copied().collect();
-        let child =
-            person.command(&args).stdout(Stdio::null()).stderr(log.reopen().expect("log")).spawn().expect("serve");
+        Self::command(person, &args)
+    }
+
+    /// `natster-mount ARGS` as `person`, in the background (`up --no-mount`, say).
+    pub fn command(person: &Person, args: &[&str]) -> Serve {
+        let log = tempfile::NamedTempFile::new().expect("serve log");
+        let child = person
+            .command(args)
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("spawn natster-mount");
         Serve(child, log)
     }
 
@@ -248,7 +258,7 @@ impl Drop for Serve {
         let _ = self.0.kill();
         let _ = self.0.wait();
         if std::thread::panicking() {
-            eprintln!("--- catalog serve log ---\n{}", tail(&self.log(), 30));
+            eprintln!("--- its log ---\n{}", tail(&self.log(), 30));
         }
     }
 }
