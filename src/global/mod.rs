@@ -6,8 +6,9 @@
 //!
 //! Parts: [`wire`] (subjects and JSON, the original's), [`events`] (the event log stream),
 //! [`projections`] (KV views built from the log by durable consumers), [`presence`]
-//! (heartbeats, online/offline), [`otc`] (one-time codes), [`service`] (the request
-//! endpoints, a NATS micro service), [`client`] (the callers' side, for the CLI and mounts).
+//! (heartbeats, online/offline), [`otc`] (one-time codes), [`outbox`] (callers' events kept
+//! while the service is down), [`service`] (the request endpoints, a NATS micro service),
+//! [`client`] (the callers' side, for the CLI and mounts).
 //!
 //! Invariants and tricky cases:
 //! - Identity is subject token 0 only: the global account exports `*.natster.global.>` with
