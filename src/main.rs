@@ -260,6 +260,10 @@ enum CatalogCommand {
         /// Behave as an original Natster server: `get` and v1 `download` only (for testing).
         #[arg(long, hide = true)]
         v1_only: bool,
+        /// Also serve original (Go) Natster readers: whole-file v1 downloads, which carry no
+        /// signature, so a NATS server in between could read what they send.
+        #[arg(long)]
+        v1: bool,
         /// Serve even if another server already serves this catalog.
         #[arg(long)]
         force: bool,
@@ -504,10 +508,24 @@ fn run(args: Args) -> anyhow::Result<()> {
                 cli::at_login(&globals, &name, at_login)
             }
             CatalogCommand::Serve {
-                name, chunk_size, allow_all, v1_only, force, no_watch, heartbeat_interval, ..
+                name,
+                chunk_size,
+                allow_all,
+                v1_only,
+                v1,
+                force,
+                no_watch,
+                heartbeat_interval,
+                ..
             } => {
-                let options =
-                    ServerOptions { chunk_size, allow_all, v1_only, heartbeat_interval, ..ServerOptions::default() };
+                let options = ServerOptions {
+                    chunk_size,
+                    allow_all,
+                    v1_only,
+                    v1_readers: v1,
+                    heartbeat_interval,
+                    ..ServerOptions::default()
+                };
                 let served = runtime.block_on(cli::catalog_serve(&globals, &name, options, force, !no_watch));
                 // A file read stuck on a dead disk must not hold up exit (the 2 s stop promise).
                 runtime.shutdown_timeout(Duration::from_millis(500));

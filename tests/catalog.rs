@@ -76,7 +76,7 @@ impl Fixture {
             .assert_success("catalog new");
         // These tests check how the server treats its index as given (changed files refused,
         // paths outside the root...): no folder watch re-indexing behind their back.
-        let served = Served::start_with(&home, &server, CATALOG, &["--no-watch"]).await;
+        let served = Served::start_with(&home, &server, CATALOG, &["--no-watch", "--v1"]).await;
         let nats = connect(&server.url()).await;
         let client = catalog_client(&nats, CATALOG);
         Fixture { served, nats, client, sources, tree, home, server }

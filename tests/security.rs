@@ -241,7 +241,7 @@ async fn v1_refuses_low_order_target_keys_and_publishes_nothing() {
     let nats = NatsServer::start();
     let (home, _tree, real) = real_home(&nats).await;
     let hash = sha256_hex(&real);
-    let _served = Served::start(&home, &nats, "media").await;
+    let _served = Served::start_with(&home, &nats, "media", &["--v1"]).await;
     let raw = connect(&nats.url()).await;
     let mut media = raw.subscribe("natster.media.media.>").await.expect("subscribe");
     raw.flush().await.expect("flush");

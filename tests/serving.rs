@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::operator::*;
 use common::*;
+use futures::StreamExt;
 use natster_mount::client::ClientError;
 use natster_mount::context::Home;
 use natster_mount::crypto::EphemeralKey;
@@ -60,6 +61,27 @@ async fn download_reply(nats: &async_nats::Client, hash: &str) -> serde_json::Va
     raw_request(nats, &format!("natster.catalog.{CATALOG}.download"), body.to_string()).await
 }
 
+/// v1 `download` is unsigned and names the key a file is sealed to, so a server answers it only
+/// when asked to (`--v1`); otherwise an original client learns why, and what its owner can do,
+/// in one line, and nothing is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_download_is_refused_unless_served_with_v1() {
+    let server = NatsServer::start();
+    let bytes = b"only for v2 readers".to_vec();
+    let (home, _tree) = home_with_catalog(&server, &[("a.txt", bytes.clone())]).await;
+    let _served = Served::start(&home, &server, CATALOG).await;
+    let nats = connect(&server.url()).await;
+    let mut media = nats.subscribe(format!("natster.media.{CATALOG}.>")).await.expect("subscribe");
+    nats.flush().await.expect("flush");
+    let reply = download_reply(&nats, &sha256_hex(&bytes)).await;
+    assert_eq!(code(&reply), 403, "{reply}");
+    let error = reply["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&format!("catalog serve {CATALOG} --v1")) && !error.contains('\n'), "{reply}");
+    // Absence of media can only be checked by waiting a bounded moment.
+    let stray = tokio::time::timeout(Duration::from_millis(300), media.next()).await;
+    assert!(stray.is_err(), "a chunk was published for a refused v1 download");
+}
+
 /// 1. Five original clients download 16 MiB files at once (more than the server streams at
 /// once): every download is acknowledged within the original's 1 s and completes
 /// byte-identical, the extra one by waiting its turn.
@@ -74,7 +96,7 @@ async fn five_original_clients_download_at_once() {
         write_file(tree.path(), &format!("/f{i}.bin"), bytes);
     }
     index(&home, tree.path()).await;
-    let served = Served::start(&home, &server, CATALOG).await;
+    let served = Served::start_with(&home, &server, CATALOG, &["--v1"]).await;
 
     let downloads: Vec<_> =
         files.iter().map(|bytes| tokio::spawn(original_v1_download(server.url(), sha256_hex(bytes)))).collect();
@@ -125,7 +147,8 @@ async fn v1_queue_refuses_only_past_its_bound() {
     });
     std::fs::write(home_dir.path().join(format!("{CATALOG}.json")), catalog.to_string()).expect("catalog file");
     let nats = connect(&server.url()).await;
-    let options = ServerOptions { max_v1_transfers: 1, max_v1_waiting: 1, ..ServerOptions::default() };
+    let options =
+        ServerOptions { max_v1_transfers: 1, max_v1_waiting: 1, v1_readers: true, ..ServerOptions::default() };
     let (stop, task) = serve_in_process(nats.clone(), home_dir.home(), options);
     // Ready once it answers `get`.
     wait_for("in-process server", Duration::from_secs(10), || {
@@ -197,7 +220,7 @@ async fn original_index_is_verified_once_then_served() {
     std::fs::write(tree.path().join("tampered.bin"), pseudo_random_bytes(74, 5000)).unwrap();
 
     // The index as the original wrote it, changes and all: no folder watch re-indexing it.
-    let served = Served::start_with(&home, &server, CATALOG, &["--no-watch"]).await;
+    let served = Served::start_with(&home, &server, CATALOG, &["--no-watch", "--v1"]).await;
     let nats = connect(&server.url()).await;
     let client = catalog_client(&nats, CATALOG);
 
@@ -426,7 +449,7 @@ async fn requests_are_answered_while_a_reload_is_stuck() {
     let reindexed = serde_json::to_vec(&reindexed).unwrap();
 
     let nats = connect(&server.url()).await;
-    let options = ServerOptions { heartbeat: Duration::from_millis(50), ..ServerOptions::default() };
+    let options = ServerOptions { heartbeat: Duration::from_millis(50), v1_readers: true, ..ServerOptions::default() };
     let (stop, task) = serve_in_process(nats.clone(), home.home(), options);
     wait_for("in-process server", Duration::from_secs(10), || {
         let nats = nats.clone();

@@ -174,7 +174,7 @@ async fn our_server_answers_a_download_as_the_vector_does() {
     home.run_async(["catalog", "new", s(&v, "catalog"), tree.path().to_str().unwrap()])
         .await
         .assert_success("catalog new");
-    let _served = Served::start(&home, &nats, s(&v, "catalog")).await;
+    let _served = Served::start_with(&home, &nats, s(&v, "catalog"), &["--v1"]).await;
     let target = nkeys::XKey::from_seed(s(&v, "target_seed")).unwrap();
 
     let client = connect(&nats.url()).await;

@@ -74,6 +74,11 @@ pub struct ServerOptions {
     pub max_v1_waiting: usize,
     /// Answer only what an original Natster server answers (`get`, v1 `download`).
     pub v1_only: bool,
+    /// Also answer original Natster readers' v1 `download`. Off by default: v1 seals a whole
+    /// file to whatever key the request names, and a v1 request carries no signature, so
+    /// anyone able to send requests in a reader's name (a NATS server in between) could read
+    /// media that v2 keeps from it.
+    pub v1_readers: bool,
     /// Signs `get` and `open` replies; a fresh key (no JWT) if none is given.
     pub identity: Option<Arc<Identity>>,
 }
@@ -99,6 +104,7 @@ impl Default for ServerOptions {
             max_v1_transfers: 4,
             max_v1_waiting: 64,
             v1_only: false,
+            v1_readers: false,
             identity: None,
         }
     }
@@ -531,6 +537,14 @@ impl Shared {
                     Operation::Open => self.open(&caller, &msg.payload).await.map(Bytes::from),
                     Operation::Read => self.read(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
                     Operation::Close => self.close(&caller, &msg.payload).map(Bytes::from),
+                    Operation::Download if !(self.options.v1_only || self.options.v1_readers) => Err(refuse(
+                        403,
+                        format!(
+                            "catalog '{}' is served to natster-mount readers only (v2); its owner serves original \
+                             Natster readers too with `natster-mount catalog serve {} --v1`",
+                            self.name, self.name
+                        ),
+                    )),
                     Operation::Download => self.download(&caller, &msg.payload, reply.clone()).await.map(Bytes::from),
                 }
             }
