@@ -246,7 +246,7 @@ pub fn index_folder(
     };
 
     let mut report = IndexReport::default();
-    let found = walk(&root, &mut report.skipped)?;
+    let found = walk(&root, &private_folders(home), &mut report.skipped)?;
 
     let mut entries: Vec<Option<IndexEntry>> = Vec::with_capacity(found.len());
     let mut to_hash: Vec<usize> = Vec::new();
@@ -270,7 +270,7 @@ pub fn index_folder(
     }
     progress(ProgressEvent::Start { bytes: to_hash.iter().map(|&i| found[i].size).sum() });
 
-    let hashes = hash_files(home, &found, &to_hash, progress)?;
+    let hashes = hash_files(home, &found, &to_hash, progress, &mut report.skipped)?;
     for (i, (hash, tree)) in hashes {
         let f = &found[i];
         entries[i] = Some(IndexEntry {
@@ -334,9 +334,22 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
 /// Walks the tree in name order. Regular files are indexed; a symlink is indexed only when
 /// it resolves to a file inside the root (the server enforces the same rule when serving).
 /// Symlinked folders are not followed, which also rules out loops.
-fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
+/// Folders never indexed, wherever they sit: this home and the local operator's (seeds,
+/// creds, contexts), canonical.
+fn private_folders(home: &Home) -> Vec<PathBuf> {
+    let operator = std::env::var_os("NATSTER_OPERATOR_HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
+    [Some(home.path().to_path_buf()), operator].into_iter().flatten().filter_map(|p| fs::canonicalize(p).ok()).collect()
+}
+
+/// True for a file that holds a NATS secret by its name: an nkey seed or a creds file.
+fn is_secret_file(name: &str) -> bool {
+    name.ends_with(".nk") || name.ends_with(".creds")
+}
+
+fn walk(root: &Path, private: &[PathBuf], skipped: &mut Vec<String>) -> Result<Vec<Found>> {
     let mut found = Vec::new();
-    for item in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
+    let mut walker = walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name().into_iter();
+    while let Some(item) = walker.next() {
         let item = match item {
             Ok(i) => i,
             Err(e) => {
@@ -345,15 +358,26 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
             }
         };
         let ft = item.file_type();
-        if ft.is_dir() {
-            continue;
-        }
         let abs = item.path().to_path_buf();
         let Ok(rel_path) = abs.strip_prefix(root) else { continue };
+        if ft.is_dir() {
+            if private.iter().any(|p| p == &abs) {
+                skipped.push(format!(
+                    "/{} (natster-mount's own state: keys and credentials are never shared)",
+                    rel_path.display()
+                ));
+                walker.skip_current_dir();
+            }
+            continue;
+        }
         let Some(rel) = rel_path.to_str() else {
             skipped.push(format!("{} (name is not valid UTF-8)", abs.display()));
             continue;
         };
+        if is_secret_file(rel) {
+            skipped.push(format!("/{rel} (a NATS key or creds file: never shared)"));
+            continue;
+        }
         let meta = if ft.is_symlink() {
             match fs::canonicalize(&abs) {
                 Ok(target) if target.starts_with(root) && target.is_file() => match fs::metadata(&target) {
@@ -369,7 +393,14 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
                 }
             }
         } else if ft.is_file() {
-            item.metadata().map_err(|e| anyhow::anyhow!("cannot stat {}: {e}", abs.display()))?
+            match item.metadata() {
+                Ok(m) => m,
+                // Gone since the folder was read (a download's temporary file, say).
+                Err(e) => {
+                    skipped.push(format!("/{rel} (cannot stat it: {e})"));
+                    continue;
+                }
+            }
         } else {
             skipped.push(format!("/{rel} (not a regular file)"));
             continue;
@@ -380,15 +411,18 @@ fn walk(root: &Path, skipped: &mut Vec<String>) -> Result<Vec<Found>> {
 }
 
 /// Hashes `found[i]` for every i in `which`, on one thread per core, and saves each one's
-/// leaves; gives (sha256, tree root) in hex.
+/// leaves; gives (sha256, tree root) in hex. A file removed meanwhile is left out and told
+/// in `skipped`; any other failure fails the whole index.
 fn hash_files(
     home: &Home,
     found: &[Found],
     which: &[usize],
     progress: &(dyn Fn(ProgressEvent) + Sync),
+    skipped: &mut Vec<String>,
 ) -> Result<Vec<(usize, (String, String))>> {
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(which.len()));
+    let vanished = Mutex::new(Vec::new());
     let first_error = Mutex::new(None);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(which.len().max(1));
     std::thread::scope(|s| {
@@ -398,6 +432,11 @@ fn hash_files(
                 let Some(&i) = which.get(k) else { break };
                 match hash_file(&found[i].abs, progress).and_then(|h| save_tree(home, h)) {
                     Ok(h) => results.lock().unwrap_or_else(|p| p.into_inner()).push((i, h)),
+                    // Removed while the index ran: left out, as if the walk had not seen it.
+                    Err(e) if !found[i].abs.exists() => {
+                        let line = format!("{} (removed while it was indexed: {e:#})", found[i].rel);
+                        vanished.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+                    }
                     Err(e) => {
                         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                         break;
@@ -409,6 +448,7 @@ fn hash_files(
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
     }
+    skipped.extend(vanished.into_inner().unwrap_or_else(|p| p.into_inner()));
     Ok(results.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
@@ -551,6 +591,26 @@ mod tests {
         assert_eq!((r.files, r.hashed, r.removed), (1, 1, 1));
         assert_ne!(cat3.revision(), cat.revision());
         assert_eq!(Catalog::load(&home, "c").unwrap().entries, cat3.entries);
+    }
+
+    #[test]
+    fn keys_creds_and_the_home_itself_are_never_indexed() {
+        // The home inside the shared folder, as ~/.natster is inside ~.
+        let tree = tempfile::tempdir().unwrap();
+        let home = Home::at(tree.path().join(".natster"));
+        fs::create_dir_all(home.path()).unwrap();
+        fs::write(home.path().join("identity.nk"), b"SUAB").unwrap();
+        fs::write(home.path().join("default.context"), b"{}").unwrap();
+        fs::create_dir_all(tree.path().join("keys")).unwrap();
+        fs::write(tree.path().join("keys/alice.creds"), b"-----BEGIN NATS USER JWT-----").unwrap();
+        fs::write(tree.path().join("keys/op.nk"), b"SOAB").unwrap();
+        fs::write(tree.path().join("film.mp4"), b"film").unwrap();
+        let (cat, r) = index_folder(&home, "c", tree.path(), None, &quiet).unwrap();
+        let paths: Vec<&str> = cat.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/film.mp4"]);
+        let said = r.skipped.join("\n");
+        assert!(said.contains("/.natster (natster-mount's own state"), "{said}");
+        assert!(said.contains("/keys/alice.creds (a NATS key or creds file") && said.contains("/keys/op.nk"), "{said}");
     }
 
     #[test]
