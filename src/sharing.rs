@@ -204,6 +204,10 @@ fn resolve_account(g: &Globals, who: &str) -> Result<String> {
 
 /// [`resolve_account`] with the local operator already loaded (if there is one).
 fn resolve_in(operator: Option<&Operator>, who: &str) -> Result<String> {
+    if let Some(kind) = key_kind_not_account(who) {
+        // A seed is never echoed: the message may end up in a terminal log or a bug report.
+        bail!("{kind}; give the account's public key (56 characters starting with A) or its name");
+    }
     if who.len() == 56 && who.starts_with('A') {
         if protocol::is_account_key(who) {
             return Ok(who.to_string());
@@ -215,6 +219,24 @@ fn resolve_in(operator: Option<&Operator>, who: &str) -> Result<String> {
         None => bail!(
             "'{who}' is neither an account public key (56 characters starting with A) nor an account of the local operator"
         ),
+    }
+}
+
+/// What an nkey that is not an account public key is, when `who` looks like one.
+fn key_kind_not_account(who: &str) -> Option<&'static str> {
+    let nkey_like = |len: usize| who.len() == len && who.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit());
+    if who.starts_with('S') && nkey_like(58) {
+        return Some("that is a secret seed (it starts with S), not a public key: never paste it anywhere");
+    }
+    if !nkey_like(56) {
+        return None;
+    }
+    match who.as_bytes()[0] {
+        b'U' => Some("that is a user public key (it starts with U), not an account's"),
+        b'O' => Some("that is an operator public key (it starts with O), not an account's"),
+        b'N' => Some("that is a server public key (it starts with N), not an account's"),
+        b'X' => Some("that is a curve (xkey) public key (it starts with X), not an account's"),
+        _ => None,
     }
 }
 
@@ -501,4 +523,23 @@ pub fn catalog_ls(g: &Globals) -> Result<()> {
         outln!("  {name} from {}{per_catalog}", label(&import.owner));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_or_another_kind_of_key_is_named_and_never_echoed() {
+        let seed = nkeys::KeyPair::new_account().seed().unwrap();
+        let err = format!("{:#}", resolve_in(None, &seed).unwrap_err());
+        assert!(err.contains("secret seed") && !err.contains(&seed[2..]), "{err}");
+        let user = nkeys::KeyPair::new_user().public_key();
+        let err = format!("{:#}", resolve_in(None, &user).unwrap_err());
+        assert!(err.contains("user public key"), "{err}");
+        let account = nkeys::KeyPair::new_account().public_key();
+        assert_eq!(resolve_in(None, &account).unwrap(), account);
+        let err = format!("{:#}", resolve_in(None, "bob").unwrap_err());
+        assert!(err.contains("'bob' is neither"), "{err}");
+    }
 }
