@@ -229,11 +229,24 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
     assert!(twice.stderr.contains("already imported"), "{}", twice.stderr);
     assert_eq!(std::fs::read(w.bob.home.context_path()).unwrap(), after_first, "a failed import changed the context");
 
+    // A seed pasted for a key is named, never echoed.
+    let seed = seed_of(&w.alice.context().creds.expect("creds path"));
+    let pasted = w.alice.run(&["catalog", "share", "media", &seed]).await;
+    pasted.assert_failure("share with a seed");
+    assert!(pasted.stderr.contains("secret seed") && !pasted.stderr.contains(&seed[2..]), "{}", pasted.stderr);
+    // The network's own account names cannot be taken by a person.
+    let mallory = Person::new(&w.alice.operator_home);
+    for name in ["natster_hub", "natster_global", "SYS"] {
+        let added = mallory.run(&["operator", "add-account", name]).await;
+        added.assert_failure("add-account of a reserved name");
+        assert!(added.stderr.contains("reserved") && added.stderr_lines().len() == 1, "{}", added.stderr);
+    }
+
     let self_import = w.alice.run(&["catalog", "import", "media", "alice"]).await;
     self_import.assert_failure("import your own catalog");
     let bad_name = w.bob.run(&["catalog", "import", "bad.name", "alice"]).await;
     bad_name.assert_failure("import a bad catalog name");
-    for out in [&unknown, &malformed, &missing, &twice] {
+    for out in [&unknown, &malformed, &missing, &twice, &pasted] {
         assert_eq!(out.stderr_lines().len(), 1, "one line: {}", out.stderr);
     }
 }

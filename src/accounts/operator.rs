@@ -329,8 +329,18 @@ impl Operator {
     /// Creates account `name` with the two Natster exports, its user and creds file (0600).
     pub fn add_account(&mut self, name: &str) -> Result<AccountRecord> {
         validate_account_name(name)?;
-        if name == SYSTEM_ACCOUNT_NAME {
-            bail!("account name '{SYSTEM_ACCOUNT_NAME}' is reserved for the system account; choose another name");
+        if name.eq_ignore_ascii_case(SYSTEM_ACCOUNT_NAME) || name.eq_ignore_ascii_case("system") {
+            bail!("account name '{name}' is reserved for the system account; choose another name");
+        }
+        // The network's own accounts are found by name (`catalog import hub natster_hub`,
+        // labels in the inbox): a person's account of such a name would pass for them.
+        if name.to_ascii_lowercase().starts_with("natster_") {
+            bail!(
+                "account name '{name}' is reserved: names starting with natster_ are the network's own ({}, {}); \
+                 choose another name",
+                super::network::HUB_ACCOUNT_NAME,
+                super::network::GLOBAL_ACCOUNT_NAME
+            );
         }
         let accounts_dir = self.dir.join(ACCOUNTS_DIR);
         let target = accounts_dir.join(name);
