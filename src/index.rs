@@ -374,6 +374,10 @@ fn walk(root: &Path, private: &[PathBuf], skipped: &mut Vec<String>) -> Result<V
             skipped.push(format!("{} (name is not valid UTF-8)", abs.display()));
             continue;
         };
+        if rel.chars().any(char::is_control) {
+            skipped.push(format!("/{} (its name holds a control character, which readers refuse)", rel.escape_debug()));
+            continue;
+        }
         if is_secret_file(rel) {
             skipped.push(format!("/{rel} (a NATS key or creds file: never shared)"));
             continue;

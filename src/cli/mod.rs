@@ -287,10 +287,20 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
         "{} files, {} — catalog '{}' revision {}",
         summary.entries.len(),
         human_size(bytes),
-        summary.name,
-        summary.revision
+        printable(&summary.name),
+        printable(&summary.revision)
     );
     Ok(())
+}
+
+/// A peer's string with its control characters shown as `?`, so that it cannot drive the
+/// terminal it is printed to.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        s.chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>().into()
+    } else {
+        s.into()
+    }
 }
 
 /// Rows in aligned columns, without a header.

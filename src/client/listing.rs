@@ -125,6 +125,11 @@ fn invalid_entry(e: &CatalogEntry) -> Option<&'static str> {
     {
         return Some("oversized field");
     }
+    // A name or type shown in a terminal or a file manager must not carry escape sequences
+    // or line breaks (a peer's `\x1b]52;…` would write the reader's clipboard).
+    if e.path.chars().any(char::is_control) || e.mime_type.chars().any(char::is_control) {
+        return Some("control character in path or mime type");
+    }
     let rel = e.path.strip_prefix('/').unwrap_or(&e.path);
     if rel.is_empty() || rel.split('/').any(|p| p.is_empty() || p == "." || p == ".." || p.contains('\0')) {
         return Some("path is not a clean relative path");
@@ -170,7 +175,7 @@ mod tests {
             tree: None,
         };
         assert!(invalid_entry(&entry("/a/b.mp4")).is_none());
-        for bad in ["/../etc/passwd", "/a//b", "/", "/a/./b", "/a/.."] {
+        for bad in ["/../etc/passwd", "/a//b", "/", "/a/./b", "/a/..", "/a\nb.mp4", "/\u{1b}]52;c;eA==\u{7}.mp4"] {
             assert!(invalid_entry(&entry(bad)).is_some(), "{bad} accepted");
         }
         let mut listing = vec![entry("/ok.mp4"), entry("/../escape")];
