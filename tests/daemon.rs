@@ -594,3 +594,24 @@ async fn an_autofs_trigger_on_the_target_is_mounted_over_not_refused() {
     umount.arg(&dir).stdin(Stdio::null());
     run_with_timeout(umount, COMMAND_TIMEOUT).assert_success("umount");
 }
+
+/// A served catalog whose server fails at once (here a chunk size out of range) is started
+/// again after a wait, not in a loop: its serve record's own coming and going are home changes
+/// that would otherwise start the next attempt at once (one failure every ~100 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_served_catalog_is_retried_after_a_wait_not_in_a_loop() {
+    let nats = NatsServer::start();
+    let (home, _tree) = home_with_catalog(&nats, &[("a.txt", b"a".to_vec())]).await;
+    home.run_async(["catalog", "serve", "media", "--at-login"]).await.assert_success("serve --at-login");
+    let up = Daemon::start(home.command(["up", "--no-mount", "--chunk-size", "7"]), None);
+    let failures = |d: &Daemon| d.log().matches("stopped serving").count();
+    let until = Instant::now() + READY_DEADLINE;
+    while failures(&up) == 0 {
+        assert!(Instant::now() < until, "the server never failed:\n{}", up.log());
+        std::thread::sleep(POLL);
+    }
+    assert!(up.log().contains("trying again in 5s"), "{}", up.log());
+    // A loop is seen within a moment; the next attempt is due 5 s after the first.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(failures(&up), 1, "retried without waiting:\n{}", up.log());
+}

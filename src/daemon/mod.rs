@@ -320,6 +320,30 @@ struct ServeTask {
     catalog: Arc<ServedCatalog>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Failed starts in a row before this one.
+    failures: u32,
+    /// Set when the server stopped with an error: not started again before then. A failing
+    /// server adds and removes its serve record, each a home change, so without it every
+    /// failure would start the next at once.
+    retry_at: Arc<Mutex<Option<std::time::Instant>>>,
+}
+
+/// Wait before starting a failed server again, doubling with each failure in a row.
+const FIRST_SERVE_RETRY: Duration = Duration::from_secs(5);
+const MAX_SERVE_RETRY: Duration = Duration::from_secs(60);
+
+impl ServeTask {
+    /// None while it runs or must wait; else how many failures in a row preceded its end.
+    fn may_restart(&self, now: std::time::Instant) -> Option<u32> {
+        if !self.task.is_finished() {
+            return None;
+        }
+        match *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(at) if now < at => None,
+            Some(_) => Some(self.failures + 1),
+            None => Some(0),
+        }
+    }
 }
 
 struct Daemon {
@@ -419,11 +443,14 @@ impl Daemon {
                 }
             }
         }
+        let now = std::time::Instant::now();
         for name in wanted {
-            if served.get(name).is_some_and(|t| !t.task.is_finished()) {
-                continue;
-            }
-            match self.start_server(name, state.context.as_ref()) {
+            let failures = match served.get(name).map(|t| t.may_restart(now)) {
+                Some(None) => continue,
+                Some(Some(failures)) => failures,
+                None => 0,
+            };
+            match self.start_server(name, state.context.as_ref(), failures) {
                 Ok(task) => {
                     served.insert(name.clone(), task);
                 }
@@ -432,7 +459,7 @@ impl Daemon {
         }
     }
 
-    fn start_server(&self, name: &str, context: Option<&Context>) -> Result<ServeTask> {
+    fn start_server(&self, name: &str, context: Option<&Context>, failures: u32) -> Result<ServeTask> {
         let context = context.context("no context to serve with")?;
         let identity = crate::identity::Identity::load(&self.home, context)?;
         let options = ServerOptions { identity: Some(Arc::new(identity)), ..self.server_options.clone() };
@@ -450,13 +477,17 @@ impl Daemon {
             },
         );
         let name = name.to_string();
+        let retry_at = Arc::new(Mutex::new(None));
+        let failed = retry_at.clone();
         let task = tokio::spawn(async move {
             let _record = record;
             if let Err(e) = run.await {
-                tracing::warn!(catalog = %name, "stopped serving: {e:#}; retried when the home changes (or within {SAFETY_RESCAN:?})");
+                let wait = FIRST_SERVE_RETRY.saturating_mul(1 << failures.min(8)).min(MAX_SERVE_RETRY);
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now() + wait);
+                tracing::warn!(catalog = %name, "stopped serving: {e:#}; trying again in {wait:?} or later");
             }
         });
-        Ok(ServeTask { catalog, stop: Some(stop), task })
+        Ok(ServeTask { catalog, stop: Some(stop), task, failures, retry_at })
     }
 
     /// Tells every server to stop; returns their tasks to wait for.
