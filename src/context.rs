@@ -222,7 +222,7 @@ impl Context {
         match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(client)) => Ok(client),
             Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
-                Err(CredentialsRefused { server: self.server.clone() }.into())
+                Err(CredentialsRefused { server: self.server_shown() }.into())
             }
             Ok(Err(e)) => Err(anyhow::anyhow!("{e}")).with_context(|| self.unreachable()),
             Err(_) => Err(anyhow::anyhow!("timed out after {timeout:?}")).with_context(|| self.unreachable()),
@@ -283,14 +283,46 @@ impl Context {
     fn unreachable(&self) -> String {
         format!(
             "cannot connect to NATS at {}; check that the server runs and that the context's server and creds are right",
-            self.server
+            self.server_shown()
         )
     }
+
+    /// The server list as shown to people and logs: any password or token in a URL
+    /// (`nats://user:pass@host`) as `***`.
+    pub fn server_shown(&self) -> String {
+        redact_server_urls(&self.server)
+    }
+}
+
+/// `server` (a comma-separated URL list) with the secret of every URL's user info replaced:
+/// `user:pass@` → `user:***@`, `token@` → `***@`.
+pub fn redact_server_urls(server: &str) -> String {
+    let one = |url: &str| -> String {
+        let (scheme, rest) = match url.split_once("://") {
+            Some((s, r)) => (format!("{s}://"), r),
+            None => (String::new(), url),
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let Some(at) = rest[..authority_end].rfind('@') else { return url.to_string() };
+        let shown = match rest[..at].split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None => "***".to_string(),
+        };
+        format!("{scheme}{shown}{}", &rest[at..])
+    };
+    server.split(',').map(|u| one(u.trim())).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_and_tokens_in_server_urls_are_never_shown() {
+        assert_eq!(redact_server_urls("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_server_urls("nats://u:s3cret@h:4222/x"), "nats://u:***@h:4222/x");
+        assert_eq!(redact_server_urls("tok3n@h:4222, tls://a:b@[::1]:1"), "***@h:4222,tls://a:***@[::1]:1");
+    }
 
     #[test]
     fn the_first_catalog_of_a_name_keeps_it_and_names_never_repeat() {

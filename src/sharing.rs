@@ -466,7 +466,7 @@ pub async fn catalog_unimport(g: &Globals, name: &str) -> Result<()> {
 pub async fn whoami(g: &Globals) -> Result<()> {
     let context = g.load_context()?;
     outln!("context:  {} ({})", g.context, g.home.context_path(&g.context).display());
-    outln!("server:   {}", context.server);
+    outln!("server:   {}", context.server_shown());
     match (&context.account_name, &context.account_public_key) {
         (Some(name), Some(key)) => outln!("account:  {name} {key}"),
         (None, Some(key)) => outln!("account:  {key}"),

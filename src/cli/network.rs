@@ -445,7 +445,7 @@ pub async fn global_serve(g: &Globals, args: GlobalServeArgs) -> Result<()> {
     let nats = accounts::connect(&server, &creds, g.timeout).await?;
     // Installed before "Ctrl-C to stop": a signal from then on stops the service cleanly.
     let shutdown = crate::cli::Shutdown::new()?;
-    eprintln!("global service on {server}; Ctrl-C to stop");
+    eprintln!("global service on {}; Ctrl-C to stop", crate::context::redact_server_urls(&server));
     crate::global::run(nats, args.options, shutdown.signalled()).await?;
     eprintln!("global service stopped");
     Ok(())

@@ -20,7 +20,7 @@ pub struct Link {
 /// not reachable within `timeout`, says why once (and again at every later loss).
 pub async fn connect(context: &Context, timeout: Duration) -> Result<Link> {
     let (tx, connected) = watch::channel(false);
-    let server = context.server.clone();
+    let server = context.server_shown();
     let nats = context
         .connect_in_background(timeout, move |event| match event {
             async_nats::Event::Connected => {

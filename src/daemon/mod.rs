@@ -277,7 +277,7 @@ fn start(
         home: home.clone(),
         role: config.role,
         context_name: config.context,
-        server_url: context.server.clone(),
+        server_url: context.server_shown(),
         link,
         kept_events,
         mount_options,
