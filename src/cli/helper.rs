@@ -90,7 +90,9 @@ const KNOWN: &str = "natster-mount understands allow_other, uid=, gid=, cache_si
                      generic ones such as ro, nodev, _netdev)";
 
 /// Recognises `SOURCE MOUNTPOINT [-o OPTIONS]` (arguments after the program name) where SOURCE
-/// is no subcommand; None for an ordinary command line.
+/// is no subcommand and MOUNTPOINT is absolute (mount(8) and mount.fuse3 always pass it so);
+/// None for an ordinary command line, so a mistyped subcommand (`catalg ls`) gets clap's
+/// "unrecognized subcommand" rather than a mount.
 pub fn detect(args: &[OsString], subcommands: &[String]) -> Option<Result<HelperCall>> {
     let strings: Option<Vec<&str>> = args.iter().map(|a| a.to_str()).collect();
     let args = strings?;
@@ -98,7 +100,7 @@ pub fn detect(args: &[OsString], subcommands: &[String]) -> Option<Result<Helper
         [source, mountpoint, rest @ ..] => (*source, *mountpoint, rest),
         _ => return None,
     };
-    if source.starts_with('-') || mountpoint.starts_with('-') || subcommands.iter().any(|c| c == source) {
+    if source.starts_with('-') || !mountpoint.starts_with('/') || subcommands.iter().any(|c| c == source) {
         return None;
     }
     Some(parse_call(source, mountpoint, rest))
@@ -240,6 +242,9 @@ mod tests {
         assert!(call(&["--context", "x", "up"]).is_none());
         assert!(call(&["up"]).is_none());
         assert!(call(&["default", "/dev/fd/5", "-oro"]).unwrap().is_ok());
+        // Mistyped subcommands: left to clap.
+        assert!(call(&["catalg", "ls"]).is_none());
+        assert!(call(&["default", "typo"]).is_none());
     }
 
     #[test]
