@@ -651,6 +651,31 @@ async fn unshared_account_is_refused_until_shared() {
     assert_eq!(code(&reply), 403, "read on an open session after unsharing: {reply}");
 }
 
+/// A file the owner removed and re-indexed away is no longer served through a session opened
+/// before (404 once the server has the new listing); a file still listed keeps its session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_file_is_not_served_through_a_session_opened_before() {
+    let fx =
+        Fixture::new(vec![("/keep.bin", pseudo_random_bytes(91, 5000)), ("/gone.bin", pseudo_random_bytes(92, 5000))])
+            .await;
+    let (keep, gone) = (fx.source("/keep.bin").hash(), fx.source("/gone.bin").hash());
+    let key = EphemeralKey::generate();
+    let (keep_session, _) = raw_open(&fx, &key, &keep).await;
+    let (gone_session, _) = raw_open(&fx, &EphemeralKey::generate(), &gone).await;
+    assert_eq!(raw_read(&fx, &gone_session, 0, 1).await.len(), 1, "served while listed");
+
+    std::fs::remove_file(fx.tree.path().join("gone.bin")).unwrap();
+    fx.cli(&[os("catalog"), os("new"), os(CATALOG), fx.tree.path().as_os_str()]).await.assert_success("re-index");
+    let (nats, subject) = (fx.nats.clone(), fx.subject("read"));
+    let body = json!({"session": gone_session, "first_chunk": 0, "count": 1}).to_string();
+    wait_for("the server to drop the removed file's session", Duration::from_secs(10), || {
+        let (nats, subject, body) = (nats.clone(), subject.clone(), body.clone());
+        async move { (code(&raw_request(&nats, &subject, body).await) == 404).then_some(()) }
+    })
+    .await;
+    assert_eq!(raw_read(&fx, &keep_session, 0, 1).await.len(), 1, "a listed file's session survives the re-index");
+}
+
 /// Opens a raw v2 session with `key` and derives its session key.
 async fn raw_open(fx: &Fixture, key: &EphemeralKey, hash: &str) -> (String, SessionKey) {
     let reply =

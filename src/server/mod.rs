@@ -426,6 +426,7 @@ impl Shared {
                 tracing::info!(catalog = %self.name, revision = %fresh.catalog.revision(), "catalog re-indexed; serving the new listing");
                 self.verifier.retain(&fresh.catalog.entries);
                 self.trees.retain(&fresh.catalog.entries);
+                self.retain_sessions(&fresh.catalog.entries);
                 let fresh = Arc::new(fresh);
                 *self.loaded.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
                 Some(fresh)

@@ -309,6 +309,23 @@ impl Shared {
         Ok(Envelope::ok(()))
     }
 
+    /// Drops the sessions of files a re-index took out of the listing (or whose bytes it
+    /// found changed): what the owner removed is no longer served, even to a reader that
+    /// opened it before. A file still listed keeps its sessions.
+    pub(super) fn retain_sessions(&self, entries: &[crate::index::IndexEntry]) {
+        let listed: std::collections::HashSet<(&str, &str)> =
+            entries.iter().filter_map(|e| Some((e.hash.as_str(), e.tree.as_deref()?))).collect();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = sessions
+            .iter()
+            .filter(|(_, s)| !listed.contains(&(s.hash.as_str(), hex::encode(s.tree.root()).as_str())))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            sessions.pop(&k);
+        }
+    }
+
     /// Drops sessions unused for longer than the idle limit.
     pub(super) fn expire_sessions(&self) {
         let idle = self.options.session_idle;
