@@ -56,7 +56,9 @@ impl ShareList {
 pub struct LiveShareList {
     home: Home,
     catalog: String,
-    seen: Option<(SystemTime, u64, u64)>,
+    /// The file's identity when last loaded: None before the first load, Some(None) while
+    /// there is no file (so a missing list is not re-read, and logged, on every request).
+    seen: Option<Option<(SystemTime, u64, u64)>>,
     list: ShareList,
 }
 
@@ -76,10 +78,10 @@ impl LiveShareList {
         let path = ShareList::path(&self.home, &self.catalog);
         // Every save is a rename, so the inode changes even within one mtime tick.
         let identity = fs::metadata(&path).ok().and_then(|m| Some((m.modified().ok()?, m.ino(), m.len())));
-        if identity == self.seen && self.seen.is_some() {
+        if self.seen == Some(identity) {
             return;
         }
-        self.seen = identity;
+        self.seen = Some(identity);
         self.list = match ShareList::load(&self.home, &self.catalog) {
             Ok(l) => l,
             Err(e) => {

@@ -651,6 +651,25 @@ async fn unshared_account_is_refused_until_shared() {
     assert_eq!(code(&reply), 403, "read on an open session after unsharing: {reply}");
 }
 
+/// A flood of refused requests from an account the catalog is not shared with is answered
+/// (each a 403), logged once rather than once per request, and leaves the server answering
+/// its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_requests_logs_one_line_and_the_owner_is_still_served() {
+    let fx = Fixture::new(vec![("/a.bin", pseudo_random_bytes(93, 1000))]).await;
+    let stranger = nkeys::KeyPair::new_account().public_key();
+    let subject = format!("{stranger}.natster.catalog.{CATALOG}.get");
+    let flood = (0..300).map(|_| {
+        let (nats, subject) = (fx.nats.clone(), subject.clone());
+        async move { code(&raw_request(&nats, &subject, String::new()).await) }
+    });
+    let codes = futures::future::join_all(flood).await;
+    assert!(codes.iter().all(|c| *c == 403), "every stranger's request refused: {codes:?}");
+    let logged = fx.served.log().lines().filter(|l| l.contains(&stranger) && l.contains("INFO")).count();
+    assert_eq!(logged, 1, "refusals logged once a minute per caller:\n{}", tail(&fx.served.log(), 10));
+    assert_eq!(code(&raw_request(&fx.nats, &fx.subject("get"), String::new()).await), 200);
+}
+
 /// A file the owner removed and re-indexed away is no longer served through a session opened
 /// before (404 once the server has the new listing); a file still listed keeps its session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

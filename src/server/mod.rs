@@ -86,6 +86,9 @@ pub struct ServerOptions {
 pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
 /// Reads streamed at once (each holds at most two sealed chunks).
 const MAX_CONCURRENT_READS: usize = 64;
+/// Requests handled at once, of every kind: a flood (even of refused ones, from an account the
+/// catalog is not shared with) costs a bounded number of tasks and blocking-pool jobs.
+const MAX_REQUESTS_IN_FLIGHT: usize = 512;
 /// NATS' default max_payload is 1 MiB; a chunk plus its proof (≤ 128 hashes, 4 KiB), nonce,
 /// tag and headers must fit. A multiple of the chunk tree's leaf.
 pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024 - 16 * 1024;
@@ -161,6 +164,8 @@ struct Shared {
     serving: tokio::sync::watch::Sender<bool>,
     /// Callers answered recently, for `status` (bounded: see [`Shared::note_reader`]).
     readers: Mutex<HashMap<String, std::time::Instant>>,
+    /// When each caller's last refusal was logged (bounded like `readers`).
+    refusals_logged: Mutex<HashMap<String, std::time::Instant>>,
     /// What `$SRV.STATS` shows beside the service library's own counts.
     counters: Arc<service::Counters>,
 }
@@ -218,6 +223,7 @@ impl CatalogServer {
                 trees: trees::Trees::default(),
                 serving: tokio::sync::watch::channel(false).0,
                 readers: Mutex::new(HashMap::new()),
+                refusals_logged: Mutex::new(HashMap::new()),
                 counters: Arc::default(),
             }),
         })
@@ -256,13 +262,26 @@ impl CatalogServer {
 
         let housekeeping = tokio::spawn(self.shared.clone().housekeeping());
         let verification = tokio::spawn(self.shared.clone().verify_unverified(s.loaded()));
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_IN_FLIGHT));
         let outcome = loop {
+            // Past the bound, requests wait in the subscription (NATS drops what overflows
+            // it, as for any slow consumer) instead of each becoming a task here.
+            let permit = tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                permit = in_flight.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break Ok(()),
+                },
+            };
             tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 next = requests.next() => match next {
                     Some((op, request)) => {
                         let shared = self.shared.clone();
-                        tokio::spawn(async move { shared.handle(op, request).await });
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            shared.handle(op, request).await
+                        });
                     }
                     // async-nats re-subscribes after every reconnect; the stream ends only
                     // when the client itself is closed, which nothing here can repair.
@@ -553,7 +572,11 @@ impl Shared {
         let body = match result {
             Ok(body) => body,
             Err(Refusal(code, message)) => {
-                tracing::info!(caller = %caller, op = op.as_str(), code, "{message}");
+                if self.first_refusal_in_a_while(&caller) {
+                    tracing::info!(caller = %caller, op = op.as_str(), code, "{message} (more from this caller within a minute are logged at debug)");
+                } else {
+                    tracing::debug!(caller = %caller, op = op.as_str(), code, "{message}");
+                }
                 self.counters.refused(op);
                 error_reply(code, &message).into()
             }
@@ -570,6 +593,21 @@ impl Shared {
     }
 
     /// Remembers that `caller` was answered, for [`ServerHandle::readers_last_minute`].
+    /// True at most once per [`READER_WINDOW`] per caller: a flood of refused requests logs
+    /// one line a minute, not one each.
+    fn first_refusal_in_a_while(&self, caller: &Caller) -> bool {
+        let mut logged = self.refusals_logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.len() >= MAX_READERS_KEPT {
+            logged.retain(|_, at| at.elapsed() < READER_WINDOW);
+        }
+        let key = caller.to_string();
+        let due = logged.get(&key).is_none_or(|at| at.elapsed() >= READER_WINDOW);
+        if due && logged.len() < MAX_READERS_KEPT {
+            logged.insert(key, std::time::Instant::now());
+        }
+        due
+    }
+
     fn note_reader(&self, caller: &Caller) {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
         if readers.len() >= MAX_READERS_KEPT {
