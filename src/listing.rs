@@ -468,6 +468,12 @@ pub fn load(path: &std::path::Path) -> anyhow::Result<Option<Listing>> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_most_entries_a_reader_takes_fit_its_byte_bound() {
+        let reserved = crate::client::MAX_ENTRIES * std::mem::size_of::<ListedFile>();
+        assert!(reserved <= crate::client::MAX_LISTING_BYTES, "{reserved} bytes reserved for the largest listing");
+    }
+
     fn entry(path: &str, n: u8) -> CatalogEntry {
         CatalogEntry {
             path: path.into(),

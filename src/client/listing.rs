@@ -9,8 +9,10 @@ use crate::identity::Purpose;
 use crate::listing::Listing;
 use crate::protocol::{self, CatalogEntry, CatalogSummary, GetRequest, Operation};
 
-/// Most entries a listing may have; bounds what a peer can make us hold.
-pub const MAX_ENTRIES: usize = 5_000_000;
+/// Most entries a listing may have; bounds what a peer can make us hold. The count a peer
+/// announces is reserved up front (untouched memory until entries arrive), so it must fit
+/// in [`MAX_LISTING_BYTES`] at about 104 bytes an entry before its text.
+pub const MAX_ENTRIES: usize = 2_000_000;
 /// Most bytes of entry text a listing may have, for the same reason.
 pub const MAX_LISTING_BYTES: usize = 256 * 1024 * 1024;
 

@@ -14,6 +14,11 @@ use crate::protocol::{self, DownloadRequest, DownloadResponse, Operation};
 
 /// How long the first chunk of a v1 download may take (the download may wait its turn).
 const V1_FIRST_CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Largest v1 chunk believed (the original sends 4 KiB; NATS' default payload bound is 1 MiB).
+const MAX_V1_CHUNK: u64 = 1024 * 1024;
+/// Chunks held ahead of the next one to write, and their bytes at most.
+const MAX_EARLY_CHUNKS: usize = 4096;
+const MAX_EARLY_BYTES: usize = 32 * 1024 * 1024;
 
 /// Set by an original server on chunks it transcoded instead of sending the file as listed.
 const HEADER_TRANSCODING: &str = "x-natster-transcoding";
@@ -48,8 +53,15 @@ impl CatalogClient {
         if reply.chunk_size == 0 || reply.total_chunks != protocol::chunk_count(reply.total_bytes, reply.chunk_size) {
             return Err(ClientError::Protocol("inconsistent chunk_size / total_chunks / total_bytes".into()));
         }
+        if reply.chunk_size > MAX_V1_CHUNK {
+            return Err(ClientError::Protocol(format!(
+                "chunk_size {} is larger than any Natster sends ({MAX_V1_CHUNK})",
+                reply.chunk_size
+            )));
+        }
         let mut next = 0u64;
         let mut early: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+        let mut early_bytes = 0usize;
         let mut written = 0u64;
         while next < reply.total_chunks {
             // Our server queues v1 downloads fairly and acknowledges at once, so the first
@@ -74,7 +86,10 @@ impl CatalogClient {
                 return Err(ClientError::Transcoded(hash.to_string()));
             }
             let index = header_u64(&msg, protocol::HEADER_CHUNK_INDEX)?;
-            if index >= reply.total_chunks || index < next || (index != next && early.len() > 4096) {
+            // Chunks ahead of the next one are held, up to a bound in bytes: a peer that never
+            // sends chunk `next` cannot make us hold the file.
+            let held_too_much = early.len() >= MAX_EARLY_CHUNKS || early_bytes >= MAX_EARLY_BYTES;
+            if index >= reply.total_chunks || index < next || (index != next && held_too_much) {
                 continue;
             }
             let plain = key.open(&msg.payload, &sender).map_err(|_| CryptoError::Authentication(index))?;
@@ -82,8 +97,12 @@ impl CatalogClient {
                 // Sealed correctly for us but of the wrong length: not the listed file's bytes.
                 return Err(ClientError::Transcoded(hash.to_string()));
             }
-            early.insert(index, plain);
+            early_bytes += plain.len();
+            if let Some(replaced) = early.insert(index, plain) {
+                early_bytes -= replaced.len();
+            }
             while let Some(chunk) = early.remove(&next) {
+                early_bytes -= chunk.len();
                 sink(&chunk)?;
                 written += chunk.len() as u64;
                 next += 1;
