@@ -60,17 +60,19 @@ impl Shared {
     pub(super) async fn open(&self, caller: &Caller, payload: &[u8]) -> Result<Vec<u8>, Refusal> {
         let req: OpenRequest = parse(payload)?;
         self.check_reader(caller, &req)?;
+        // Before opening (an original's index makes that a whole-file hash): a file without a
+        // chunk tree is refused whatever its bytes.
+        if let Some(entry) = self.loaded().entry(&req.hash).filter(|e| e.tree.is_none()) {
+            tracing::warn!(path = %entry.path, "refusing to serve: {}; re-index with `natster-mount catalog new`", TreeFileError::NotIndexed);
+            return Err(no_tree(&entry.hash, &TreeFileError::NotIndexed));
+        }
         let (entry, file, indexed) = self.open_indexed(&req.hash).await?;
         if self.trees.is_changed(&entry.hash, indexed) {
             return Err(changed(&entry.hash));
         }
         let tree = self.trees.get(&self.home, &entry).await.map_err(|e| {
             tracing::warn!(path = %entry.path, "refusing to serve: {e}; re-index with `natster-mount catalog new`");
-            let why = match e {
-                TreeFileError::NotIndexed => "was indexed before protocol 4 and has no chunk tree",
-                TreeFileError::Missing(_) | TreeFileError::Damaged(_) => "has a missing or damaged chunk tree",
-            };
-            refuse(409, format!("file {} {why}; ask the owner to re-index the catalog", entry.hash))
+            no_tree(&entry.hash, &e)
         })?;
         let session = crypto::new_session_id();
         let ephemeral = EphemeralKey::generate();
@@ -349,6 +351,15 @@ fn record_headers(index: u64, unit: Option<u32>) -> async_nats::HeaderMap {
         headers.insert(protocol::HEADER_UNIT, unit.to_string().as_str());
     }
     headers
+}
+
+/// The refusal of a file whose chunk tree cannot be had.
+fn no_tree(hash: &str, e: &TreeFileError) -> Refusal {
+    let why = match e {
+        TreeFileError::NotIndexed => "was indexed before protocol 4 and has no chunk tree",
+        TreeFileError::Missing(_) | TreeFileError::Damaged(_) => "has a missing or damaged chunk tree",
+    };
+    refuse(409, format!("file {hash} {why}; ask the owner to re-index the catalog"))
 }
 
 fn changed(hash: &str) -> Refusal {
