@@ -80,6 +80,8 @@ pub struct IndexReport {
     pub removed: usize,
     pub bytes_hashed: u64,
     pub skipped: Vec<String>,
+    /// Whether the index file was written (an unchanged tree leaves it as it was).
+    pub written: bool,
 }
 
 impl Catalog {
@@ -310,9 +312,11 @@ pub fn index_folder(
     if changed != Some(false) {
         catalog.last_modified = unix_now();
         catalog.save(home)?;
+        report.written = true;
     } else if previous.as_ref().is_some_and(|p| p.entries.iter().zip(&catalog.entries).any(|(a, b)| a.ino != b.ino)) {
         // Same listing; the inode numbers an older index lacked are kept for next time.
         catalog.save(home)?;
+        report.written = true;
     }
     Ok((catalog, report))
 }

@@ -193,7 +193,12 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
         catalog.root_dir,
         started.elapsed().as_secs_f64()
     );
-    outln!("written to {}", Catalog::file_path(&g.home, name).display());
+    let file = Catalog::file_path(&g.home, name);
+    if report.written {
+        outln!("written to {}", file.display());
+    } else {
+        outln!("unchanged: {}", file.display());
+    }
     Ok(())
 }
 

@@ -62,7 +62,17 @@ pub async fn download_to_file(
         .prefix(".natster-download-")
         .suffix(".partial")
         .tempfile_in(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create a file in {}: {e}", dir.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!("folder {} does not exist; create it (mkdir -p {0}) or give another path", dir.display())
+            }
+            // The temporary file's name is ours, not the user's: say only where and why.
+            _ => anyhow::anyhow!(
+                "cannot create a file in {}: {}; check that it is a folder you may write to",
+                dir.display(),
+                std::io::Error::from(e.kind())
+            ),
+        })?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", out.display());
     let file = tmp.as_file().try_clone().map_err(out_err)?;
     let mut written = 0u64;
