@@ -217,7 +217,7 @@ fn check_requests(home: &Home, context: &Context, me: &str, requests: &[ImportRe
         }
         let owner = owner_text(request);
         if request.owner == me {
-            bail!("catalog '{catalog}' is your own; it needs no import");
+            bail!("{} is your own account: your catalogs need no import (catalog ls lists them)", request.owner);
         }
         let same = |i: &ImportedCatalog| i.catalog == catalog && i.owner == request.owner;
         if context.imports.iter().any(same) || requests[..n].iter().any(|r| same(&r.record())) {

@@ -199,7 +199,7 @@ pub fn validate_catalog_name(name: &str) -> Result<(), String> {
         ));
     }
     if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '_' || *c == '-')) {
-        return Err(format!("catalog name '{name}' contains '{bad}'; use only letters, digits, '_' and '-'"));
+        return Err(format!("catalog name '{name}' contains '{bad}'; use only ASCII letters, digits, '_' and '-'"));
     }
     Ok(())
 }

@@ -290,8 +290,10 @@ fn umount_only_unmounts_natster_mounts() {
     let out = home.run(["umount", tmpfs.0.path().to_str().unwrap()]);
     out.assert_failure("umount of a tmpfs");
     assert!(
-        out.stderr
-            .contains(&format!("{} is a tmpfs mount, not natster-mount; use umount(8)", tmpfs.0.path().display())),
+        out.stderr.contains(&format!(
+            "{} is not a natster-mount mount (it is tmpfs); use umount(8)",
+            tmpfs.0.path().display()
+        )),
         "{}",
         out.stderr
     );

@@ -58,13 +58,13 @@ pub async fn download_to_file(
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let tmp = tempfile::Builder::new()
-        .prefix(".natster-download-")
-        .suffix(".partial")
-        .tempfile_in(dir)
-        .map_err(|e| match e.kind() {
+    let tmp = tempfile::Builder::new().prefix(".natster-download-").suffix(".partial").tempfile_in(dir).map_err(
+        |e| match e.kind() {
             std::io::ErrorKind::NotFound => {
-                anyhow::anyhow!("folder {} does not exist; create it (mkdir -p {0}) or give another path", dir.display())
+                anyhow::anyhow!(
+                    "folder {} does not exist; create it (mkdir -p {0}) or give another path",
+                    dir.display()
+                )
             }
             // The temporary file's name is ours, not the user's: say only where and why.
             _ => anyhow::anyhow!(
@@ -72,7 +72,8 @@ pub async fn download_to_file(
                 dir.display(),
                 std::io::Error::from(e.kind())
             ),
-        })?;
+        },
+    )?;
     let out_err = |e: std::io::Error| anyhow::anyhow!("cannot write {}: {e}", out.display());
     let file = tmp.as_file().try_clone().map_err(out_err)?;
     let mut written = 0u64;

@@ -207,9 +207,12 @@ pub fn umount(path: &Path) -> Result<()> {
         }
     });
     match top_mount(&abs) {
+        None if !stale && !abs.exists() => {
+            bail!("{} does not exist; give the folder natster-mount is mounted on", path.display())
+        }
         None => bail!("{} is not mounted", path.display()),
         Some((kind, source)) if kind == "fuse.natster-mount" || (kind == "fuse" && source == "natster") => {}
-        Some((kind, _)) => bail!("{} is a {kind} mount, not natster-mount; use umount(8)", path.display()),
+        Some((kind, _)) => bail!("{} is not a natster-mount mount (it is {kind}); use umount(8)", path.display()),
     }
     let mut cmd = std::process::Command::new("fusermount3");
     cmd.arg("-u");
