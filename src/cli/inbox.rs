@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use crate::cli::network::{global_client, unix_time, warn_unavailable};
 use crate::cli::Globals;
 use crate::context::Context;
-use crate::global::client::CallError;
+use crate::global::client::{CallError, GlobalClient};
 use crate::global::wire::Share;
 
 /// Whether `share` is offered to `context`'s account by another one and not imported yet.
@@ -28,7 +28,10 @@ pub async fn pending(g: &Globals, context: &Context) -> Result<Vec<Share>, CallE
     if context.account_public_key.is_none() {
         return Ok(Vec::new());
     }
-    let client = global_client(g, context).await.ok_or_else(|| CallError::Unavailable("cannot reach NATS".into()))?;
+    // Connected here, not through `global_client`: the caller says why in its own one line.
+    let timeout = g.timeout.min(crate::cli::network::GLOBAL_TIMEOUT);
+    let nats = context.connect(timeout).await.map_err(|e| CallError::Unavailable(format!("{e:#}")))?;
+    let client = GlobalClient::new(nats, timeout);
     crate::cli::network::flush(g, &client).await;
     let shares = client.my_shares().await?;
     Ok(shares.into_iter().filter(|s| is_offer(context, s)).collect())

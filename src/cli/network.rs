@@ -49,6 +49,14 @@ pub fn warn_unavailable(e: &CallError) {
     }
 }
 
+/// The one line when NATS itself cannot be reached: then nothing on the network works, reading
+/// included, and the line says so (what this command did locally stands).
+fn warn_nats_unreachable(e: &anyhow::Error) {
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        eprintln!("note: NATS is unreachable ({e:#}); presence, the inbox and reading wait for it");
+    }
+}
+
 fn global_timeout(g: &Globals) -> Duration {
     g.timeout.min(GLOBAL_TIMEOUT)
 }
@@ -59,7 +67,7 @@ pub async fn global_client(g: &Globals, context: &Context) -> Option<GlobalClien
     match context.connect(global_timeout(g)).await {
         Ok(nats) => Some(GlobalClient::new(nats, global_timeout(g))),
         Err(e) => {
-            warn_unavailable(&CallError::Unavailable(format!("{e:#}")));
+            warn_nats_unreachable(&e);
             None
         }
     }
@@ -100,7 +108,7 @@ pub async fn emit_as(
         },
         Err(e) => {
             if !quiet {
-                warn_unavailable(&CallError::Unavailable(format!("{e:#}")));
+                warn_nats_unreachable(&e);
             }
             outbox.keep(events);
             return;
