@@ -68,7 +68,7 @@ async fn download(g: &Globals, name: &str, what: &str, out: &Path, force: bool, 
     let to_stdout = out.as_os_str() == "-";
     let nats = g.connect().await?;
     let client = CatalogClient::for_context(nats, &g.home, &g.load_context()?, name, options)?;
-    let summary = client.get().await?;
+    let summary = client.get().await.map_err(|e| crate::cli::explain_get(g, name, e))?;
     let entry = find_entry(&summary.entries, what).with_context(|| {
         format!("catalog '{name}' has no file with hash or path '{what}'; list it with `natster-mount catalog contents {name}`")
     })?;

@@ -276,7 +276,7 @@ pub fn client_options(g: &Globals) -> ClientOptions {
 pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()> {
     let nats = g.connect().await?;
     let client = CatalogClient::for_context(nats, &g.home, &g.load_context()?, name, client_options(g))?;
-    let summary = client.get().await?;
+    let summary = client.get().await.map_err(|e| explain_get(g, name, e))?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
@@ -296,6 +296,22 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
         printable(&summary.revision)
     );
     Ok(())
+}
+
+/// A catalog's `get` failure, said for this machine: nobody answering for one of our own
+/// catalogs means it is not served here (rather than offline, misspelled or not imported).
+pub(crate) fn explain_get(g: &Globals, name: &str, e: crate::client::ClientError) -> anyhow::Error {
+    let own = matches!(e, crate::client::ClientError::NoResponders(_))
+        && index::catalog_names(&g.home).iter().any(|c| c == name)
+        && g.load_context().is_ok_and(|c| c.find_import(&index::catalog_names(&g.home), name).is_none());
+    if own {
+        anyhow::anyhow!(
+            "catalog '{name}' is yours and nothing serves it; run `natster-mount catalog serve {name}` \
+             (or mark it with `catalog serve {name} --at-login` for `up`)"
+        )
+    } else {
+        e.into()
+    }
 }
 
 /// A peer's string with its control characters shown as `?`, so that it cannot drive the
