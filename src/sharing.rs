@@ -257,6 +257,13 @@ pub async fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -
     Catalog::load(&g.home, catalog)?;
     let key = resolve_account(g, who)?;
     let context = g.load_context().ok();
+    if share && context.as_ref().is_some_and(|c| c.account_public_key.is_none() && c.creds.is_none()) {
+        bail!(
+            "context '{}' uses a server without accounts, where every client reads every catalog served and \
+             nothing can be shared; share from an operator-mode server (`natster-mount operator init`)",
+            g.context
+        );
+    }
     if context.as_ref().and_then(|c| c.account_public_key.as_deref()) == Some(key.as_str()) {
         bail!("{who} is your own account: it can always read your catalogs");
     }
