@@ -791,3 +791,20 @@ async fn an_own_catalog_served_elsewhere_is_online_in_the_mount_at_once() {
     assert!(!revision.is_empty(), "the revision its server announced");
     m.stop();
 }
+
+/// `operator up` starts its global service before the hub's catalog server, so the hub's first
+/// heartbeat is heard: the hub is online at once, not after the next heartbeat (30 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_is_online_as_soon_as_operator_up_is_ready() {
+    let dir = operator_dir();
+    let op = dir.path().to_path_buf();
+    operator_init(&op, free_port());
+    let _up = OperatorUp::start(&op);
+    let alice = Person::with_account(&op, "alice").await;
+    let alice = &alice;
+    wait_for("the hub online in alice's catalog ls", Duration::from_secs(10), || async move {
+        let ls = alice.run(&["catalog", "ls"]).await;
+        ls.stdout.lines().any(|l| l.contains("hub") && l.contains("online")).then_some(())
+    })
+    .await;
+}

@@ -240,28 +240,8 @@ impl Network {
             account_name: Some(hub.name.clone()),
             imports: Vec::new(),
         };
-        if options.hub {
-            let dir = options.hub_dir.clone();
-            let (home, context) = (hub_home.clone(), hub_context.clone());
-            let files = tokio::task::spawn_blocking(move || prepare_hub(&home, &context, dir.as_deref()))
-                .await
-                .context("indexing the hub catalog failed")??;
-            let nats = hub_context.connect(Duration::from_secs(5)).await?;
-            let identity = crate::identity::Identity::load(&hub_home, &hub_context)?;
-            let server_options = ServerOptions {
-                identity: Some(std::sync::Arc::new(identity)),
-                heartbeat_interval: options.heartbeat_interval,
-                ..ServerOptions::default()
-            };
-            let server = CatalogServer::new(nats, hub_home.clone(), HUB_CATALOG, server_options)?;
-            let done = stopped(rx.clone());
-            network.tasks.push(tokio::spawn(async move {
-                if let Err(e) = server.run(done).await {
-                    tracing::error!("hub catalog server stopped: {e:#}");
-                }
-            }));
-            outln!("hub catalog '{HUB_CATALOG}' ({files}) served by account {} {}", hub.name, hub.public_key);
-        }
+        // The global service answers before the hub serves, so the hub's first heartbeat
+        // finds it (else the hub shows offline until the next one, 30 s later).
         if options.global {
             let global = operator.global_account_key().unwrap_or_default();
             // Ready means answering through an account's import, as every caller reaches it.
@@ -288,6 +268,28 @@ impl Network {
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             }
+        }
+        if options.hub {
+            let dir = options.hub_dir.clone();
+            let (home, context) = (hub_home.clone(), hub_context.clone());
+            let files = tokio::task::spawn_blocking(move || prepare_hub(&home, &context, dir.as_deref()))
+                .await
+                .context("indexing the hub catalog failed")??;
+            let nats = hub_context.connect(Duration::from_secs(5)).await?;
+            let identity = crate::identity::Identity::load(&hub_home, &hub_context)?;
+            let server_options = ServerOptions {
+                identity: Some(std::sync::Arc::new(identity)),
+                heartbeat_interval: options.heartbeat_interval,
+                ..ServerOptions::default()
+            };
+            let server = CatalogServer::new(nats, hub_home.clone(), HUB_CATALOG, server_options)?;
+            let done = stopped(rx.clone());
+            network.tasks.push(tokio::spawn(async move {
+                if let Err(e) = server.run(done).await {
+                    tracing::error!("hub catalog server stopped: {e:#}");
+                }
+            }));
+            outln!("hub catalog '{HUB_CATALOG}' ({files}) served by account {} {}", hub.name, hub.public_key);
         }
         Ok(network)
     }
