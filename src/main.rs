@@ -94,8 +94,8 @@ enum Command {
         /// Seconds between listing refreshes (change notices refresh sooner).
         #[arg(long, default_value = "30", value_parser = cli::parse_seconds::<86400>)]
         listing_ttl: Duration,
-        /// Bytes per encrypted chunk of the catalogs served.
-        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        /// Bytes per encrypted chunk of the catalogs served (e.g. 512K).
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = cli::parse_chunk_size)]
         chunk_size: u32,
     },
     /// What this machine serves and mounts (from this NATSTER_HOME).
@@ -251,8 +251,8 @@ enum CatalogCommand {
     /// Serve catalog NAME to its owner and to the accounts it is shared with.
     Serve {
         name: String,
-        /// Bytes per encrypted chunk (the unit of authentication).
-        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        /// Bytes per encrypted chunk, the unit of authentication (e.g. 512K).
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = cli::parse_chunk_size)]
         chunk_size: u32,
         /// Serve EVERY account that imports the catalog, ignoring the share list.
         #[arg(long)]
@@ -429,6 +429,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             cli::mount(&globals, args)
         }
         Command::Up { mountpoint, no_mount, cache_size, read_timeout, listing_ttl, chunk_size } => {
+            natster_mount::server::check_chunk_size(chunk_size)?;
             let mount = cli::MountArgs {
                 mountpoint: PathBuf::new(),
                 cache_size,
@@ -518,6 +519,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 heartbeat_interval,
                 ..
             } => {
+                natster_mount::server::check_chunk_size(chunk_size)?;
                 let options = ServerOptions {
                     chunk_size,
                     allow_all,

@@ -595,15 +595,16 @@ async fn an_autofs_trigger_on_the_target_is_mounted_over_not_refused() {
     run_with_timeout(umount, COMMAND_TIMEOUT).assert_success("umount");
 }
 
-/// A served catalog whose server fails at once (here a chunk size out of range) is started
-/// again after a wait, not in a loop: its serve record's own coming and going are home changes
-/// that would otherwise start the next attempt at once (one failure every ~100 ms).
+/// A served catalog whose server fails at once (here its folder is gone) is started again
+/// after a wait, not in a loop: its serve record's own coming and going are home changes that
+/// would otherwise start the next attempt at once (one failure every ~100 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_served_catalog_is_retried_after_a_wait_not_in_a_loop() {
     let nats = NatsServer::start();
-    let (home, _tree) = home_with_catalog(&nats, &[("a.txt", b"a".to_vec())]).await;
+    let (home, tree) = home_with_catalog(&nats, &[("a.txt", b"a".to_vec())]).await;
     home.run_async(["catalog", "serve", "media", "--at-login"]).await.assert_success("serve --at-login");
-    let up = Daemon::start(home.command(["up", "--no-mount", "--chunk-size", "7"]), None);
+    drop(tree);
+    let up = Daemon::start(home.command(["up", "--no-mount"]), None);
     let failures = |d: &Daemon| d.log().matches("stopped serving").count();
     let until = Instant::now() + READY_DEADLINE;
     while failures(&up) == 0 {

@@ -75,7 +75,7 @@ mod up;
 mod web;
 
 pub use download::catalog_download;
-pub use parse::{parse_seconds, parse_size, validate_server_urls};
+pub use parse::{parse_chunk_size, parse_seconds, parse_size, validate_server_urls};
 pub use up::{at_login, capture_ready_pipe, default_mountpoint, mount, status, umount, up, MountArgs, UpArgs};
 pub use web::{web, WebArgs};
 

@@ -82,6 +82,13 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// A clap value parser: a size in bytes (K/M suffixes as [`parse_size`]) that fits a u32.
+/// Its range is checked by the command, in one line ([`crate::server::check_chunk_size`]).
+pub fn parse_chunk_size(s: &str) -> std::result::Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("chunk size '{s}' is far too large; use at most 1008K"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,21 @@ pub struct ServerOptions {
 }
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
+
+/// A chunk size a server can use: a multiple of the chunk tree's leaf, up to what fits a NATS
+/// message. Checked when a command starts, before anything else, and by every server.
+pub fn check_chunk_size(chunk_size: u32) -> Result<()> {
+    let leaf = crate::chunk_tree::LEAF_SIZE as u32;
+    let range =
+        format!("use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 512K)", protocol::MIN_CHUNK_SIZE);
+    if chunk_size < protocol::MIN_CHUNK_SIZE || chunk_size > MAX_CHUNK_SIZE {
+        anyhow::bail!("chunk size {chunk_size} is out of range; {range}");
+    }
+    if !chunk_size.is_multiple_of(leaf) {
+        anyhow::bail!("chunk size {chunk_size} is not a multiple of {leaf}; {range}");
+    }
+    Ok(())
+}
 /// Reads streamed at once (each holds at most two sealed chunks).
 const MAX_CONCURRENT_READS: usize = 64;
 /// Requests handled at once, of every kind: a flood (even of refused ones, from an account the
@@ -184,17 +199,7 @@ pub struct CatalogServer {
 impl CatalogServer {
     /// Loads the catalog (blocking: call it before serving, not from a request path).
     pub fn new(nats: async_nats::Client, home: Home, name: &str, options: ServerOptions) -> Result<Self> {
-        let leaf = crate::chunk_tree::LEAF_SIZE as u32;
-        if options.chunk_size < protocol::MIN_CHUNK_SIZE
-            || options.chunk_size > MAX_CHUNK_SIZE
-            || !options.chunk_size.is_multiple_of(leaf)
-        {
-            anyhow::bail!(
-                "chunk size {} is out of range; use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 524288)",
-                options.chunk_size,
-                protocol::MIN_CHUNK_SIZE
-            );
-        }
+        check_chunk_size(options.chunk_size)?;
         let loaded = load(&home, name, options.v1_only)?;
         let max = std::num::NonZeroUsize::new(options.max_sessions.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         if options.allow_all {
