@@ -91,7 +91,7 @@ pub fn check_chunk_size(chunk_size: u32) -> Result<()> {
     let leaf = crate::chunk_tree::LEAF_SIZE as u32;
     let range =
         format!("use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 512K)", protocol::MIN_CHUNK_SIZE);
-    if chunk_size < protocol::MIN_CHUNK_SIZE || chunk_size > MAX_CHUNK_SIZE {
+    if !(protocol::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         anyhow::bail!("chunk size {chunk_size} is out of range; {range}");
     }
     if !chunk_size.is_multiple_of(leaf) {
