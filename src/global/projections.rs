@@ -232,8 +232,15 @@ impl Projection {
     }
 }
 
-fn add(list: &mut Vec<ShareRef>, share: ShareRef) {
-    if !list.contains(&share) {
+/// Most shares one account may make, and most it may be offered: an account's entry (at most
+/// 1 MiB as a KV value, about 140 bytes a share) stays well within its bound, so no account's
+/// flood of shares can make the projection of another's fail. `events.put` refuses past them.
+pub const MAX_OUT_SHARES: usize = 2000;
+pub const MAX_IN_SHARES: usize = 3000;
+
+/// Adds `share` unless it is there already or `list` holds `max`.
+fn add(list: &mut Vec<ShareRef>, share: ShareRef, max: usize) {
+    if !list.contains(&share) && list.len() < max {
         list.push(share);
     }
 }
@@ -255,11 +262,11 @@ async fn apply_account_event(kv: &kv::Store, e: &Event) -> Result<(), Error> {
         }
         (EventType::Shared, Some(to), Some(catalog)) if to != e.origin => {
             upsert(kv, &e.origin, seq, |a: &mut AccountEntry| {
-                add(&mut a.out_shares, ShareRef { catalog: catalog.into(), account: to.into() })
+                add(&mut a.out_shares, ShareRef { catalog: catalog.into(), account: to.into() }, MAX_OUT_SHARES)
             })
             .await?;
             upsert(kv, to, seq, |a: &mut AccountEntry| {
-                add(&mut a.in_shares, ShareRef { catalog: catalog.into(), account: e.origin.clone() })
+                add(&mut a.in_shares, ShareRef { catalog: catalog.into(), account: e.origin.clone() }, MAX_IN_SHARES)
             })
             .await?;
             upsert(kv, STATS_KEY, seq, |s: &mut StatsEntry| s.share_count += 1).await
@@ -476,4 +483,30 @@ async fn run_once(
         }
     }
     Err(Error::Unavailable(format!("consumer {name} ended")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_list_stops_at_its_bound_and_keeps_no_duplicate() {
+        let share = |i: usize| ShareRef { catalog: format!("c{i}"), account: "A".repeat(56) };
+        let mut list = Vec::new();
+        for i in 0..MAX_OUT_SHARES + 10 {
+            add(&mut list, share(i), MAX_OUT_SHARES);
+        }
+        assert_eq!(list.len(), MAX_OUT_SHARES);
+        add(&mut list, share(0), MAX_OUT_SHARES + 1);
+        assert_eq!(list.len(), MAX_OUT_SHARES, "a share already there is not added twice");
+        // The largest entry a bound allows still fits a KV value.
+        let widest =
+            |n: usize| ShareRef { catalog: "x".repeat(crate::protocol::MAX_CATALOG_NAME), account: format!("{n:056}") };
+        let entry = AccountEntry {
+            out_shares: (0..MAX_OUT_SHARES).map(widest).collect(),
+            in_shares: (0..MAX_IN_SHARES).map(widest).collect(),
+            ..AccountEntry::default()
+        };
+        assert!(serde_json::to_vec(&entry).unwrap().len() < 1024 * 1024);
+    }
 }

@@ -12,6 +12,7 @@
 //! - Replies are the original's envelopes, errors included; the micro service's own error
 //!   headers are not used, since an original client reads only the body.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,7 +101,20 @@ struct State {
     presence: Presence,
     codes: Codes,
     options: GlobalOptions,
+    /// The last heartbeat taken per (owner, catalog), to drop repeats (see [`BEAT_REPEAT`]).
+    beats: std::sync::Mutex<HashMap<(String, String), LastBeat>>,
 }
+
+/// When a heartbeat was taken, whether it said online, and the heartbeat.
+type LastBeat = (std::time::Instant, bool, Heartbeat);
+
+/// A heartbeat identical to the last one from its owner for its catalog (same online state
+/// and revision) within this long is dropped: each costs a KV write and a message to every
+/// account the catalog is shared with, so a flood of them must not multiply. A changed one
+/// always goes through.
+const BEAT_REPEAT: Duration = Duration::from_millis(500);
+/// Heartbeats remembered for that; past it the old ones are forgotten.
+const MAX_BEATS_KEPT: usize = 100_000;
 
 /// Aborts the background tasks when the service stops.
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
@@ -128,7 +142,8 @@ pub async fn run(
     };
     let (log, accounts, catalogs, presence, codes) = opened;
     let replicas = options.replicas;
-    let state = Arc::new(State { nats: nats.clone(), log, accounts, catalogs, presence, codes, options });
+    let beats = std::sync::Mutex::new(HashMap::new());
+    let state = Arc::new(State { nats: nats.clone(), log, accounts, catalogs, presence, codes, options, beats });
     let _tasks = Tasks(vec![
         tokio::spawn(projections::run(js.clone(), Projection::Accounts, replicas)),
         tokio::spawn(projections::run(js.clone(), Projection::Catalogs, replicas)),
@@ -280,6 +295,9 @@ impl State {
                 return Err(Refusal::new(409, format!("account {caller} is initialized already")));
             }
         }
+        if event.kind == EventType::Shared {
+            self.check_share_room(caller, &event.target, &event.catalog).await?;
+        }
         self.log.append(&event).await?;
         if event.kind == EventType::Shared {
             // Tell the target at once (its inbox, a running mount); the projection follows.
@@ -291,6 +309,55 @@ impl State {
             }
         }
         Ok(wire::ok(""))
+    }
+
+    /// True for a heartbeat the same as the last one taken for its catalog within
+    /// [`BEAT_REPEAT`]; otherwise it is remembered as the last.
+    fn is_repeat(&self, beat: &Heartbeat, online: bool) -> bool {
+        let now = std::time::Instant::now();
+        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (beat.account_key.clone(), beat.catalog.clone());
+        if let Some((at, was_online, last)) = beats.get(&key) {
+            if now.duration_since(*at) < BEAT_REPEAT && *was_online == online && last == beat {
+                return true;
+            }
+        }
+        if beats.len() >= MAX_BEATS_KEPT {
+            beats.retain(|_, (at, _, _)| now.duration_since(*at) < BEAT_REPEAT);
+        }
+        if beats.len() < MAX_BEATS_KEPT {
+            beats.insert(key, (now, online, beat.clone()));
+        }
+        false
+    }
+
+    /// Refuses a new share past [`projections::MAX_OUT_SHARES`] of the owner's or
+    /// [`projections::MAX_IN_SHARES`] of the target's (an existing one may be logged again).
+    async fn check_share_room(&self, owner: &str, target: &str, catalog: &str) -> Result<(), Refusal> {
+        let known = |list: &[projections::ShareRef], account: &str| {
+            list.iter().any(|s| s.catalog == catalog && s.account == account)
+        };
+        let from = self.account(owner).await?;
+        if from.out_shares.len() >= projections::MAX_OUT_SHARES && !known(&from.out_shares, target) {
+            return Err(Refusal::new(
+                429,
+                format!(
+                    "account {owner} has {} shares, the most the global service records; unshare some first",
+                    from.out_shares.len()
+                ),
+            ));
+        }
+        let to = self.account(target).await?;
+        if to.in_shares.len() >= projections::MAX_IN_SHARES && !known(&to.in_shares, owner) {
+            return Err(Refusal::new(
+                429,
+                format!(
+                    "account {target} is offered {} shares already, the most the global service records",
+                    to.in_shares.len()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Records a heartbeat or an offline notice and tells the accounts the catalog is shared
@@ -305,6 +372,9 @@ impl State {
             return Err(Refusal::new(400, "revision_id is longer than 128 characters"));
         }
         beat.account_key = caller.to_string();
+        if self.is_repeat(&beat, online) {
+            return Ok(Vec::new());
+        }
         let entry = self.presence.record(caller, &beat, online).await?;
         self.announce(&entry).await;
         Ok(Vec::new())
