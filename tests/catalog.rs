@@ -651,6 +651,45 @@ async fn unshared_account_is_refused_until_shared() {
     assert_eq!(code(&reply), 403, "read on an open session after unsharing: {reply}");
 }
 
+/// A stranger who may publish on a session's media subject (another user of the reader's
+/// own account, say) cannot break a read: records that fail authentication are dropped and the
+/// genuine ones still make the read, byte-identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_on_the_media_subject_are_dropped_and_the_read_completes() {
+    let size = 6 * CHUNK + 321;
+    let fx = Fixture::new(vec![("/film.bin", pseudo_random_bytes(95, size))]).await;
+    let src = fx.source("/film.bin");
+    // The stranger answers every read request first, with garbage for each chunk it names.
+    let stranger = connect(&fx.server.url()).await;
+    let mut reads = stranger.subscribe(fx.subject("read")).await.expect("subscribe");
+    stranger.flush().await.expect("flush");
+    let forger = tokio::spawn(async move {
+        let mut forged = 0u32;
+        while let Some(msg) = reads.next().await {
+            let Ok(req) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else { continue };
+            let (Some(session), Some(first), Some(count)) =
+                (req["session"].as_str(), req["first_chunk"].as_u64(), req["count"].as_u64())
+            else {
+                continue;
+            };
+            for index in first..first + count {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert(protocol::HEADER_CHUNK_INDEX, index.to_string().as_str());
+                let subject = format!("natster.media.{CATALOG}.{session}");
+                let garbage = vec![0x5a; CHUNK + 100];
+                let _ = stranger.publish_with_headers(subject, headers, garbage.into()).await;
+                forged += 1;
+            }
+            let _ = stranger.flush().await;
+        }
+        forged
+    });
+    let file = fx.client.open(&src.hash(), Some(size as u64)).await.expect("open");
+    let got = within("read_range past forged records", file.read_range(0, size)).await.expect("read");
+    assert!(got == src.bytes, "the read differs from the file");
+    forger.abort();
+}
+
 /// A flood of refused requests from an account the catalog is not shared with is answered
 /// (each a 403), logged once rather than once per request, and leaves the server answering
 /// its owner.
