@@ -380,13 +380,22 @@ fn main() -> ExitCode {
 fn init_logging(filter: Option<String>, daemon: bool) {
     // One-shot commands return every connection failure as their one-line error, so
     // async-nats' own ERROR lines would only repeat it.
-    let default_level = if daemon { "natster_mount=info,warn" } else { "warn,async_nats=off" };
-    let filter = filter.unwrap_or_else(|| default_level.to_string());
+    // fuser's session warns when its own unmount at exit finds the mount gone already, which
+    // is how every `natster-mount umount` ends: noise, not news.
+    let default_level = if daemon { "natster_mount=info,fuser::session=error,warn" } else { "warn,async_nats=off" };
+    let env_filter = match filter.as_deref().map(tracing_subscriber::EnvFilter::try_new) {
+        Some(Ok(f)) => f,
+        Some(Err(e)) => {
+            eprintln!(
+                "warning: --log '{}' is not a log filter ({e}); using the default ({default_level})",
+                filter.as_deref().unwrap_or_default()
+            );
+            tracing_subscriber::EnvFilter::new(default_level)
+        }
+        None => tracing_subscriber::EnvFilter::new(default_level),
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
+        .with_env_filter(env_filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)

@@ -214,7 +214,7 @@ fn run_in(runtime: &tokio::runtime::Runtime, home: Home, config: DaemonConfig, p
                     break;
                 }
                 _ = ended(live.as_mut()) => {
-                    tracing::warn!("the mount was removed from outside; stopping");
+                    tracing::info!("unmounted from outside (`natster-mount umount` or fusermount3 -u); stopping");
                     break;
                 }
                 _ = served::batch(home_watch.as_ref(), HOME_DEBOUNCE) => daemon.reconcile(live.as_ref()).await,
