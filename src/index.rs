@@ -82,6 +82,8 @@ pub struct IndexReport {
     pub skipped: Vec<String>,
     /// Whether the index file was written (an unchanged tree leaves it as it was).
     pub written: bool,
+    /// Tree files of replaced or removed files deleted after the index was saved.
+    pub trees_removed: usize,
 }
 
 impl Catalog {
@@ -241,6 +243,9 @@ pub fn index_folder(
         .with_context(|| format!("folder path {} is not valid UTF-8; move or rename it", root.display()))?
         .to_string();
 
+    // Held until the index is saved: the trees this run writes are referenced by no index
+    // until then, and a collection must not take them meanwhile.
+    let trees_held = hold_trees(home)?;
     let previous = if Catalog::file_path(home, name).exists() { Some(Catalog::load(home, name)?) } else { None };
     let known: HashMap<&str, &IndexEntry> = match &previous {
         Some(p) if p.root_dir == root_str => p.entries.iter().map(|e| (e.path.as_str(), e)).collect(),
@@ -318,7 +323,51 @@ pub fn index_folder(
         catalog.save(home)?;
         report.written = true;
     }
+    drop(trees_held);
+    let kept: std::collections::HashSet<&str> = catalog.entries.iter().map(|e| e.hash.as_str()).collect();
+    if previous.is_some_and(|p| p.entries.iter().any(|e| !kept.contains(e.hash.as_str()))) {
+        report.trees_removed = collect_trees(home);
+    }
     Ok((catalog, report))
+}
+
+/// The lock every index run holds shared and [`collect_trees`] exclusively.
+fn trees_lock(home: &Home) -> PathBuf {
+    home.path().join("trees").join(".lock")
+}
+
+fn hold_trees(home: &Home) -> Result<crate::store::FileLock> {
+    let dir = home.path().join("trees");
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::store::FileLock::acquire_shared(&trees_lock(home))
+}
+
+/// Removes the tree files no catalog of `home` lists any more (files replaced or removed);
+/// gives how many. Skipped while another index runs (it holds the trees shared: its new
+/// trees are in no index yet), and when any catalog cannot be read (its trees are unknown).
+/// Blocking.
+pub fn collect_trees(home: &Home) -> usize {
+    let Ok(Some(_lock)) = crate::store::FileLock::try_acquire(&trees_lock(home)) else { return 0 };
+    let mut listed = std::collections::HashSet::new();
+    for name in catalog_names(home) {
+        match Catalog::load(home, &name) {
+            Ok(c) => listed.extend(c.entries.into_iter().map(|e| e.hash)),
+            Err(e) => {
+                tracing::debug!("tree files not collected: {e:#}");
+                return 0;
+            }
+        }
+    }
+    let Ok(dir) = fs::read_dir(home.path().join("trees")) else { return 0 };
+    let mut removed = 0;
+    for item in dir.flatten() {
+        let file = item.file_name();
+        let Some(hash) = file.to_str().and_then(|f| f.strip_suffix(".leaves")) else { continue };
+        if protocol::is_sha256_hex(hash) && !listed.contains(hash) && fs::remove_file(item.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 pub enum ProgressEvent {
@@ -599,6 +648,36 @@ mod tests {
         assert_eq!((r.files, r.hashed, r.removed), (1, 1, 1));
         assert_ne!(cat3.revision(), cat.revision());
         assert_eq!(Catalog::load(&home, "c").unwrap().entries, cat3.entries);
+    }
+
+    #[test]
+    fn trees_of_removed_files_are_collected_unless_another_catalog_lists_them() {
+        let home_dir = tempfile::tempdir().unwrap();
+        let home = Home::at(home_dir.path());
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        fs::write(a.path().join("gone.bin"), b"gone").unwrap();
+        fs::write(a.path().join("shared.bin"), b"in both").unwrap();
+        fs::write(a.path().join("kept.bin"), b"kept").unwrap();
+        fs::write(b.path().join("copy.bin"), b"in both").unwrap();
+        let (cat, _) = index_folder(&home, "a", a.path(), None, &quiet).unwrap();
+        index_folder(&home, "b", b.path(), None, &quiet).unwrap();
+        let tree_of = |path: &str| tree_path(&home, &cat.entries.iter().find(|e| e.path == path).unwrap().hash);
+        let (gone, shared, kept) = (tree_of("/gone.bin"), tree_of("/shared.bin"), tree_of("/kept.bin"));
+
+        // While another index runs (it holds the trees shared), nothing is collected.
+        let other_run = hold_trees(&home).unwrap();
+        fs::remove_file(a.path().join("gone.bin")).unwrap();
+        fs::remove_file(a.path().join("shared.bin")).unwrap();
+        let (_, r) = index_folder(&home, "a", a.path(), None, &quiet).unwrap();
+        assert_eq!(r.trees_removed, 0);
+        assert!(gone.exists());
+        drop(other_run);
+
+        assert_eq!(collect_trees(&home), 1);
+        assert!(!gone.exists(), "no catalog lists it");
+        assert!(shared.exists(), "catalog b still lists the same content");
+        assert!(kept.exists());
+        assert!(load_tree(&home, Catalog::load(&home, "a").unwrap().entries.first().unwrap()).is_ok());
     }
 
     #[test]

@@ -74,6 +74,12 @@ impl FileLock {
         Self::lock(path, libc::LOCK_EX | libc::LOCK_NB)
     }
 
+    /// A shared hold, which many may have at once and which keeps [`FileLock::try_acquire`]
+    /// out. Waits for an exclusive holder. Blocking.
+    pub fn acquire_shared(path: &Path) -> Result<FileLock> {
+        Self::lock(path, libc::LOCK_SH)?.with_context(|| format!("cannot lock {}", path.display()))
+    }
+
     fn lock(path: &Path, operation: libc::c_int) -> Result<Option<FileLock>> {
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::OpenOptionsExt;

@@ -193,6 +193,9 @@ pub fn catalog_new(g: &Globals, name: &str, dir: &Path, description: Option<&str
         catalog.root_dir,
         started.elapsed().as_secs_f64()
     );
+    if report.trees_removed > 0 {
+        outln!("removed {} tree file(s) no catalog lists any more", report.trees_removed);
+    }
     let file = Catalog::file_path(&g.home, name);
     if report.written {
         outln!("written to {}", file.display());
