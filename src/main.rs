@@ -52,6 +52,7 @@ enum Command {
     Catalog(CatalogCommand),
     /// Mount every catalog this context can read as a read-only folder.
     Mount {
+        /// An empty folder to mount on (made if missing).
         mountpoint: PathBuf,
         /// Memory for decrypted chunks (e.g. 256M, 1G).
         #[arg(long, default_value = "256M", value_parser = cli::parse_size)]
@@ -108,7 +109,10 @@ enum Command {
     #[command(subcommand)]
     Service(ServiceCommand),
     /// Unmount a natster-mount folder.
-    Umount { mountpoint: PathBuf },
+    Umount {
+        /// The folder natster-mount is mounted on.
+        mountpoint: PathBuf,
+    },
     /// A NATS operator of your own: accounts, JWTs and an operator-mode nats-server.
     #[command(subcommand)]
     Operator(OperatorCommand),
@@ -117,7 +121,7 @@ enum Command {
     /// Browse, play and share catalogs in a web browser (prints a one-time login link).
     Web {
         /// Address to listen on; anything but loopback needs --tls-cert/--tls-key or --insecure-http.
-        #[arg(long, default_value = "127.0.0.1:8642")]
+        #[arg(long, default_value = "127.0.0.1:8642", value_parser = cli::parse_listen)]
         listen: std::net::SocketAddr,
         /// Open the login link in the desktop's browser.
         #[arg(long)]
@@ -237,8 +241,11 @@ enum OperatorCommand {
 enum CatalogCommand {
     /// Index a folder as catalog NAME (again: re-index only what changed).
     New {
+        /// Catalog name: ASCII letters, digits, `_` and `-`.
         name: String,
+        /// The folder to share.
         dir: PathBuf,
+        /// A line shown beside the catalog's name (kept by later re-indexes).
         #[arg(long)]
         description: Option<String>,
         /// Re-root an existing catalog at DIR (its files under the old folder are dropped).
@@ -250,6 +257,7 @@ enum CatalogCommand {
     },
     /// Serve catalog NAME to its owner and to the accounts it is shared with.
     Serve {
+        /// A catalog made with `catalog new`.
         name: String,
         /// Bytes per encrypted chunk, the unit of authentication (e.g. 512K).
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE, value_parser = cli::parse_chunk_size)]
@@ -281,13 +289,25 @@ enum CatalogCommand {
         heartbeat_interval: Duration,
     },
     /// Share catalog NAME with an account (public key, or a local operator account's name).
-    Share { name: String, account: String },
+    Share {
+        /// One of your catalogs.
+        name: String,
+        /// The account's public key (A…, 56 characters) or its name in the local operator.
+        account: String,
+    },
     /// Stop sharing catalog NAME with an account.
-    Unshare { name: String, account: String },
+    Unshare {
+        /// One of your catalogs.
+        name: String,
+        /// The account's public key or its name in the local operator.
+        account: String,
+    },
     /// Import catalog NAME from its owner's account, so this account can read it.
     Import {
+        /// The catalog's name in its owner's account.
         #[arg(required_unless_present = "all")]
         name: Option<String>,
+        /// The owner's account public key (A…) or its name in the local operator.
         #[arg(required_unless_present = "all")]
         owner: Option<String>,
         /// Import every catalog shared with you that you have not imported (see `catalog inbox`).
@@ -313,6 +333,7 @@ enum CatalogCommand {
     Inbox,
     /// List the files of catalog NAME.
     Contents {
+        /// The name `catalog ls` shows.
         name: String,
         /// Print the listing as JSON.
         #[arg(long)]
@@ -320,6 +341,7 @@ enum CatalogCommand {
     },
     /// Download one file of catalog NAME, by hash or path, verified before it takes its name.
     Download {
+        /// The name `catalog ls` shows.
         name: String,
         /// The file's sha256 or its path in the catalog.
         file: String,

@@ -257,10 +257,11 @@ pub async fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -
     Catalog::load(&g.home, catalog)?;
     let key = resolve_account(g, who)?;
     let context = g.load_context().ok();
-    if share && context.as_ref().is_some_and(|c| c.account_public_key.is_none() && c.creds.is_none()) {
-        bail!(
-            "context '{}' uses a server without accounts, where every client reads every catalog served and \
-             nothing can be shared; share from an operator-mode server (`natster-mount operator init`)",
+    let no_accounts = context.as_ref().is_some_and(|c| c.account_public_key.is_none() && c.creds.is_none());
+    if share && no_accounts {
+        eprintln!(
+            "note: context '{}' has no account: on a server without accounts every client can read every catalog \
+             served, so this share list guards nothing; share under an operator (`natster-mount operator init`)",
             g.context
         );
     }
@@ -276,7 +277,9 @@ pub async fn catalog_share(g: &Globals, catalog: &str, who: &str, share: bool) -
         list.accounts.push(key.clone());
         list.save(&g.home)?;
         outln!("catalog '{catalog}' shared with {}", account_label(g, &key));
-        outln!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+        if !no_accounts {
+            outln!("they import it with: natster-mount catalog import {catalog} {}", own_key_hint(context.as_ref()));
+        }
         crate::cli::network::shared(g, catalog, &key, true).await;
     } else {
         if !list.allows(&key) {
@@ -484,7 +487,8 @@ pub async fn whoami(g: &Globals) -> Result<()> {
         Ok(_) => "connected".to_string(),
         Err(e) => match e.downcast_ref::<crate::context::CredentialsRefused>() {
             Some(refused) => refused.to_string(),
-            None => "server not reachable".to_string(),
+            // The reason as the connection found it: a missing creds file, TLS, no server.
+            None => format!("not connected: {e:#}"),
         },
     };
     outln!("status:   {status}");

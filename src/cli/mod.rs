@@ -75,7 +75,7 @@ mod up;
 mod web;
 
 pub use download::catalog_download;
-pub use parse::{parse_chunk_size, parse_seconds, parse_size, validate_server_urls};
+pub use parse::{parse_chunk_size, parse_listen, parse_seconds, parse_size, validate_server_urls};
 pub use up::{at_login, capture_ready_pipe, default_mountpoint, mount, status, umount, up, MountArgs, UpArgs};
 pub use web::{web, WebArgs};
 
@@ -109,6 +109,19 @@ pub fn init(g: &Globals, server: Option<&str>, creds: Option<&Path>, nats_contex
         let c = std::fs::canonicalize(c)
             .with_context(|| format!("creds file {} not found; give the path of your .creds file", c.display()))?;
         let account = crate::accounts::creds_account(&c)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // The file holds the user's seed: anyone who can read it can be that user.
+            if let Ok(m) = std::fs::metadata(&c) {
+                let mode = m.permissions().mode() & 0o777;
+                if mode & 0o077 != 0 {
+                    eprintln!(
+                        "warning: creds file {} is readable by others (mode {mode:04o}); run `chmod 600 {0}`",
+                        c.display()
+                    );
+                }
+            }
+        }
         if context.account_public_key.as_deref() != Some(account.as_str()) {
             if !context.imports.is_empty() {
                 eprintln!(

@@ -82,6 +82,26 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size '{s}' is too large"))
 }
 
+/// A clap value parser: `IP:PORT`, or `HOST:PORT` with a host name this machine resolves
+/// (`localhost:8642`; its first address, IPv4 first).
+pub fn parse_listen(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let help = "write HOST:PORT, e.g. 127.0.0.1:8642 or localhost:8642";
+    let addrs: Vec<std::net::SocketAddr> = match s.to_socket_addrs() {
+        Ok(a) => a.collect(),
+        Err(e) => return Err(format!("'{s}' is not an address to listen on ({e}); {help}")),
+    };
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("'{s}' resolves to no address; {help}"))
+}
+
 /// A clap value parser: a size in bytes (K/M suffixes as [`parse_size`]) that fits a u32.
 /// Its range is checked by the command, in one line ([`crate::server::check_chunk_size`]).
 pub fn parse_chunk_size(s: &str) -> std::result::Result<u32, String> {
@@ -108,6 +128,14 @@ mod tests {
         {
             assert!(validate_server_urls(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(parse_listen("127.0.0.1:8642"), Ok("127.0.0.1:8642".parse().unwrap()));
+        assert_eq!(parse_listen("localhost:8642").map(|a| a.port()), Ok(8642));
+        assert!(parse_listen("localhost").is_err());
+        assert!(parse_listen("nonsense:x").is_err());
     }
 
     #[test]
