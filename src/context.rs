@@ -32,6 +32,12 @@ impl Home {
         Home(path.into())
     }
 
+    /// The local operator's own home, `$NATSTER_OPERATOR_HOME`, when one is set (else the
+    /// operator lives in `$NATSTER_HOME`).
+    pub fn operator_from_env() -> Option<Home> {
+        std::env::var_os("NATSTER_OPERATOR_HOME").filter(|h| !h.is_empty()).map(|h| Home(PathBuf::from(h)))
+    }
+
     pub fn path(&self) -> &Path {
         &self.0
     }

@@ -326,7 +326,7 @@ pub fn index_folder(
     drop(trees_held);
     let kept: std::collections::HashSet<&str> = catalog.entries.iter().map(|e| e.hash.as_str()).collect();
     if previous.is_some_and(|p| p.entries.iter().any(|e| !kept.contains(e.hash.as_str()))) {
-        report.trees_removed = collect_trees(home);
+        report.trees_removed = collect_trees(home, &catalog);
     }
     Ok((catalog, report))
 }
@@ -343,13 +343,13 @@ fn hold_trees(home: &Home) -> Result<crate::store::FileLock> {
 }
 
 /// Removes the tree files no catalog of `home` lists any more (files replaced or removed);
-/// gives how many. Skipped while another index runs (it holds the trees shared: its new
-/// trees are in no index yet), and when any catalog cannot be read (its trees are unknown).
-/// Blocking.
-pub fn collect_trees(home: &Home) -> usize {
+/// gives how many. `saved` is a catalog of the home as just saved, so it is not read again.
+/// Skipped while another index runs (it holds the trees shared: its new trees are in no index
+/// yet), and when any catalog cannot be read (its trees are unknown). Blocking.
+pub fn collect_trees(home: &Home, saved: &Catalog) -> usize {
     let Ok(Some(_lock)) = crate::store::FileLock::try_acquire(&trees_lock(home)) else { return 0 };
-    let mut listed = std::collections::HashSet::new();
-    for name in catalog_names(home) {
+    let mut listed: std::collections::HashSet<String> = saved.entries.iter().map(|e| e.hash.clone()).collect();
+    for name in catalog_names(home).into_iter().filter(|n| *n != saved.name) {
         match Catalog::load(home, &name) {
             Ok(c) => listed.extend(c.entries.into_iter().map(|e| e.hash)),
             Err(e) => {
@@ -390,8 +390,11 @@ fn mtime_ns(meta: &fs::Metadata) -> i64 {
 /// Folders never indexed, wherever they sit: this home and the local operator's (seeds,
 /// creds, contexts), canonical.
 fn private_folders(home: &Home) -> Vec<PathBuf> {
-    let operator = std::env::var_os("NATSTER_OPERATOR_HOME").filter(|h| !h.is_empty()).map(PathBuf::from);
-    [Some(home.path().to_path_buf()), operator].into_iter().flatten().filter_map(|p| fs::canonicalize(p).ok()).collect()
+    [Some(home.clone()), Home::operator_from_env()]
+        .into_iter()
+        .flatten()
+        .filter_map(|h| fs::canonicalize(h.path()).ok())
+        .collect()
 }
 
 /// True for a file that holds a NATS secret by its name: an nkey seed or a creds file.
@@ -673,7 +676,7 @@ mod tests {
         assert!(gone.exists());
         drop(other_run);
 
-        assert_eq!(collect_trees(&home), 1);
+        assert_eq!(collect_trees(&home, &Catalog::load(&home, "a").unwrap()), 1);
         assert!(!gone.exists(), "no catalog lists it");
         assert!(shared.exists(), "catalog b still lists the same content");
         assert!(kept.exists());

@@ -2,7 +2,6 @@
 //! sharing (`catalog share|unshare`), importing (`catalog import`), `whoami` and `catalog ls`.
 //! The security itself is NATS': account JWTs, token-position exports and imports.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -19,10 +18,7 @@ use crate::shares::ShareList;
 
 /// Where the local operator keeps its state: `$NATSTER_OPERATOR_HOME`, else `$NATSTER_HOME`.
 pub fn operator_home(g: &Globals) -> Home {
-    match std::env::var_os("NATSTER_OPERATOR_HOME").filter(|h| !h.is_empty()) {
-        Some(h) => Home::at(PathBuf::from(h)),
-        None => g.home.clone(),
-    }
+    Home::operator_from_env().unwrap_or_else(|| g.home.clone())
 }
 
 /// The local deployment (node 1's port, chosen once: 4222 if free, else a free port below the

@@ -29,7 +29,7 @@ pub async fn pending(g: &Globals, context: &Context) -> Result<Vec<Share>, CallE
         return Ok(Vec::new());
     }
     // Connected here, not through `global_client`: the caller says why in its own one line.
-    let timeout = g.timeout.min(crate::cli::network::GLOBAL_TIMEOUT);
+    let timeout = crate::cli::network::global_timeout(g);
     let nats = context.connect(timeout).await.map_err(|e| CallError::Unavailable(format!("{e:#}")))?;
     let client = GlobalClient::new(nats, timeout);
     crate::cli::network::flush(g, &client).await;

@@ -317,9 +317,10 @@ pub async fn catalog_contents(g: &Globals, name: &str, json: bool) -> Result<()>
 /// A catalog's `get` failure, said for this machine: nobody answering for one of our own
 /// catalogs means it is not served here (rather than offline, misspelled or not imported).
 pub(crate) fn explain_get(g: &Globals, name: &str, e: crate::client::ClientError) -> anyhow::Error {
-    let own = matches!(e, crate::client::ClientError::NoResponders(_))
-        && index::catalog_names(&g.home).iter().any(|c| c == name)
-        && g.load_context().is_ok_and(|c| c.find_import(&index::catalog_names(&g.home), name).is_none());
+    let own = matches!(e, crate::client::ClientError::NoResponders(_)) && {
+        let own = index::catalog_names(&g.home);
+        own.iter().any(|c| c == name) && g.load_context().is_ok_and(|c| c.find_import(&own, name).is_none())
+    };
     if own {
         anyhow::anyhow!(
             "catalog '{name}' is yours and nothing serves it; run `natster-mount catalog serve {name}` \

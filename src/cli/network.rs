@@ -57,7 +57,7 @@ fn warn_nats_unreachable(e: &anyhow::Error) {
     }
 }
 
-fn global_timeout(g: &Globals) -> Duration {
+pub(crate) fn global_timeout(g: &Globals) -> Duration {
     g.timeout.min(GLOBAL_TIMEOUT)
 }
 

@@ -16,8 +16,8 @@
 //!   waiting and held across the sends), so two of them never send one event twice; the other
 //!   sends only its own new event, and keeps it if that fails.
 //! - The file is written atomically (0600) and removed when empty. All file work runs through
-//!   [`store::blocking`]; a file that does not parse is left in place, with a warning, and new
-//!   events are kept beside it in a fresh one rather than over it.
+//!   [`store::blocking`]; a file that does not parse is moved aside (`….json.unreadable-PID`),
+//!   with a warning, and new events are kept in a fresh one rather than over it.
 
 use std::path::PathBuf;
 

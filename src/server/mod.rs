@@ -88,19 +88,31 @@ pub const DEFAULT_CHUNK_SIZE: u32 = 512 * 1024;
 /// A chunk size a server can use: a multiple of the chunk tree's leaf, up to what fits a NATS
 /// message. Checked when a command starts, before anything else, and by every server.
 pub fn check_chunk_size(chunk_size: u32) -> Result<()> {
-    let leaf = crate::chunk_tree::LEAF_SIZE as u32;
+    // The rule a reader's `unit` is held to as well.
+    if protocol::valid_unit(chunk_size, MAX_CHUNK_SIZE) {
+        return Ok(());
+    }
+    let leaf = crate::chunk_tree::LEAF_SIZE;
     let range =
         format!("use a multiple of {leaf} in {}..={MAX_CHUNK_SIZE} bytes (e.g. 512K)", protocol::MIN_CHUNK_SIZE);
-    if !(protocol::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
-        anyhow::bail!("chunk size {chunk_size} is out of range; {range}");
-    }
-    if !chunk_size.is_multiple_of(leaf) {
+    if (protocol::MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
         anyhow::bail!("chunk size {chunk_size} is not a multiple of {leaf}; {range}");
     }
-    Ok(())
+    anyhow::bail!("chunk size {chunk_size} is out of range; {range}")
 }
 /// Reads streamed at once (each holds at most two sealed chunks).
 const MAX_CONCURRENT_READS: usize = 64;
+/// Stamps `key` now in a map of callers bounded by [`MAX_READERS_KEPT`]: when it is full,
+/// entries older than [`READER_WINDOW`] go first, and a new caller past the bound is not kept.
+fn remember_caller(map: &mut HashMap<String, std::time::Instant>, key: String) {
+    if map.len() >= MAX_READERS_KEPT {
+        map.retain(|_, at| at.elapsed() < READER_WINDOW);
+    }
+    if map.len() < MAX_READERS_KEPT || map.contains_key(&key) {
+        map.insert(key, std::time::Instant::now());
+    }
+}
+
 /// Requests handled at once, of every kind: a flood (even of refused ones, from an account the
 /// catalog is not shared with) costs a bounded number of tasks and blocking-pool jobs.
 const MAX_REQUESTS_IN_FLIGHT: usize = 512;
@@ -597,31 +609,22 @@ impl Shared {
         }
     }
 
-    /// Remembers that `caller` was answered, for [`ServerHandle::readers_last_minute`].
     /// True at most once per [`READER_WINDOW`] per caller: a flood of refused requests logs
     /// one line a minute, not one each.
     fn first_refusal_in_a_while(&self, caller: &Caller) -> bool {
         let mut logged = self.refusals_logged.lock().unwrap_or_else(|p| p.into_inner());
-        if logged.len() >= MAX_READERS_KEPT {
-            logged.retain(|_, at| at.elapsed() < READER_WINDOW);
-        }
         let key = caller.to_string();
         let due = logged.get(&key).is_none_or(|at| at.elapsed() >= READER_WINDOW);
-        if due && logged.len() < MAX_READERS_KEPT {
-            logged.insert(key, std::time::Instant::now());
+        if due {
+            remember_caller(&mut logged, key);
         }
         due
     }
 
+    /// Remembers that `caller` was answered, for [`ServerHandle::readers_last_minute`].
     fn note_reader(&self, caller: &Caller) {
         let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
-        if readers.len() >= MAX_READERS_KEPT {
-            readers.retain(|_, seen| seen.elapsed() < READER_WINDOW);
-        }
-        let key = caller.to_string();
-        if readers.len() < MAX_READERS_KEPT || readers.contains_key(&key) {
-            readers.insert(key, std::time::Instant::now());
-        }
+        remember_caller(&mut readers, caller.to_string());
     }
 
     async fn authorize(self: &Arc<Self>, caller: &Caller) -> Result<(), Refusal> {
